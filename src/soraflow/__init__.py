@@ -1,0 +1,1 @@
+"""soraflow: the Open-Sora 1.0 recipe as a Snakemake workflow."""
