@@ -1,0 +1,112 @@
+"""Shared fixtures: small synthetic videos made with real ffmpeg."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from soraflow.demo import demo_cut_frames, make_demo_videos, scene_frames
+
+CUT_VIDEO_SPEC = {
+    "name": "cuts",
+    "sources": ["testsrc2", "mandelbrot", "smptebars"],
+    "scene_seconds": 1.0,
+    "size": 128,
+    "fps": 24,
+}
+
+
+@pytest.fixture(scope="session")
+def synthetic_cut_video(tmp_path_factory) -> dict:
+    """A 3-scene 128x128 24 fps H.264 video with hard cuts at frames 24 and 48.
+
+    Returns {path, cut_frames, num_frames, fps, width, height}.
+    """
+    (path,) = make_demo_videos(tmp_path_factory.mktemp("cut_video"), [CUT_VIDEO_SPEC])
+    return {
+        "path": path,
+        "cut_frames": demo_cut_frames(CUT_VIDEO_SPEC),
+        "num_frames": scene_frames(CUT_VIDEO_SPEC) * len(CUT_VIDEO_SPEC["sources"]),
+        "fps": float(CUT_VIDEO_SPEC["fps"]),
+        "width": CUT_VIDEO_SPEC["size"],
+        "height": CUT_VIDEO_SPEC["size"],
+    }
+
+
+def ffmpeg(*args: str) -> None:
+    """Run ffmpeg quietly; a failure shows its stderr."""
+    result = subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def encode_source(out: Path, source: str, frames: int, *extra: str) -> Path:
+    """`frames` frames of a lavfi source as H.264 yuv420p mp4."""
+    ffmpeg("-f", "lavfi", "-i", source, "-frames:v", str(frames), *extra, "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def rotated_video(tmp_path_factory) -> dict:
+    """A phone-style video: stored 96x64 landscape, displayed 64x96 (rotated 90 degrees clockwise).
+
+    Left half of the stored picture is white, right half black, so upright output has white on top.
+    Two scenes (the second all grey) with the cut at frame 24; 48 frames at 24 fps.
+    Returns {path, cut_frames, num_frames, fps, stored_size, display_size}.
+    """
+    folder = tmp_path_factory.mktemp("rotated")
+    plain = folder / "plain.mp4"
+    ffmpeg(
+        "-f", "lavfi", "-i", "color=white:size=48x64:rate=24,pad=96:64:0:0:black,noise=alls=8:allf=t",
+        "-f", "lavfi", "-i", "color=gray:size=96x64:rate=24",
+        "-filter_complex", "[0:v]trim=end_frame=24[a];[1:v]trim=end_frame=24,setpts=PTS-STARTPTS[b];[a][b]concat=n=2:v=1[out]",
+        "-map", "[out]", "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", str(plain),
+    )  # fmt: skip
+    rotated = folder / "phone.mp4"
+    # ffmpeg 5.1 stores rotate=270 as a display matrix that turns the picture 90 degrees clockwise
+    ffmpeg("-i", str(plain), "-c", "copy", "-metadata:s:v:0", "rotate=270", str(rotated))
+    return {"path": rotated, "cut_frames": [24], "num_frames": 48, "fps": 24.0, "stored_size": (96, 64), "display_size": (64, 96)}
+
+
+@pytest.fixture(scope="session")
+def vfr_video(tmp_path_factory) -> dict:
+    """Variable frame rate: 24 frames 1/24 s apart, then a hard cut and 24 frames 1/8 s apart.
+
+    By decode order the cut is at frame 24; a time-based frame number (t * average fps)
+    would put it elsewhere. Returns {path, cut_frames, num_frames, timestamps}.
+    """
+    folder = tmp_path_factory.mktemp("vfr")
+    path = folder / "vfr.mp4"
+    ffmpeg(
+        "-f", "lavfi", "-i", "testsrc2=size=96x64:rate=24",
+        "-f", "lavfi", "-i", "smptebars=size=96x64:rate=24",
+        "-filter_complex",
+        "[0:v]trim=end_frame=24[a];[1:v]trim=end_frame=24,setpts=PTS-STARTPTS[b];[a][b]concat=n=2:v=1,"
+        "setpts='if(lt(N,24),N/24,1+(N-24)/8)/TB'[out]",
+        "-map", "[out]", "-fps_mode", "passthrough", "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", str(path),
+    )  # fmt: skip
+    timestamps = [n / 24 for n in range(24)] + [1 + n / 8 for n in range(24)]
+    return {"path": path, "cut_frames": [24], "num_frames": 48, "timestamps": timestamps}
+
+
+@pytest.fixture(scope="session")
+def bad_videos(tmp_path_factory) -> dict[str, Path]:
+    """Files ingest must reject, and one good video: name -> path."""
+    folder = tmp_path_factory.mktemp("bad_videos")
+    good = encode_source(folder / "good.mp4", "testsrc2=size=64x48:rate=12", 12)
+    truncated = folder / "truncated.mp4"
+    # the moov atom sits at the end of an ffmpeg mp4, so the first half is unreadable
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    zero = folder / "zero_byte.mp4"
+    zero.write_bytes(b"")
+    text = folder / "text.mp4"
+    text.write_text("<html><body>404 not found</body></html>\n" * 20)
+    audio = folder / "audio_only.mp4"
+    ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:duration=1", "-c:a", "aac", str(audio))
+    one_frame = encode_source(folder / "one_frame.mp4", "testsrc2=size=64x48:rate=12", 1)
+    huge = encode_source(folder / "too_big.mp4", "color=blue:size=4112x16:rate=4", 2)
+    return {
+        "good": good, "truncated": truncated, "zero_byte": zero, "text": text,
+        "audio_only": audio, "one_frame": one_frame, "too_big": huge,
+    }  # fmt: skip
