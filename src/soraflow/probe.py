@@ -17,7 +17,7 @@ def _ffprobe(path: Path) -> dict:
     if not path.is_file():
         raise ProbeError(f"{path}: file not found")
     try:
-        return ffmpeg.probe(str(path))
+        return ffmpeg.probe(str(path), v="error")
     except ffmpeg.Error as error:
         # ffprobe prefixes its lines with "[demuxer @ 0x...]" or the path; keep just the messages
         lines = (error.stderr or b"").decode(errors="replace").strip().splitlines()
