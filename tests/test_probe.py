@@ -67,7 +67,7 @@ def test_one_frame_and_oversized_videos_probe_fine(bad_videos):
 
 def fake_ffprobe(stream: dict, format_: dict | None = None):
     base = {"codec_type": "video", "codec_name": "h264", "width": 640, "height": 360}
-    return lambda path: {"streams": [{**base, **stream}], "format": format_ or {}}
+    return lambda path, **options: {"streams": [{**base, **stream}], "format": format_ or {}}
 
 
 def test_legacy_rotate_tag_and_unknown_average_rate(monkeypatch, bad_videos):
