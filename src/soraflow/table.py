@@ -45,6 +45,11 @@ CLIP_SCHEMA = pa.schema(
         pa.field("text", pa.string()),  # the caption training uses
         pa.field("text_manifest", pa.string()),  # caption that came with the manifest
         pa.field("text_generated", pa.string()),  # caption the captioner wrote
+        # pre-encoded training inputs (a stage's training index)
+        pa.field("latent_path", pa.string()),
+        pa.field("latent_index", pa.int64()),
+        pa.field("text_emb_path", pa.string()),
+        pa.field("text_emb_index", pa.int64()),
     ]
 )
 

@@ -1,0 +1,33 @@
+# soraflow: the Open-Sora 1.0 recipe as one workflow.
+#   snakemake -n                      the whole DAG, nothing run
+#   snakemake --profile profiles/local
+#   snakemake --profile profiles/slurm
+# Settings live in workflow_config.yaml (checked against the schema below before any job).
+
+from snakemake.utils import min_version, validate
+
+min_version("8.0")
+
+
+configfile: "workflow_config.yaml"
+
+
+validate(config, "src/soraflow/schemas/config.schema.yaml")
+
+from soraflow.workflow import Layout, as_json, use_running_environment
+
+use_running_environment()
+L = Layout(config)
+
+
+include: "rules/data.smk"
+include: "rules/models.smk"
+include: "rules/caption.smk"
+include: "rules/encode.smk"
+include: "rules/train.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        L.all_samples(),

@@ -1,0 +1,21 @@
+# Captioning: a transformers LLaVA sees several frames of every clip.
+
+
+rule caption:
+    input:
+        table=L.shard_file("clips"),
+        model=L.model_input(config["caption"]["model"]),
+    output:
+        table=L.shard_file("captioned"),
+        rejects=L.shard_file("rejects_caption"),
+    params:
+        cfg=as_json(config["caption"]),
+    resources:
+        gpu=1,
+    log:
+        "logs/caption/{shard}.log",
+    conda:
+        "../envs/soraflow.yaml"
+    shell:
+        "soraflow caption {input.table} --out {output.table} --rejects {output.rejects}"
+        " --params {params.cfg:q} > {log} 2>&1"

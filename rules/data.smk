@@ -1,0 +1,66 @@
+# Data: demo videos, manifest shards, download + probe, scene-cut split.
+
+
+rule demo_videos:
+    output:
+        L.demo_videos(),
+    params:
+        cfg=as_json(config.get("demo", {})),
+    log:
+        "logs/demo_videos.log",
+    conda:
+        "../envs/soraflow.yaml"
+    shell:
+        "soraflow demo-videos --params {params.cfg:q} > {log} 2>&1"
+
+
+rule shard:
+    input:
+        L.manifest,
+    output:
+        L.shard_files("manifest"),
+    params:
+        shard_size=config["data"]["shard_size"],
+    log:
+        "logs/shard.log",
+    conda:
+        "../envs/soraflow.yaml"
+    shell:
+        "soraflow shard {input} --shard-size {params.shard_size} {output} > {log} 2>&1"
+
+
+rule ingest:
+    input:
+        table=L.shard_file("manifest"),
+        demo=L.demo_videos(),
+    output:
+        table=L.shard_file("videos"),
+        rejects=L.shard_file("rejects_ingest"),
+    params:
+        raw_dir=f"{L.root}/raw",
+        cfg=as_json(config["ingest"]),
+    log:
+        "logs/ingest/{shard}.log",
+    conda:
+        "../envs/soraflow.yaml"
+    shell:
+        "soraflow ingest {input.table} --raw-dir {params.raw_dir} --out {output.table}"
+        " --rejects {output.rejects} --params {params.cfg:q} > {log} 2>&1"
+
+
+rule split:
+    input:
+        L.shard_file("videos"),
+    output:
+        table=L.shard_file("clips"),
+        rejects=L.shard_file("rejects_split"),
+        clips=directory(f"{L.root}/clips/{{shard}}"),
+    params:
+        cfg=as_json(config["split"]),
+    log:
+        "logs/split/{shard}.log",
+    conda:
+        "../envs/soraflow.yaml"
+    shell:
+        "soraflow split {input} --clip-dir {output.clips} --out {output.table}"
+        " --rejects {output.rejects} --params {params.cfg:q} > {log} 2>&1"

@@ -1,0 +1,37 @@
+# Pre-encoding: VAE latents per stage (frames and size differ) and text features per shard.
+
+
+rule encode_video:
+    input:
+        table=L.shard_file("clips"),
+        model=L.model_input(config["vae"].get("model", "")),
+    output:
+        L.latent_cache(),
+    params:
+        cfg=lambda w: L.encode_video_params(w.stage),
+    resources:
+        gpu=1,
+    log:
+        "logs/encode_video/{stage}/{shard}.log",
+    conda:
+        "../envs/soraflow.yaml"
+    shell:
+        "soraflow encode-video {input.table} --out {output} --params {params.cfg:q} > {log} 2>&1"
+
+
+rule encode_text:
+    input:
+        table=L.shard_file("captioned"),
+        model=L.model_input(config["text_encoder"]["model"]),
+    output:
+        L.text_cache(),
+    params:
+        cfg=as_json(config["text_encoder"]),
+    resources:
+        gpu=1,
+    log:
+        "logs/encode_text/{shard}.log",
+    conda:
+        "../envs/soraflow.yaml"
+    shell:
+        "soraflow encode-text {input.table} --out {output} --params {params.cfg:q} > {log} 2>&1"

@@ -1,0 +1,66 @@
+# The three STDiT stages, each from its own training index, then samples of each.
+
+
+rule dataset:
+    input:
+        tables=L.shard_files("captioned"),
+        latents=lambda w: [L.latent_cache(w.stage, s) for s in L.shards],
+        texts=[L.text_cache(s) for s in L.shards],
+    output:
+        index=L.stage_index(),
+        rejects=f"{L.root}/train/{{stage}}/rejects.parquet",
+    params:
+        cfg=lambda w: as_json(config["stages"][w.stage]["filters"]),
+    log:
+        "logs/dataset/{stage}.log",
+    conda:
+        "../envs/soraflow.yaml"
+    shell:
+        "soraflow dataset --tables {input.tables} --latents {input.latents} --texts {input.texts}"
+        " --out {output.index} --rejects {output.rejects} --params {params.cfg:q} > {log} 2>&1"
+
+
+for stage in L.stages:
+
+    rule:
+        name:
+            f"train_{stage}"
+        input:
+            index=L.stage_index(stage),
+            init=L.init_checkpoint(stage),
+        output:
+            L.checkpoint(stage),
+        params:
+            run_dir=f"results/runs/{stage}",
+            init=" ".join(f"--init {path}" for path in L.init_checkpoint(stage)),
+            cfg=L.train_params(stage),
+        resources:
+            gpu=1,
+            nodes=1,
+            tasks=config["train"]["nproc_per_node"],
+        log:
+            f"logs/train/{stage}.log",
+        conda:
+            "../envs/soraflow.yaml"
+        shell:
+            "soraflow train {input.index} --out {output} --run-dir {params.run_dir} {params.init}"
+            " --params {params.cfg:q} > {log} 2>&1"
+
+    rule:
+        name:
+            f"sample_{stage}"
+        input:
+            checkpoint=L.checkpoint(stage),
+            models=L.model_input(config["vae"].get("model", "")),
+        output:
+            L.samples(stage),
+        params:
+            cfg=L.sample_params(),
+        resources:
+            gpu=1,
+        log:
+            f"logs/sample/{stage}.log",
+        conda:
+            "../envs/soraflow.yaml"
+        shell:
+            "soraflow sample {input.checkpoint} {output} --params {params.cfg:q} > {log} 2>&1"

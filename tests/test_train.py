@@ -1,0 +1,129 @@
+"""The trainer on a small synthetic latent cache: checkpoints, exact resume, stage chaining."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from soraflow import cache, table
+from soraflow.train import Trainer, load_checkpoint_file, load_for_sampling, train
+
+NUM_CLIPS = 6
+
+
+def train_params(steps: int, **train_overrides) -> dict:
+    return {
+        "stage": {"num_frames": 2, "frame_interval": 1, "resolution": 32, "steps": steps, "batch_size": 2,
+                  "lr": 1e-3, "filters": {}},
+        "train": {"seed": 7, "weight_decay": 0.0, "grad_clip": 1.0, "ema_decay": 0.9, "grad_checkpointing": False,
+                  "mixed_precision": "fp32", "checkpoint_every": 2, "log_every": 1, "nproc_per_node": 1,
+                  **train_overrides},
+        "stdit": {"preset": "STDiT-tiny"},
+        "diffusion": {"num_timesteps": 1000, "sample_steps": 5, "cfg_scale": 4.0},
+    }
+
+
+@pytest.fixture(scope="module")
+def latent_index(tmp_path_factory) -> Path:
+    """An index over one shard: latents [4, 2, 8, 8] and text features [32, 384] per clip."""
+    root = tmp_path_factory.mktemp("cache")
+    g = torch.Generator().manual_seed(0)
+    ids = [f"clip{i}" for i in range(NUM_CLIPS)]
+    cache.write_cache({"latents": torch.randn(NUM_CLIPS, 4, 2, 8, 8, generator=g)}, ids, {}, root / "latents.safetensors")
+    mask = torch.zeros(NUM_CLIPS, 32, dtype=torch.long)
+    mask[:, :5] = 1
+    cache.write_cache({"y": torch.randn(NUM_CLIPS, 32, 384, generator=g), "mask": mask}, ids, {}, root / "text.safetensors")
+    index = pd.DataFrame({
+        "id": ids, "latent_path": str(root / "latents.safetensors"), "latent_index": range(NUM_CLIPS),
+        "text_emb_path": str(root / "text.safetensors"), "text_emb_index": range(NUM_CLIPS),
+    })
+    table.write(index, root / "index.parquet")
+    return root / "index.parquet"
+
+
+def test_training_writes_final_checkpoint_and_loss_log(latent_index, tmp_path):
+    out = tmp_path / "stage.safetensors"
+    train(latent_index, out, tmp_path / "run", train_params(steps=4))
+    model_state, metadata = load_checkpoint_file(out, "model")
+    ema_state, _ = load_checkpoint_file(out, "ema")
+    assert metadata["input_size"] == [2, 8, 8] and metadata["steps"] == 4
+    assert set(model_state) == set(ema_state)
+    assert not any("pos_embed" in k for k in model_state)
+    # the zero-initialised final layer moved: the model did train
+    assert model_state["final_layer.linear.weight"].abs().sum() > 0
+    log = pd.read_csv(tmp_path / "run" / "loss.csv")
+    assert log["step"].tolist() == [1, 2, 3, 4] and log["loss"].notna().all()
+    model, input_size = load_for_sampling(out, use_ema=True)
+    assert input_size == (2, 8, 8) and not model.training
+
+
+def test_next_stage_starts_from_previous_weights(latent_index, tmp_path):
+    first = tmp_path / "stage1.safetensors"
+    train(latent_index, first, tmp_path / "run1", train_params(steps=2))
+    trained, _ = load_checkpoint_file(first, "model")
+    params = train_params(steps=1)
+    params["train"]["seed"] = 8  # a different random init, which the checkpoint must overwrite
+    second = Trainer(latent_index, tmp_path / "stage2.safetensors", tmp_path / "run2", params, init_path=first)
+    state = second.model.state_dict()
+    for key, value in trained.items():
+        assert torch.equal(state[key], value), key
+
+
+def run_training_process(index, out, run_dir, params) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "soraflow.cli", "train", str(index), "--out", str(out), "--run-dir", str(run_dir),
+           "--params", json.dumps(params)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while not path.exists():
+        assert process.poll() is None, process.stdout.read().decode()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_killed_run_resumes_to_identical_weights(latent_index, tmp_path):
+    params = train_params(steps=8)
+    uninterrupted = tmp_path / "uninterrupted.safetensors"
+    train(latent_index, uninterrupted, tmp_path / "run_a", params)
+
+    resumed = tmp_path / "resumed.safetensors"
+    process = run_training_process(latent_index, resumed, tmp_path / "run_b", params)
+    wait_for(tmp_path / "run_b" / "step-0000004" / "state.json", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not resumed.exists()
+    process = run_training_process(latent_index, resumed, tmp_path / "run_b", params)
+    output = process.communicate(timeout=300)[0].decode()
+    assert process.returncode == 0, output
+    assert "from step 4" in output or "from step 6" in output
+
+    a, b = load_file(str(uninterrupted)), load_file(str(resumed))
+    assert set(a) == set(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_sigterm_checkpoints_and_exits_for_requeue(latent_index, tmp_path):
+    params = train_params(steps=10_000, checkpoint_every=10_000)
+    process = run_training_process(latent_index, tmp_path / "out.safetensors", tmp_path / "run", params)
+    wait_for(tmp_path / "run" / "loss.csv", process)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0].decode()
+    assert process.returncode != 0
+    assert "preempted" in output
+    saved = sorted((tmp_path / "run").glob("step-*"))
+    assert saved, output
+    step = json.loads((saved[-1] / "state.json").read_text())["step"]
+    assert 0 < step < 10_000
