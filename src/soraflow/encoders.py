@@ -77,6 +77,9 @@ def load_autoencoder(params: dict):
     return AUTOENCODERS[kind](params)
 
 
+T5_FAMILY = {"t5", "mt5", "umt5"}
+
+
 class TextEncoder:
     """Token features and mask from a transformers encoder (T5 encoder, BERT, ...)."""
 
@@ -88,10 +91,10 @@ class TextEncoder:
         self.max_length = params["max_length"]
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         config = AutoConfig.from_pretrained(path)
-        # encoder-decoder ids (T5) would load a decoder we never run
-        model_class = T5EncoderModel if config.is_encoder_decoder else AutoModel
-        self.model = model_class.from_pretrained(path, torch_dtype=self.dtype).to(self.device).eval()
-        self.hidden_size = config.d_model if config.is_encoder_decoder else config.hidden_size
+        # AutoModel would build T5's decoder too, which text conditioning never runs
+        model_class = T5EncoderModel if config.model_type in T5_FAMILY else AutoModel
+        self.model = model_class.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
+        self.hidden_size = config.hidden_size
 
     @torch.no_grad()
     def encode(self, texts: list[str], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,106 @@
+"""The workflow's layout, config validation, lint and DAG shape (no job runs here)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from soraflow.workflow import Layout
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
+
+
+def default_config() -> dict:
+    return yaml.safe_load((REPO / "workflow_config.yaml").read_text())
+
+
+def snakemake(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """Rule -> job count from the table a dry run prints."""
+    counts = {}
+    for line in output.splitlines():
+        match = re.fullmatch(r"\s*(\w+)\s+(\d+)\s*", line)
+        if match and match.group(1) != "total":
+            counts[match.group(1)] = int(match.group(2))
+    return counts
+
+
+def write_manifest(path: Path, rows: int) -> Path:
+    path.write_text("url\n" + "".join(f"data/raw/v{i}.mp4\n" for i in range(rows)))
+    return path
+
+
+def test_layout_chains_stages_and_names_outputs():
+    layout = Layout(default_config())
+    assert layout.stages == ["stage1", "stage2", "stage3"]
+    assert layout.init_checkpoint("stage1") == []
+    assert layout.init_checkpoint("stage2") == [layout.checkpoint("stage1")]
+    assert layout.init_checkpoint("stage3") == [layout.checkpoint("stage2")]
+    assert len(layout.all_samples()) == 3 * len(default_config()["sample"]["prompts"])
+    assert layout.model_input("models/tiny-llava") == ["models/tiny-llava"]
+    assert layout.model_input("llava-hf/llava-v1.6-34b-hf") == []
+
+
+def test_a_pixart_checkpoint_path_is_an_init_input():
+    config = default_config()
+    config["stages"]["stage2"]["init"] = "weights/PixArt-XL-2-512x512.pth"
+    assert Layout(config).init_checkpoint("stage2") == ["weights/PixArt-XL-2-512x512.pth"]
+
+
+def test_lint_is_clean():
+    result = snakemake("--lint")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "good condition" in result.stdout + result.stderr
+
+
+def test_dry_run_prints_the_whole_dag():
+    result = snakemake("-n", "--cores", "1")
+    assert result.returncode == 0, result.stderr
+    counts = job_counts(result.stdout)
+    shards = len(Layout(default_config()).shards)
+    assert counts["ingest"] == counts["split"] == counts["caption"] == counts["encode_text"] == shards
+    assert counts["encode_video"] == 3 * shards
+    for stage in ("stage1", "stage2", "stage3"):
+        assert counts[f"train_{stage}"] == 1 and counts[f"sample_{stage}"] == 1
+
+
+def override(tmp_path: Path, **sections) -> str:
+    path = tmp_path / "override.yaml"
+    path.write_text(yaml.safe_dump(sections))
+    return str(path)
+
+
+def test_dag_grows_with_shards_not_videos(tmp_path):
+    manifest = write_manifest(tmp_path / "manifest.csv", rows=1000)
+    data = {"manifest": str(manifest), "shard_size": 250, "root": "data"}
+    result = snakemake("-n", "--cores", "1", "--configfile", override(tmp_path, data=data))
+    assert result.returncode == 0, result.stderr
+    counts = job_counts(result.stdout)
+    assert counts["ingest"] == 4 and counts["caption"] == 4 and counts["encode_video"] == 12
+
+
+@pytest.mark.parametrize(
+    "section, value, key",
+    [
+        ("split", {"detector": "magic", "threshold": 27, "min_scene_frames": 15, "min_seconds": 1, "max_seconds": 5},
+         "detector"),
+        ("data", {"manifest": "demo/manifest.csv", "shard_size": 4, "root": "data", "shardsize": 4}, "shardsize"),
+        ("diffusion", {"cfg_scale": "high"}, "cfg_scale"),
+        ("train", {"seed": "forty-two"}, "seed"),
+    ],
+)
+def test_a_bad_config_stops_before_any_job_naming_the_key(section, value, key, tmp_path):
+    result = snakemake("-n", "--cores", "1", "--configfile", override(tmp_path, **{section: value}))
+    assert result.returncode != 0
+    message = result.stdout + result.stderr
+    assert "Error validating config" in message and f"'{key}'" in message
+    assert "Job stats" not in message
