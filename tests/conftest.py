@@ -58,7 +58,7 @@ def rotated_video(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("rotated")
     plain = folder / "plain.mp4"
     ffmpeg(
-        "-f", "lavfi", "-i", "color=white:size=48x64:rate=24,pad=96:64:0:0:black,noise=alls=8:allf=t",
+        "-f", "lavfi", "-i", "color=white:size=48x64:rate=24,pad=96:64:0:0:black",
         "-f", "lavfi", "-i", "color=gray:size=96x64:rate=24",
         "-filter_complex", "[0:v]trim=end_frame=24[a];[1:v]trim=end_frame=24,setpts=PTS-STARTPTS[b];[a][b]concat=n=2:v=1[out]",
         "-map", "[out]", "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", str(plain),

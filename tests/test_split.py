@@ -1,0 +1,166 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from soraflow import table
+from soraflow.ingest import ingest_shard
+from soraflow.probe import probe
+from soraflow.split import detect_scenes, output_size, plan_clips, split_shard
+from soraflow.video import count_frames, read_frames
+
+PARAMS = {
+    "detector": "content",
+    "threshold": 27.0,
+    "min_scene_frames": 15,
+    "min_seconds": 0.5,
+    "max_seconds": 5.0,
+    "fps": None,
+    "shorter_side": None,
+}
+
+
+def ingest(tmp_path, videos: dict) -> "Path":
+    """Ingest {id: path} into an ingest table (the split's real input)."""
+    shard = tmp_path / "shard.parquet"
+    ids = list(videos)
+    table.write(pd.DataFrame({"id": ids, "video_id": ids, "url": [str(p) for p in videos.values()]}), shard)
+    out = tmp_path / "videos.parquet"
+    ingest_shard(shard, tmp_path / "raw", out, tmp_path / "ingest_rejects.parquet", {"timeout_s": 5, "retries": 0, "max_bytes": 10**8})
+    assert table.read(tmp_path / "ingest_rejects.parquet").empty
+    return out
+
+
+def run_split(tmp_path, videos: dict, **overrides):
+    out, rejects = tmp_path / "clips.parquet", tmp_path / "split_rejects.parquet"
+    split_shard(ingest(tmp_path, videos), tmp_path / "clips", out, rejects, {**PARAMS, **overrides})
+    return table.read(out), table.read(rejects)
+
+
+def assert_clips_decode_as_tabled(clips: pd.DataFrame):
+    for clip in clips.itertuples():
+        assert count_frames(clip.path) == clip.num_frames, clip.id
+
+
+def test_clips_start_exactly_at_the_known_cuts(tmp_path, synthetic_cut_video):
+    clips, rejects = run_split(tmp_path, {"cuts": synthetic_cut_video["path"]}, detector="adaptive", threshold=3.0)
+    assert rejects.empty
+    n = synthetic_cut_video["num_frames"]
+    bounds = [0, *synthetic_cut_video["cut_frames"], n]
+    assert list(zip(clips["start_frame"], clips["end_frame"])) == list(zip(bounds[:-1], bounds[1:]))
+    assert clips["id"].tolist() == ["cuts_scene-000", "cuts_scene-001", "cuts_scene-002"]
+    assert clips["path"].tolist() == [str(tmp_path / "clips" / f"{i}.mp4") for i in clips["id"]]
+    assert clips["num_frames"].tolist() == [24, 24, 24]
+    assert clips["start_s"].tolist() == [0.0, 1.0, 2.0] and clips["end_s"].tolist() == [1.0, 2.0, 3.0]
+    assert (clips["video_id"] == "cuts").all() and (clips["raw_path"] == str(tmp_path / "raw" / "cuts.mp4")).all()
+    assert_clips_decode_as_tabled(clips)
+
+    # each clip holds exactly its source frames: frame by frame it matches them, and its first
+    # and last frames match them better than the frames just across the cut (another scene)
+    source = read_frames(synthetic_cut_video["path"]).float()
+    for clip in clips.itertuples():
+        frames = read_frames(clip.path).float()
+        assert (frames - source[clip.start_frame : clip.end_frame]).abs().mean() < 4.0, clip.id
+        if clip.start_frame > 0:
+            own, across = (frames[0] - source[clip.start_frame]).abs().mean(), (frames[0] - source[clip.start_frame - 1]).abs().mean()
+            assert own * 5 < across, clip.id
+        if clip.end_frame < n:
+            own, across = (frames[-1] - source[clip.end_frame - 1]).abs().mean(), (frames[-1] - source[clip.end_frame]).abs().mean()
+            assert own * 5 < across, clip.id
+
+    # the motion column comes from optical flow: the bars scene is static, testsrc2 moves
+    motion = dict(zip(clips["id"], clips["motion"]))
+    assert motion["cuts_scene-002"] < 0.05 < motion["cuts_scene-000"]
+    assert sorted(p.name for p in (tmp_path / "clips").iterdir()) == [f"{i}.mp4" for i in clips["id"]]
+
+
+def test_variable_frame_rate_cut_is_found_by_frame_index(tmp_path, vfr_video):
+    scenes, timestamps = detect_scenes(vfr_video["path"], PARAMS)
+    assert scenes == [(0, 24), (24, 48)]
+    assert timestamps == pytest.approx(vfr_video["timestamps"], abs=1e-3)
+
+    clips, rejects = run_split(tmp_path, {"vfr": vfr_video["path"]})
+    assert rejects.empty
+    assert clips["start_frame"].tolist() == [0, 24] and clips["end_frame"].tolist() == [24, 48]
+    assert clips["start_s"].tolist() == [0.0, 1.0] and clips["end_s"].tolist() == [1.0, 4.0]
+    assert clips["duration_s"].tolist() == [1.0, 3.0]
+    assert_clips_decode_as_tabled(clips)
+
+
+def test_rotated_phone_video_comes_out_upright(tmp_path, rotated_video):
+    clips, rejects = run_split(tmp_path, {"phone": rotated_video["path"]})
+    assert rejects.empty
+    assert clips["start_frame"].tolist() == [0, 24]
+    first = clips.iloc[0]
+    assert (first["width"], first["height"]) == rotated_video["display_size"] == (64, 96)
+    info = probe(first["path"])
+    assert (info["width"], info["height"], info["rotation"]) == (64, 96, 0)
+    # stored left half was white: turned 90 degrees clockwise it is the top half
+    frame = read_frames(first["path"], [0])[0].float().mean(dim=2)
+    assert frame[:48].mean() > 200 and frame[48:].mean() < 50
+    assert_clips_decode_as_tabled(clips)
+
+
+def test_long_scenes_split_at_max_seconds_and_short_ones_dropped(tmp_path, synthetic_cut_video):
+    # each 24-frame scene (1 s) is cut into 3 pieces of 8 frames with max_seconds 0.4
+    clips, rejects = run_split(tmp_path, {"cuts": synthetic_cut_video["path"]}, max_seconds=0.4, min_seconds=0.3)
+    assert rejects.empty
+    assert list(zip(clips["start_frame"], clips["end_frame"])) == [(s, s + 8) for s in range(0, 72, 8)]
+    assert clips["duration_s"].tolist() == [0.333] * 9
+    assert_clips_decode_as_tabled(clips)
+
+    # nothing reaches 1.5 s: the video is a reject, not an error
+    clips, rejects = run_split(tmp_path / "again", {"cuts": synthetic_cut_video["path"]}, min_seconds=1.5)
+    assert clips.empty
+    assert rejects["id"].tolist() == ["cuts"] and rejects["stage"].tolist() == ["split"]
+    assert rejects["reason"][0] == "no clip of at least 1.5 s among 3 scenes"
+
+
+def test_target_fps_and_shorter_side(tmp_path, synthetic_cut_video):
+    clips, rejects = run_split(tmp_path, {"cuts": synthetic_cut_video["path"]}, fps=12, shorter_side=64)
+    assert rejects.empty
+    assert clips["num_frames"].tolist() == [12, 12, 12]  # 1 s scenes at 12 fps
+    assert (clips["fps"] == 12.0).all()
+    assert (clips["width"] == 64).all() and (clips["height"] == 64).all()
+    assert (clips["resolution"] == 4096).all() and (clips["aspect_ratio"] == 1.0).all()
+    assert clips["start_frame"].tolist() == [0, 24, 48]  # still source frames
+    assert_clips_decode_as_tabled(clips)
+    assert probe(clips["path"][0])["fps"] == 12.0
+
+
+def test_a_broken_video_is_rejected_and_the_rest_continue(tmp_path, synthetic_cut_video, bad_videos):
+    videos = ingest(tmp_path, {"cuts": synthetic_cut_video["path"], "good": bad_videos["good"]})
+    # the raw file of one video disappears between ingest and split
+    (tmp_path / "raw" / "good.mp4").write_bytes(b"not a video any more")
+    out, rejects_path = tmp_path / "clips.parquet", tmp_path / "rejects.parquet"
+    split_shard(videos, tmp_path / "clips", out, rejects_path, PARAMS)
+    assert table.read(out)["video_id"].unique().tolist() == ["cuts"]
+    rejects = table.read(rejects_path)
+    assert rejects["id"].tolist() == ["good"]
+    assert str(tmp_path / "raw" / "good.mp4") in rejects["reason"][0]
+
+
+def test_a_clip_with_the_wrong_frame_count_is_rejected(tmp_path, synthetic_cut_video, monkeypatch):
+    import soraflow.split
+
+    real_count = soraflow.split.count_frames
+    monkeypatch.setattr(soraflow.split, "count_frames", lambda path: real_count(path) - ("scene-001" in str(path)))
+    clips, rejects = run_split(tmp_path, {"cuts": synthetic_cut_video["path"]})
+    assert clips["id"].tolist() == ["cuts_scene-000", "cuts_scene-002"]
+    assert rejects.to_dict("records") == [
+        {"id": "cuts_scene-001", "url": str(synthetic_cut_video["path"]), "stage": "split", "reason": "clip decodes to 23 frames, expected 24"}
+    ]
+    assert not (tmp_path / "clips" / "cuts_scene-001.mp4").exists()
+    assert not list((tmp_path / "clips").glob("*.tmp.mp4"))
+
+
+def test_plan_clips_and_output_size_arithmetic():
+    times = [k / 10 for k in range(101)]  # 100 frames at 10 fps, plus the end time
+    assert plan_clips([(0, 100)], times, 0.5, 3.0) == [(0, 25), (25, 50), (50, 75), (75, 100)]
+    assert plan_clips([(0, 4), (4, 100)], times, 0.5, None) == [(4, 100)]
+    assert plan_clips([(0, 30)], times, 0.5, 3.0) == [(0, 30)]  # exactly max_seconds stays whole
+    assert output_size(1280, 720, 256) == (456, 256)
+    assert output_size(175, 145, 256) == (174, 144)  # never upscaled, made even
+    assert output_size(720, 1280, None) == (720, 1280)
+    with pytest.raises(ValueError, match="split.detector"):
+        detect_scenes("x.mp4", {**PARAMS, "detector": "histogram"})
+    assert np.isclose(sum(b - a for a, b in plan_clips([(0, 100)], times, 0.0, 0.7)), 100)
