@@ -191,8 +191,9 @@ def split_shard(
 ) -> None:
     """Scene-split every video of an ingest table; write the clip table and the rejects table.
 
-    params: detector (content|adaptive), threshold, min_scene_frames, min_seconds,
-    max_seconds, fps (None keeps the source rate), shorter_side (None keeps the size).
+    params: detector (content|adaptive), threshold (ContentDetector's threshold, ~27, or
+    AdaptiveDetector's adaptive_threshold, ~3), min_scene_frames, min_seconds, max_seconds,
+    fps (None keeps the source rate), shorter_side (None keeps the size; never upscales).
     """
     _detector(params)  # a bad detector name is a config error, not a per-video reject
     clip_dir = Path(clip_dir)
