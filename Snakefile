@@ -9,7 +9,8 @@ from snakemake.utils import min_version, validate
 min_version("8.0")
 
 
-configfile: "workflow_config.yaml"
+# The defaults sit beside this file, so --directory and --configfile overrides work anywhere.
+configfile: f"{workflow.basedir}/workflow_config.yaml"
 
 
 validate(config, "src/soraflow/schemas/config.schema.yaml")
@@ -31,3 +32,4 @@ rule all:
     default_target: True
     input:
         L.all_samples(),
+        L.exports(),
