@@ -64,3 +64,26 @@ rule split:
     shell:
         "soraflow split {input} --clip-dir {output.clips} --out {output.table}"
         " --rejects {output.rejects} --params {params.cfg:q} > {log} 2>&1"
+
+
+# After captioning: all shards as one table, Open-Sora's CSV beside it, every reject in one place.
+rule export:
+    input:
+        tables=L.shard_files("captioned"),
+        rejects=[L.shard_file(f"rejects_{stage}", s) for s in L.shards for stage in ("ingest", "split", "caption")],
+    output:
+        table=L.exports()[0],
+        csv=L.exports()[1],
+        rejects=L.exports()[2],
+    params:
+        # shard tables are found from the folder and the count: 10k paths would pass the
+        # kernel's limit on one command-line argument
+        shards_dir=lambda w, input: os.path.dirname(os.path.dirname(input.tables[0])),
+        num_shards=len(L.shards),
+    log:
+        "logs/export.log",
+    conda:
+        "../envs/soraflow.yaml"
+    shell:
+        "python -m soraflow.export --shards-dir {params.shards_dir} --num-shards {params.num_shards}"
+        " --out {output.table} --csv {output.csv} --rejects {output.rejects} > {log} 2>&1"

@@ -46,6 +46,10 @@ class Layout:
     def shard_files(self, name: str) -> list[str]:
         return [self.shard_file(name, s) for s in self.shards]
 
+    def exports(self) -> list[str]:
+        """The export rule's outputs: every captioned clip (parquet), Open-Sora's CSV, all rejects."""
+        return ["results/clips.parquet", "results/clips.csv", "results/rejects.parquet"]
+
     def demo_videos(self) -> list[str]:
         demo = self.config.get("demo") or {}
         return [f"{demo['out_dir']}/{v['name']}.mp4" for v in demo.get("videos", [])]

@@ -1,0 +1,144 @@
+"""Export: every shard's captioned clips as one table, Open-Sora's CSV beside it, and
+every shard's rejects in one place.
+
+`results/clips.parquet` is our full clip table; `results/clips.csv` carries Open-Sora's
+columns (path,text,num_frames,width,height,aspect_ratio,fps,resolution) so its training
+scripts read our clips as they are; `results/rejects.parquet` collects what ingest, split
+and captioning rejected, with the stage and the reason, so nothing is lost silently.
+
+Shards are streamed one at a time (a 10-million-video run never sits in memory at once),
+and each output is written under a temp name and renamed, so a present file is complete.
+Shard tables are found from the shard folder and the shard count rather than a list of
+paths on the command line, which would pass the kernel's argument limit at 10k shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from soraflow import table
+from soraflow.manifest import shard_ids
+
+OPENSORA_COLUMNS = ["path", "text", "num_frames", "width", "height", "aspect_ratio", "fps", "resolution"]
+REJECT_STAGES = ("ingest", "split", "caption")
+
+
+def shard_table_paths(shards_dir: str | Path, num_shards: int, name: str) -> list[Path]:
+    """`{shards_dir}/{shard}/{name}.parquet` for every shard, as workflow.Layout names them."""
+    return [Path(shards_dir) / shard / f"{name}.parquet" for shard in shard_ids(num_shards)]
+
+
+def _read(path: Path, schema: pa.Schema) -> pa.Table:
+    if not path.exists():
+        raise FileNotFoundError(f"export: shard table not found: {path}")
+    data = pq.read_table(path)
+    if data.schema.equals(schema, check_metadata=False):
+        return data
+    # an older writer or a hand-made table: align the columns through the schema
+    return table.conform(data.to_pandas(), schema)
+
+
+def opensora_rows(clips: pa.Table) -> pa.Table:
+    """Open-Sora's CSV columns; paths made absolute so the CSV works from any folder."""
+    paths = [None if p is None else os.path.abspath(p) for p in clips.column("path").to_pylist()]
+    columns = {"path": pa.array(paths, pa.string())}
+    for name in OPENSORA_COLUMNS[1:]:
+        columns[name] = clips.column(name)
+    return pa.table(columns)
+
+
+class _AtomicWriters:
+    """Temp-named outputs that are renamed into place only when every write succeeded."""
+
+    def __init__(self, *paths: Path):
+        self.final = [Path(p) for p in paths]
+        self.tmp = [p.with_name(p.name + ".tmp") for p in self.final]
+        for p in self.final:
+            p.parent.mkdir(parents=True, exist_ok=True)
+
+    def commit(self) -> None:
+        for tmp, final in zip(self.tmp, self.final):
+            tmp.replace(final)
+
+    def discard(self) -> None:
+        for tmp in self.tmp:
+            tmp.unlink(missing_ok=True)
+
+
+def export_tables(
+    clip_tables: Sequence[str | Path],
+    reject_tables: Iterable[str | Path],
+    out_parquet: str | Path,
+    out_csv: str | Path,
+    out_rejects: str | Path,
+) -> dict:
+    """Concatenate clip tables into out_parquet and out_csv (Open-Sora columns), and reject
+    tables into out_rejects. Clips without a caption or a path are an error: the caption
+    step never writes them, so one here means a table from somewhere else.
+    Returns counts: clips, rejects, rejects per stage."""
+    writers = _AtomicWriters(Path(out_parquet), Path(out_csv), Path(out_rejects))
+    tmp_parquet, tmp_csv, tmp_rejects = writers.tmp
+    counts = {"clips": 0, "rejects": 0, "rejects_by_stage": {}}
+    try:
+        with pq.ParquetWriter(tmp_parquet, table.CLIP_SCHEMA) as parquet, open(tmp_csv, "wb") as csv_file:
+            csv_options = pacsv.WriteOptions(include_header=True, quoting_style="needed")
+            csv = pacsv.CSVWriter(csv_file, opensora_rows(table.CLIP_SCHEMA.empty_table()).schema, write_options=csv_options)
+            for path in clip_tables:
+                clips = _read(Path(path), table.CLIP_SCHEMA)
+                for column in ("path", "text"):
+                    missing = clips.column(column).null_count
+                    if missing:
+                        raise ValueError(f"export: {path} has {missing} clips without {column!r}")
+                parquet.write_table(clips)
+                csv.write_table(opensora_rows(clips))
+                counts["clips"] += clips.num_rows
+            csv.close()
+        with pq.ParquetWriter(tmp_rejects, table.REJECT_SCHEMA) as rejects:
+            for path in reject_tables:
+                rows = _read(Path(path), table.REJECT_SCHEMA)
+                rejects.write_table(rows)
+                counts["rejects"] += rows.num_rows
+                by_stage = counts["rejects_by_stage"]
+                for item in pc.value_counts(rows.column("stage")).to_pylist():
+                    by_stage[item["values"]] = by_stage.get(item["values"], 0) + item["counts"]
+    except BaseException:
+        writers.discard()
+        raise
+    writers.commit()
+    return counts
+
+
+def export_shards(shards_dir: str | Path, num_shards: int, out_parquet, out_csv, out_rejects) -> dict:
+    """export_tables over a workflow's shard folder: captioned tables, then the rejects of
+    every stage (ingest, split, caption), shard by shard."""
+    clip_tables = shard_table_paths(shards_dir, num_shards, "captioned")
+    reject_tables = [
+        path
+        for shard in shard_ids(num_shards)
+        for path in (Path(shards_dir) / shard / f"rejects_{stage}.parquet" for stage in REJECT_STAGES)
+    ]
+    return export_tables(clip_tables, reject_tables, out_parquet, out_csv, out_rejects)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m soraflow.export", description=__doc__.splitlines()[0])
+    parser.add_argument("--shards-dir", required=True, help="the workflow's shard folder (data/shards)")
+    parser.add_argument("--num-shards", type=int, required=True)
+    parser.add_argument("--out", required=True, help="clip table (parquet)")
+    parser.add_argument("--csv", required=True, help="Open-Sora CSV")
+    parser.add_argument("--rejects", required=True, help="rejects table (parquet)")
+    args = parser.parse_args(argv)
+    counts = export_shards(args.shards_dir, args.num_shards, args.out, args.csv, args.rejects)
+    print(f"export: {counts}")
+
+
+if __name__ == "__main__":
+    main()
