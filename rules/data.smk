@@ -50,7 +50,8 @@ rule ingest:
 
 rule split:
     input:
-        L.shard_file("videos"),
+        table=L.shard_file("videos"),
+        model=L.model_input(config["split"].get("aesthetic_model")),
     output:
         table=L.shard_file("clips"),
         rejects=L.shard_file("rejects_split"),
@@ -62,7 +63,7 @@ rule split:
     conda:
         "../envs/soraflow.yaml"
     shell:
-        "soraflow split {input} --clip-dir {output.clips} --out {output.table}"
+        "soraflow split {input.table} --clip-dir {output.clips} --out {output.table}"
         " --rejects {output.rejects} --params {params.cfg:q} > {log} 2>&1"
 
 

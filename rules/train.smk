@@ -36,15 +36,15 @@ for stage in L.stages:
             cfg=L.train_params(stage),
         resources:
             gpu=1,
-            nodes=1,
-            tasks=config["train"]["nproc_per_node"],
+            nodes=1,  # a profile may raise it (multi-node under Slurm: srun + torchrun)
+            tasks=config["train"]["nproc_per_node"],  # processes per node (torchrun --nproc-per-node)
         log:
             f"logs/train/{stage}.log",
         conda:
             "../envs/soraflow.yaml"
         shell:
             "soraflow train {input.index} --out {output} --run-dir {params.run_dir} {params.init}"
-            " --params {params.cfg:q} > {log} 2>&1"
+            " --nproc {resources.tasks} --nodes {resources.nodes} --params {params.cfg:q} > {log} 2>&1"
 
     rule:
         name:
@@ -63,4 +63,4 @@ for stage in L.stages:
         conda:
             "../envs/soraflow.yaml"
         shell:
-            "soraflow sample {input.checkpoint} {output} --params {params.cfg:q} > {log} 2>&1"
+            "soraflow sample --ckpt {input.checkpoint} --out {output} --params {params.cfg:q} > {log} 2>&1"

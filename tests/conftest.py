@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
+
+# Tests never reach a model hub: a missing local model fails at once instead of retrying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from soraflow.demo import demo_cut_frames, make_demo_videos, scene_frames
 

@@ -108,11 +108,29 @@ def test_long_scenes_split_at_max_seconds_and_short_ones_dropped(tmp_path, synth
     assert clips["duration_s"].tolist() == [0.333] * 9
     assert_clips_decode_as_tabled(clips)
 
-    # nothing reaches 1.5 s: the video is a reject, not an error
+    # nothing reaches 1.5 s: every scene and the video are rejects, not an error
     clips, rejects = run_split(tmp_path / "again", {"cuts": synthetic_cut_video["path"]}, min_seconds=1.5)
     assert clips.empty
-    assert rejects["id"].tolist() == ["cuts"] and rejects["stage"].tolist() == ["split"]
-    assert rejects["reason"][0] == "no clip of at least 1.5 s among 3 scenes"
+    assert rejects["id"].tolist() == [
+        "cuts_frames-000000-000024", "cuts_frames-000024-000048", "cuts_frames-000048-000072", "cuts"
+    ]
+    assert (rejects["stage"] == "split").all()
+    assert rejects["reason"][0] == "scene frames 0-24 lasts 1.000 s, shorter than min_seconds 1.5"
+    assert rejects["reason"][3] == "no clip of at least 1.5 s among 3 scenes"
+
+
+def test_short_scenes_are_rejects_with_a_reason_and_the_rest_are_kept(tmp_path, synthetic_cut_video):
+    # max_seconds 0.7 cuts each 24-frame scene into 12 + 12 frames (0.5 s); min_seconds 0.6
+    # drops all of them, so every piece must be accounted for in the rejects table
+    clips, rejects = run_split(tmp_path, {"cuts": synthetic_cut_video["path"]}, max_seconds=0.7, min_seconds=0.6)
+    assert clips.empty
+    short = rejects[rejects["id"] != "cuts"]
+    assert len(short) == 6 and short["reason"].str.contains("shorter than min_seconds 0.6").all()
+    # with a bar a single piece clears, only the unmatched pieces are rejects: nothing vanishes
+    times = [k / 10 for k in range(101)]
+    dropped = []
+    kept = plan_clips([(0, 4), (4, 100)], times, 0.5, None, dropped)
+    assert kept == [(4, 100)] and dropped == [(0, 4)]
 
 
 def test_target_fps_and_shorter_side(tmp_path, synthetic_cut_video):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _params(text: str) -> dict:
@@ -41,10 +42,52 @@ def cmd_ingest(args) -> None:
     ingest_shard(args.table, args.raw_dir, args.out, args.rejects, args.params)
 
 
+def _config_section(args, section: str) -> dict:
+    """--params if given, else the section of --config (workflow_config.yaml by default)."""
+    return args.params if args.params is not None else _load_config_section(args.config, section)
+
+
+def _load_config_section(config_path: str, section: str) -> dict:
+    path = Path(config_path)
+    if not path.exists():
+        raise SystemExit(f"no --params given and config file {path} not found: pass --params or --config")
+    import yaml
+
+    config = yaml.safe_load(path.read_text())
+    if section not in config:
+        raise SystemExit(f"{path}: no '{section}' section")
+    return config[section]
+
+
+def _clip_table(inputs: list[str], work_dir: Path, config_path: str) -> str:
+    """A clip table as given, or one made from video files (copied and probed like the ingest rule)."""
+    if len(inputs) == 1 and inputs[0].endswith(".parquet"):
+        return inputs[0]
+    import pandas as pd
+
+    from soraflow import table
+    from soraflow.ingest import ingest_shard
+
+    ids = [Path(p).stem for p in inputs]
+    if len(set(ids)) != len(ids):
+        raise SystemExit(f"video file names must be unique: {inputs}")
+    manifest = work_dir / "videos_manifest.parquet"
+    table.write(pd.DataFrame({"id": ids, "video_id": ids, "url": [str(Path(p).resolve()) for p in inputs]}), manifest)
+    videos = work_dir / "videos.parquet"
+    ingest_params = _load_config_section(config_path, "ingest")
+    ingest_shard(manifest, work_dir / "raw", videos, work_dir / "rejects_ingest.parquet", ingest_params)
+    return str(videos)
+
+
 def cmd_split(args) -> None:
     from soraflow.split import split_shard
 
-    split_shard(args.table, args.clip_dir, args.out, args.rejects, args.params)
+    out_dir = Path(args.out_dir)
+    params = _config_section(args, "split")
+    clips = _clip_table(args.inputs, out_dir, args.config)
+    out = args.out or str(out_dir / "clips.parquet")
+    split_shard(clips, args.clip_dir or str(out_dir), out, args.rejects or str(out_dir / "rejects_split.parquet"), params)
+    print(f"clip table: {out}")
 
 
 def cmd_models(args) -> None:
@@ -54,9 +97,17 @@ def cmd_models(args) -> None:
 
 
 def cmd_caption(args) -> None:
+    from soraflow import table
     from soraflow.caption import caption_shard
 
-    caption_shard(args.table, args.out, args.rejects, args.params)
+    out_dir = Path(args.out_dir)
+    params = _config_section(args, "caption")
+    clips = _clip_table(args.inputs, out_dir, args.config)
+    out = args.out or str(out_dir / "captioned.parquet")
+    caption_shard(clips, out, args.rejects or str(out_dir / "rejects_caption.parquet"), params)
+    if args.out is None:  # a person ran this: show the captions
+        for row in table.read(out).itertuples():
+            print(f"{row.id}: {row.text}")
 
 
 def cmd_encode_video(args) -> None:
@@ -78,6 +129,17 @@ def cmd_dataset(args) -> None:
 
 
 def cmd_train(args) -> None:
+    import os
+
+    from soraflow import launch
+
+    if launch.needs_launch(args.nproc, args.nodes, os.environ):
+        argv = ["train", args.index, "--out", args.out, "--run-dir", args.run_dir, "--params", json.dumps(args.params)]
+        argv += ["--init", args.init] if args.init else []
+        code = launch.launch(args.nproc, args.nodes, argv, os.environ)
+        if code:
+            raise SystemExit(f"training exited with status {code} (preempted or failed; see the log above)")
+        return
     from soraflow.train import Preempted, train
 
     try:
@@ -89,7 +151,17 @@ def cmd_train(args) -> None:
 def cmd_sample(args) -> None:
     from soraflow.sample import sample_prompts
 
-    sample_prompts(args.checkpoint, args.params["sample"]["prompts"], args.outputs, args.params)
+    if args.params is None:
+        args.params = {key: _config_section(args, key) for key in ("sample", "text_encoder", "vae", "diffusion")}
+    prompts = args.prompt or args.params["sample"]["prompts"]
+    outputs = args.out or [str(Path(args.out_dir) / f"sample_{k:02d}.mp4") for k in range(len(prompts))]
+    sample_prompts(args.ckpt, prompts, outputs, args.params)
+
+
+def cmd_inspect(args) -> None:
+    from soraflow.stats import inspect_tables
+
+    print(inspect_tables(args.root))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,19 +190,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--rejects", required=True)
 
-    p = with_params(command("split", cmd_split, "cut the videos of a table into scene clips"))
-    p.add_argument("table")
-    p.add_argument("--clip-dir", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--rejects", required=True)
+    def with_config(p):
+        p.add_argument("--params", type=_params, help="the step's settings as JSON (default: from --config)")
+        p.add_argument("--config", default="workflow_config.yaml", help="workflow config to take settings from")
+        return p
+
+    p = with_config(command("split", cmd_split, "cut videos (files, or a clip table) into scene clips"))
+    p.add_argument("inputs", nargs="+", metavar="VIDEO_OR_TABLE")
+    p.add_argument("--out-dir", default="clips", help="where clips and tables go (default: clips/)")
+    p.add_argument("--clip-dir", help="clip folder (default: --out-dir)")
+    p.add_argument("--out", help="clip table (default: OUT_DIR/clips.parquet)")
+    p.add_argument("--rejects", help="rejects table (default: OUT_DIR/rejects_split.parquet)")
 
     p = with_params(command("models", cmd_models, "build the tiny local models (random weights)"))
     p.add_argument("--out-dir", required=True)
 
-    p = with_params(command("caption", cmd_caption, "caption the clips of a table with a LLaVA model"))
-    p.add_argument("table")
-    p.add_argument("--out", required=True)
-    p.add_argument("--rejects", required=True)
+    p = with_config(command("caption", cmd_caption, "caption clips (files, or a clip table) with a LLaVA model"))
+    p.add_argument("inputs", nargs="+", metavar="CLIP_OR_TABLE")
+    p.add_argument("--out-dir", default="captions", help="where tables go (default: captions/)")
+    p.add_argument("--out", help="captioned table (default: OUT_DIR/captioned.parquet, and captions printed)")
+    p.add_argument("--rejects", help="rejects table (default: OUT_DIR/rejects_caption.parquet)")
 
     p = with_params(command("encode-video", cmd_encode_video, "cache VAE latents of a clip table"))
     p.add_argument("table")
@@ -152,10 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--run-dir", required=True)
     p.add_argument("--init", default=None)
+    p.add_argument("--nproc", type=int, default=1, help="processes per node; >1 starts torchrun")
+    p.add_argument("--nodes", type=int, default=1, help="nodes; >1 starts srun + torchrun inside a Slurm job")
 
-    p = with_params(command("sample", cmd_sample, "sample one video per prompt from a checkpoint"))
-    p.add_argument("checkpoint")
-    p.add_argument("outputs", nargs="+")
+    p = with_config(command("sample", cmd_sample, "sample one video per prompt from a checkpoint"))
+    p.add_argument("--ckpt", required=True, help="a stage checkpoint (results/checkpoints/STAGE.safetensors)")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable; default: the config's prompts)")
+    p.add_argument("--out", nargs="+", help="output mp4 paths, one per prompt")
+    p.add_argument("--out-dir", default="samples", help="where samples go without --out (default: samples/)")
+
+    p = command("inspect", cmd_inspect, "summarise the clip tables and rejects of a workflow run")
+    p.add_argument("--root", default="data", help="the workflow's data.root (default: data)")
     return parser
 
 

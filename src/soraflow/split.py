@@ -75,10 +75,15 @@ def frame_times(timestamps: list[float]) -> list[float]:
 
 
 def plan_clips(
-    scenes: list[tuple[int, int]], times: list[float], min_seconds: float, max_seconds: float | None
+    scenes: list[tuple[int, int]],
+    times: list[float],
+    min_seconds: float,
+    max_seconds: float | None,
+    dropped: list[tuple[int, int]] | None = None,
 ) -> list[tuple[int, int]]:
     """Clips as [start, end) frames: scenes longer than max_seconds cut into equal pieces,
-    then anything shorter than min_seconds dropped. `times` comes from frame_times."""
+    then anything shorter than min_seconds dropped (and appended to `dropped` when given,
+    so the caller can record why). `times` comes from frame_times."""
     clips = []
     for start, end in scenes:
         length_s = times[end] - times[start]
@@ -90,6 +95,8 @@ def plan_clips(
         for a, b in zip(bounds[:-1], bounds[1:]):
             if times[b] - times[a] >= min_seconds - 1e-9:
                 clips.append((a, b))
+            elif dropped is not None:
+                dropped.append((a, b))
     return clips
 
 
@@ -132,14 +139,30 @@ def _ms(seconds: float) -> float:
     return round(seconds, 3)
 
 
-def split_video(video: dict, clip_dir: Path, params: dict) -> tuple[list[dict], list[dict]]:
-    """Clip rows and clip-level rejects for one source video (a row of the ingest table)."""
+def short_scene_id(video_id: str, start: int, end: int) -> str:
+    """The rejects-table id of a scene too short to keep (it never gets a clip number)."""
+    return f"{video_id}_frames-{start:06d}-{end:06d}"
+
+
+def split_video(video: dict, clip_dir: Path, params: dict, scorer=None) -> tuple[list[dict], list[dict]]:
+    """Clip rows and clip-level rejects for one source video (a row of the ingest table).
+
+    Scenes shorter than min_seconds are rejects (id from short_scene_id); a video left with
+    no clip is a reject too. `scorer` (an AestheticScorer) fills the aes column."""
     source = Path(video["raw_path"])
     scenes, timestamps = detect_scenes(source, params)
     times = frame_times(timestamps)
-    clips = plan_clips(scenes, times, float(params["min_seconds"]), params.get("max_seconds"))
+    min_seconds = float(params["min_seconds"])
+    dropped: list[tuple[int, int]] = []
+    clips = plan_clips(scenes, times, min_seconds, params.get("max_seconds"), dropped)
+    short = [
+        {"id": short_scene_id(video["video_id"], a, b), "url": video["url"], "stage": "split",
+         "reason": f"scene frames {a}-{b} lasts {times[b] - times[a]:.3f} s, shorter than min_seconds {min_seconds:g}"}
+        for a, b in dropped
+    ]  # fmt: skip
     if not clips:
-        raise SplitError(f"no clip of at least {params['min_seconds']} s among {len(scenes)} scenes")
+        reason = f"no clip of at least {params['min_seconds']} s among {len(scenes)} scenes"
+        return [], [*short, {"id": video["id"], "url": video["url"], "stage": "split", "reason": reason}]
     target_fps = params.get("fps")
     width, height = output_size(int(video["width"]), int(video["height"]), params.get("shorter_side"))
     planned = [
@@ -148,7 +171,7 @@ def split_video(video: dict, clip_dir: Path, params: dict) -> tuple[list[dict], 
     ]
     try:
         _cut(source, planned, (width, height), target_fps)
-        rows, rejects = [], []
+        rows, rejects = [], short
         for start, end, duration_s, tmp in planned:
             clip_id = tmp.name.removesuffix(".tmp.mp4")
             decoded = count_frames(tmp)
@@ -178,6 +201,7 @@ def split_video(video: dict, clip_dir: Path, params: dict) -> tuple[list[dict], 
                     "resolution": height * width,
                     "duration_s": _ms(times[end] - times[start]),
                     "motion": motion_score(path) if decoded > 1 else 0.0,
+                    "aes": scorer.score_clip(path, decoded) if scorer is not None else None,
                 }
             )
     finally:
@@ -193,21 +217,27 @@ def split_shard(
 
     params: detector (content|adaptive), threshold (ContentDetector's threshold, ~27, or
     AdaptiveDetector's adaptive_threshold, ~3), min_scene_frames, min_seconds, max_seconds,
-    fps (None keeps the source rate), shorter_side (None keeps the size; never upscales).
+    fps (None keeps the source rate), shorter_side (None keeps the size; never upscales),
+    aesthetic_model (None, or an id/path soraflow.aesthetic loads: fills the aes column).
     """
     _detector(params)  # a bad detector name is a config error, not a per-video reject
+    scorer = None
+    if params.get("aesthetic_model"):
+        from soraflow.aesthetic import load_scorer
+
+        scorer = load_scorer(params["aesthetic_model"])
     clip_dir = Path(clip_dir)
     clip_dir.mkdir(parents=True, exist_ok=True)
     clips, rejects = [], []
     for video in table.read(table_path).to_dict("records"):
         try:
-            rows, clip_rejects = split_video(video, clip_dir, params)
+            rows, clip_rejects = split_video(video, clip_dir, params, scorer)
         except (SplitError, av.FFmpegError) as error:
             rejects.append({"id": video["id"], "url": video["url"], "stage": "split", "reason": str(error)})
             continue
         clips += rows
         rejects += clip_rejects
-        if not rows:
+        if not rows and not any(r["id"] == video["id"] for r in clip_rejects):
             rejects.append({"id": video["id"], "url": video["url"], "stage": "split", "reason": "no clip survived"})
     table.write(pd.DataFrame(clips) if clips else table.empty(), out_table)
     table.write_rejects(rejects, rejects_path)

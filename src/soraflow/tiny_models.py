@@ -294,7 +294,19 @@ def build_tiny_t5(out_dir: str | Path, params: dict | None = None) -> Path:
     return _atomic_build(out_dir, build)
 
 
-BUILDERS = {"tiny-llava": build_tiny_llava, "tiny-vae": build_tiny_vae, "tiny-t5": build_tiny_t5}
+def build_tiny_aesthetic(out_dir: str | Path, params: dict | None = None) -> Path:
+    """CLIP vision model + MLP head, as soraflow.aesthetic loads it (built there)."""
+    from soraflow.aesthetic import build_tiny_aesthetic as build
+
+    return build(out_dir, params)
+
+
+BUILDERS = {
+    "tiny-llava": build_tiny_llava,
+    "tiny-vae": build_tiny_vae,
+    "tiny-t5": build_tiny_t5,
+    "tiny-aesthetic": build_tiny_aesthetic,
+}
 
 
 def build_all(out_dir: str | Path, params: dict | None = None) -> dict[str, Path]:

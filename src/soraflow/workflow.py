@@ -56,11 +56,11 @@ class Layout:
 
     # --- models ----------------------------------------------------------------------------
     def local_models(self) -> list[str]:
-        return [f"{self.models_dir}/{name}" for name in ("tiny-llava", "tiny-vae", "tiny-t5")]
+        return [f"{self.models_dir}/{name}" for name in ("tiny-llava", "tiny-vae", "tiny-t5", "tiny-aesthetic")]
 
     def model_input(self, ref: str) -> list[str]:
         """A model the `models` rule builds is an input; hub ids and other paths are not."""
-        return [ref] if ref in self.local_models() else []
+        return [ref] if ref and ref in self.local_models() else []
 
     # --- caches and training ---------------------------------------------------------------
     def latent_cache(self, stage="{stage}", shard="{shard}") -> str:
