@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CORES ?= all
 
-.PHONY: setup demo test lint dryrun clean
+.PHONY: setup demo test lint dryrun docs clean
 
 setup: $(STAMP) /usr/bin/ffmpeg
 
@@ -31,6 +31,11 @@ lint: setup
 
 dryrun: setup
 	$(VENV)/bin/snakemake -n
+
+# The README's config reference (from the schema) and the DAG picture (needs graphviz).
+docs: setup
+	$(PY) -m soraflow.docs README.md
+	$(VENV)/bin/snakemake --rulegraph | dot -Tsvg > docs/rulegraph.svg
 
 clean:
 	rm -rf data models results logs .snakemake
