@@ -1,0 +1,123 @@
+"""Start `soraflow train` on several processes: torchrun on one node, srun + torchrun on many.
+
+`soraflow train --nproc N --nodes M` (the train rules pass their `tasks` and `nodes`
+resources) re-executes itself under torchrun when it is not already a torchrun worker
+(no RANK in the environment) and N*M > 1:
+
+    one node:    torchrun --standalone --nproc-per-node N -m soraflow.cli train ...
+    Slurm, M>1:  srun --nodes M --ntasks-per-node 1 sh -c 'exec torchrun --nnodes $SLURM_NNODES
+                     --node-rank $SLURM_NODEID --rdzv-backend c10d
+                     --rdzv-endpoint <first host of the job>:29500 --nproc-per-node N ...'
+
+`$SLURM_NODEID` is left for each node's shell to expand, so every node gets its own
+rank; the rendezvous host is the first of `scontrol show hostnames $SLURM_JOB_NODELIST`.
+`launch_command` builds the command from an environment and a host list and does
+nothing else, so it is tested with a fake Slurm environment.
+
+Preemption: SIGTERM and SIGUSR1 reaching the launcher are forwarded to its child;
+torchrun is told to forward both to the workers (`--signals-to-handle`) and to give
+them time to write their checkpoint (`--shutdown-timeout`). The workers checkpoint and
+exit non-zero, and so does the launcher, so Slurm can requeue the job.
+"""
+
+from __future__ import annotations
+
+import shlex
+import signal
+import subprocess
+import sys
+
+RDZV_PORT = 29500
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
+# torchrun's default list plus SIGUSR1 (Slurm's usual warning signal before a preemption)
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+SHUTDOWN_TIMEOUT_S = 300
+
+
+def needs_launch(nproc: int, nodes: int, env) -> bool:
+    """True when this process should start the workers rather than be one."""
+    return "RANK" not in env and nproc * nodes > 1
+
+
+def torchrun_prefix(python: str = sys.executable) -> list[str]:
+    """torchrun of this interpreter (`python -m torch.distributed.run` is the same program)."""
+    return [python, "-m", "torch.distributed.run"]
+
+
+def launch_command(
+    nproc: int,
+    nodes: int,
+    worker_argv: list[str],
+    env,
+    hosts: list[str] | None = None,
+    python: str = sys.executable,
+) -> list[str]:
+    """The command that runs `python -m soraflow.cli <worker_argv>` on nproc x nodes processes.
+
+    `hosts` are the job's node names in order (scontrol show hostnames); needed only for nodes > 1.
+    """
+    if nproc < 1 or nodes < 1:
+        raise ValueError(f"--nproc and --nodes must be at least 1 (got {nproc}, {nodes})")
+    common = [
+        "--nproc-per-node", str(nproc),
+        "--signals-to-handle", TORCHRUN_SIGNALS,
+        "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S),
+        "--max-restarts", "0",
+    ]
+    worker = ["-m", "soraflow.cli", *worker_argv]
+    if nodes == 1:
+        return [*torchrun_prefix(python), "--standalone", *common, *worker]
+    if "SLURM_JOB_ID" not in env or "SLURM_JOB_NODELIST" not in env:
+        raise RuntimeError(
+            f"--nodes {nodes}: multi-node training runs inside a Slurm allocation (no SLURM_JOB_ID here); "
+            "outside Slurm, start torchrun on each node yourself"
+        )
+    allocated = int(env.get("SLURM_NNODES", env.get("SLURM_JOB_NUM_NODES", "0")))
+    if allocated != nodes:
+        raise RuntimeError(f"--nodes {nodes} but the Slurm job has {allocated} nodes (SLURM_NNODES)")
+    if not hosts:
+        raise RuntimeError("no host names for the rendezvous (scontrol show hostnames gave nothing)")
+    per_node = [
+        *torchrun_prefix(python),
+        "--nnodes", "$SLURM_NNODES",
+        "--node-rank", "$SLURM_NODEID",
+        "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", f"{hosts[0]}:{RDZV_PORT}",
+        "--rdzv-id", env["SLURM_JOB_ID"],
+        *common,
+        *worker,
+    ]
+    # quote everything but the two Slurm variables, which each node's shell must expand
+    script = " ".join(a if a.startswith("$SLURM_") else shlex.quote(a) for a in per_node)
+    return ["srun", "--nodes", str(nodes), "--ntasks-per-node", "1", "--kill-on-bad-exit=1", "sh", "-c", f"exec {script}"]
+
+
+def slurm_hosts(nodelist: str) -> list[str]:
+    """`scontrol show hostnames` of a compressed Slurm node list (node[01-04] -> node01 ...)."""
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+def run_forwarding_signals(cmd: list[str], env=None) -> int:
+    """Run cmd; SIGTERM/SIGUSR1 sent to us go to it. Its exit status (128+N when killed by N)."""
+    child = subprocess.Popen(cmd, env=env)
+
+    def forward(signum, _frame):
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 - code if code < 0 else code
+
+
+def launch(nproc: int, nodes: int, worker_argv: list[str], env) -> int:
+    """Start the workers and wait for them; the exit status to leave with."""
+    hosts = slurm_hosts(env["SLURM_JOB_NODELIST"]) if nodes > 1 and "SLURM_JOB_NODELIST" in env else None
+    cmd = launch_command(nproc, nodes, worker_argv, env, hosts)
+    print("launching:", shlex.join(cmd), flush=True)
+    return run_forwarding_signals(cmd, env=dict(env))

@@ -1,0 +1,117 @@
+"""Two training processes on CPU (gloo), started by `soraflow train --nproc 2` (torchrun).
+
+The step's randomness is drawn for the global batch, so 2 processes x batch 2 must give
+the losses and weights of 1 process x batch 4. Both ranks print the digest of the full
+weights they hold at the end (the trainer all-gathers them); they must be equal. FSDP2
+(`fully_shard`) runs on gloo/CPU in torch 2.13 and is tested the same way, and a
+checkpoint written by one engine resumes under the other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from soraflow.train import train
+from test_train import latent_index, train_params  # noqa: F401  (the fixture is shared)
+
+STEPS = 4
+
+
+def launch(index, out, run_dir, params, nproc=2) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "soraflow.cli", "train", str(index), "--out", str(out), "--run-dir", str(run_dir),
+           "--nproc", str(nproc), "--params", json.dumps(params)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def finish(process: subprocess.Popen, timeout=120) -> str:
+    try:
+        return process.communicate(timeout=timeout)[0].decode()
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+
+
+def rank_digests(output: str) -> list[str]:
+    found = re.findall(r"weights digest per rank: ([0-9a-f ]+)", output)
+    assert found, output
+    return found[-1].split()
+
+
+def params_for(engine: str, batch_size: int, steps: int = STEPS, **overrides) -> dict:
+    params = train_params(steps=steps, engine=engine, **overrides)
+    params["stage"]["batch_size"] = batch_size
+    return params
+
+
+@pytest.fixture(scope="module")
+def single_process(latent_index, tmp_path_factory):  # noqa: F811
+    """The reference: one process, the global batch of 4."""
+    root = tmp_path_factory.mktemp("single")
+    train(latent_index, root / "out.safetensors", root / "run", params_for("ddp", batch_size=4))
+    return load_file(str(root / "out.safetensors")), pd.read_csv(root / "run" / "loss.csv")
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_processes_match_one_with_the_same_global_batch(engine, latent_index, single_process, tmp_path):  # noqa: F811
+    out = tmp_path / "out.safetensors"
+    process = launch(latent_index, out, tmp_path / "run", params_for(engine, batch_size=2))
+    output = finish(process)
+    assert process.returncode == 0, output
+    assert f"engine {engine} x2" in output
+
+    digests = rank_digests(output)
+    assert len(digests) == 2 and digests[0] == digests[1], output
+
+    reference_weights, reference_log = single_process
+    log = pd.read_csv(tmp_path / "run" / "loss.csv")
+    assert log["step"].tolist() == reference_log["step"].tolist() == list(range(1, STEPS + 1))
+    assert (log["loss"] - reference_log["loss"]).abs().max() < 1e-5, (log, reference_log)
+
+    weights = load_file(str(out))
+    assert set(weights) == set(reference_weights)
+    for key, value in weights.items():
+        torch.testing.assert_close(value, reference_weights[key], rtol=1e-4, atol=1e-5, msg=key)
+    # TensorBoard events beside the CSV
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_preempted_two_process_run_checkpoints_and_resumes_under_the_other_engine(latent_index, tmp_path):  # noqa: F811
+    """SIGUSR1 to the launcher reaches both workers through torchrun: they agree on a step,
+    checkpoint it and exit non-zero; FSDP then resumes the DDP checkpoint to the end."""
+    run_dir = tmp_path / "run"
+    params = params_for("ddp", batch_size=2, steps=10_000, checkpoint_every=10_000)
+    process = launch(latent_index, tmp_path / "out.safetensors", run_dir, params)
+    deadline = time.time() + 90
+    while not (run_dir / "loss.csv").exists():
+        assert process.poll() is None, finish(process)
+        assert time.time() < deadline, "training never logged a step"
+        time.sleep(0.1)
+    process.send_signal(signal.SIGUSR1)
+    output = finish(process)
+    assert process.returncode != 0, output
+    checkpoints = sorted(run_dir.glob("step-*"))
+    assert checkpoints, output
+    step = json.loads((checkpoints[-1] / "state.json").read_text())["step"]
+    assert 0 < step < 10_000
+
+    params = params_for("fsdp", batch_size=2, steps=step + 2, checkpoint_every=10_000)
+    process = launch(latent_index, tmp_path / "out.safetensors", run_dir, params)
+    output = finish(process)
+    assert process.returncode == 0, output
+    assert f"from step {step}" in output and "engine fsdp x2" in output
+    assert load_file(str(tmp_path / "out.safetensors"))
+    assert pd.read_csv(run_dir / "loss.csv")["step"].iloc[-1] == step + 2
