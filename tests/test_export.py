@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from soraflow import table
-from soraflow.export import OPENSORA_COLUMNS, export_shards, export_tables, main, shard_table_paths
+from soraflow.export import OPENSORA_COLUMNS, export_shards, export_tables, main
+from soraflow.manifest import shard_table_paths
 from soraflow.workflow import Layout
 
 

@@ -10,6 +10,9 @@ Shards are streamed one at a time (a 10-million-video run never sits in memory a
 and each output is written under a temp name and renamed, so a present file is complete.
 Shard tables are found from the shard folder and the shard count rather than a list of
 paths on the command line, which would pass the kernel's argument limit at 10k shards.
+The rule's inputs are the captioned tables only: each shard's rejects tables come from the
+jobs that made its captioned table, so they exist whenever it does, and leaving them out
+keeps 3 DAG edges per shard out of Snakemake's dry run.
 """
 
 from __future__ import annotations
@@ -25,15 +28,10 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from soraflow import table
-from soraflow.manifest import shard_ids
+from soraflow.manifest import shard_ids, shard_table_paths
 
 OPENSORA_COLUMNS = ["path", "text", "num_frames", "width", "height", "aspect_ratio", "fps", "resolution"]
 REJECT_STAGES = ("ingest", "split", "caption")
-
-
-def shard_table_paths(shards_dir: str | Path, num_shards: int, name: str) -> list[Path]:
-    """`{shards_dir}/{shard}/{name}.parquet` for every shard, as workflow.Layout names them."""
-    return [Path(shards_dir) / shard / f"{name}.parquet" for shard in shard_ids(num_shards)]
 
 
 def _read(path: Path, schema: pa.Schema) -> pa.Table:

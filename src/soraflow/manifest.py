@@ -182,6 +182,14 @@ def shard_ids(n: int) -> list[str]:
     return [f"{k:05d}" for k in range(n)]
 
 
+def shard_table_paths(shards_dir: str | Path, num_shards: int, name: str) -> list[Path]:
+    """`{shards_dir}/{shard}/{name}.parquet` for every shard, as workflow.Layout names them.
+
+    Rules over every shard pass the folder and the count instead of the paths: at 10k shards
+    a list of paths passes the kernel's 128 KiB limit on one command-line argument."""
+    return [Path(shards_dir) / shard / f"{name}.parquet" for shard in shard_ids(num_shards)]
+
+
 def shard_manifest(manifest_path: str | Path, shard_size: int, out_paths: Sequence[str | Path]) -> None:
     """Write rows [k*shard_size, (k+1)*shard_size) to out_paths[k] as clip tables.
 
@@ -204,3 +212,22 @@ def shard_manifest(manifest_path: str | Path, shard_size: int, out_paths: Sequen
     )
     for k, out_path in enumerate(out_paths):
         table.write(rows.iloc[k * shard_size : (k + 1) * shard_size], out_path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m soraflow.manifest MANIFEST --shard-size N --shards-dir DIR --num-shards K`:
+    the shard rule's command (shard_manifest with the paths built here, not passed in)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m soraflow.manifest", description=main.__doc__.splitlines()[0])
+    parser.add_argument("manifest")
+    parser.add_argument("--shard-size", type=int, required=True)
+    parser.add_argument("--shards-dir", required=True)
+    parser.add_argument("--num-shards", type=int, required=True)
+    parser.add_argument("--name", default="manifest", help="table name inside each shard folder")
+    args = parser.parse_args(argv)
+    shard_manifest(args.manifest, args.shard_size, shard_table_paths(args.shards_dir, args.num_shards, args.name))
+
+
+if __name__ == "__main__":
+    main()
