@@ -31,7 +31,9 @@ def _gray_frames(path: Path) -> list[np.ndarray]:
     """Every frame as small grayscale images, MOTION_WIDTH wide."""
     frames = []
     with av.open(str(path)) as container:
-        for frame in container.decode(video=0):
+        stream = container.streams.video[0]
+        stream.codec_context.thread_type = "AUTO"  # frame + slice threads
+        for frame in container.decode(stream):
             height = max(2, round(frame.height * MOTION_WIDTH / frame.width))
             frames.append(frame.to_ndarray(format="gray", width=MOTION_WIDTH, height=height))
     return frames

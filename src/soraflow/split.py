@@ -49,6 +49,8 @@ def detect_scenes(path: str | Path, params: dict) -> tuple[list[tuple[int, int]]
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
+            # frame + slice threads: 2-3x faster decoding, frames still come in decode order
+            stream.codec_context.thread_type = "AUTO"
             # the detector only uses the rate to turn min_scene_len into frames; any rate works
             rate = Fraction(stream.average_rate or 25)
             for index, frame in enumerate(container.decode(stream)):
