@@ -197,3 +197,42 @@ def test_grad_checkpointing_gives_the_same_gradients():
         grads.append({name: p.grad for name, p in model.named_parameters()})
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, msg=name)
+
+
+def sequence_parallel_worker(rank: int, world: int, init_file: str, reference_file: str):
+    """One rank: the model with its tokens split over the group must reproduce the
+    single-process output, and its parameter gradients summed over ranks the full ones."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        reference = torch.load(reference_file)
+        x, t, y, mask = inputs()
+        for attention in ("spatial_temporal", "full"):
+            model = randomize_zero_init(tiny(attention=attention))
+            model.enable_sequence_parallel(dist.group.WORLD)
+            out = model(x, t, y, mask)
+            out.square().mean().backward()
+            torch.testing.assert_close(out, reference[attention]["out"])
+            for name, param in model.named_parameters():
+                dist.all_reduce(param.grad)
+                torch.testing.assert_close(param.grad, reference[attention]["grads"][name], msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sequence_parallel_matches_single_process(tmp_path):
+    x, t, y, mask = inputs()
+    reference = {}
+    for attention in ("spatial_temporal", "full"):
+        model = randomize_zero_init(tiny(attention=attention))
+        out = model(x, t, y, mask)
+        out.square().mean().backward()
+        reference[attention] = {
+            "out": out.detach(), "grads": {name: p.grad for name, p in model.named_parameters()}
+        }
+    torch.save(reference, tmp_path / "reference.pt")
+    torch.multiprocessing.spawn(
+        sequence_parallel_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "reference.pt")), nprocs=2
+    )

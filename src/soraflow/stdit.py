@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_autograd  # differentiable collectives
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -97,7 +98,7 @@ def seq_all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) ->
     and concatenate what arrives along `gather_dim`. Differentiable (the backward is the
     inverse exchange); torch's all_to_all also runs on the CPU gloo backend."""
     chunks = [c.contiguous() for c in x.chunk(dist.get_world_size(group), dim=scatter_dim)]
-    received = torch.distributed.nn.functional.all_to_all([torch.empty_like(c) for c in chunks], chunks, group=group)
+    received = dist_autograd.all_to_all([torch.empty_like(c) for c in chunks], chunks, group=group)
     return torch.cat(received, dim=gather_dim)
 
 
@@ -319,6 +320,9 @@ def caption_mask(mask: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 class STDiT(nn.Module):
+    """x_embedder -> + pos-emb -> blocks (conditioned on t_block(t) and the caption) ->
+    final_layer -> unpatchify. Predicts eps and the variance interpolation (learned sigma)."""
+
     def __init__(
         self,
         input_size: tuple[int, int, int],  # latent (T, H, W) the pos-emb buffers are built for
@@ -355,9 +359,9 @@ class STDiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
         self.y_embedder = CaptionEmbedder(caption_channels, hidden_size, class_dropout_prob, model_max_length)
-        temporal = attention == "spatial_temporal"
         self.blocks = nn.ModuleList(
-            STDiTBlock(hidden_size, num_heads, mlp_ratio, temporal) for _ in range(depth)
+            STDiTBlock(hidden_size, num_heads, mlp_ratio, temporal=attention == "spatial_temporal")
+            for _ in range(depth)
         )
         self.final_layer = T2IFinalLayer(hidden_size, math.prod(self.patch_size) * self.out_channels)
 
@@ -447,6 +451,8 @@ class STDiT(nn.Module):
         group = self.sequence_parallel_group
         if group is not None:  # keep this rank's share of each frame's tokens
             world, rank = dist.get_world_size(group), dist.get_rank(group)
+            if S % world or self.blocks[0].attn.num_heads % world:
+                raise ValueError(f"sequence parallel over {world} ranks needs S={S} and the heads divisible by it")
             x = x.chunk(world, dim=2)[rank]
         x = x.reshape(B, -1, self.hidden_size)  # [B, t*S_local, D]
 
