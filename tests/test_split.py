@@ -182,3 +182,19 @@ def test_plan_clips_and_output_size_arithmetic():
     with pytest.raises(ValueError, match="split.detector"):
         detect_scenes("x.mp4", {**PARAMS, "detector": "histogram"})
     assert np.isclose(sum(b - a for a, b in plan_clips([(0, 100)], times, 0.0, 0.7)), 100)
+
+
+def test_a_detector_error_stops_the_decoding_thread(synthetic_cut_video, monkeypatch):
+    import threading
+
+    import soraflow.split
+
+    class Broken:
+        def process_frame(self, *args):
+            raise RuntimeError("detector broke")
+
+    monkeypatch.setattr(soraflow.split, "_detector", lambda params: Broken())
+    before = threading.active_count()
+    with pytest.raises(RuntimeError, match="detector broke"):
+        detect_scenes(synthetic_cut_video["path"], PARAMS)
+    assert threading.active_count() == before

@@ -11,11 +11,14 @@ then decoded again to check it has exactly the frames the table says.
 from __future__ import annotations
 
 import math
+import queue
 import subprocess
+import threading
 from fractions import Fraction
 from pathlib import Path
 
 import av
+from av.video.reformatter import VideoReformatter
 import numpy as np
 import pandas as pd
 from scenedetect import AdaptiveDetector, ContentDetector, FrameTimecode
@@ -41,27 +44,63 @@ def _detector(params: dict):
     raise ValueError(f"split.detector must be 'content' or 'adaptive', got {params['detector']!r}")
 
 
-def detect_scenes(path: str | Path, params: dict) -> tuple[list[tuple[int, int]], list[float]]:
-    """Scenes as [start, end) decode-order frame indices, and every frame's timestamp in seconds."""
-    detector = _detector(params)
-    cuts: list[FrameTimecode] = []
-    timestamps: list[float] = []
+def _decode_for_detection(path: str | Path, out: queue.Queue, stop: threading.Event) -> None:
+    """Producer thread: the stream's average rate, (image, timestamp) per frame in decode
+    order, then None; or the error that stopped decoding. FFmpeg decodes and scales without
+    holding the GIL, so this overlaps with the detector (PySceneDetect's detect() decodes in
+    a thread too). Stops early once `stop` is set."""
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             # frame + slice threads: 2-3x faster decoding, frames still come in decode order
             stream.codec_context.thread_type = "AUTO"
-            # the detector only uses the rate to turn min_scene_len into frames; any rate works
             rate = Fraction(stream.average_rate or 25)
+            out.put(rate)
+            scaler = VideoReformatter()  # one swscale context for the whole video
             for index, frame in enumerate(container.decode(stream)):
+                if stop.is_set():
+                    return
                 width = min(DETECT_WIDTH, frame.width)
                 height = max(2, round(frame.height * width / frame.width))
-                image = frame.to_ndarray(format="bgr24", width=width, height=height)
-                cuts += detector.process_frame(FrameTimecode(index, rate), image)
-                timestamps.append(frame.time if frame.time is not None else index / float(rate))
+                image = scaler.reformat(frame, width=width, height=height, format="bgr24").to_ndarray()
+                out.put((image, frame.time if frame.time is not None else index / float(rate)))
+        out.put(None)
+    except Exception as error:  # handed to the consumer, which decides
+        out.put(error)
+
+
+def detect_scenes(path: str | Path, params: dict) -> tuple[list[tuple[int, int]], list[float]]:
+    """Scenes as [start, end) decode-order frame indices, and every frame's timestamp in seconds."""
+    detector = _detector(params)
+    cuts: list[FrameTimecode] = []
+    timestamps: list[float] = []
+    frames: queue.Queue = queue.Queue(maxsize=64)
+    stop = threading.Event()
+    producer = threading.Thread(target=_decode_for_detection, args=(path, frames, stop), daemon=True)
+    producer.start()
+    # the detector only uses the rate to turn min_scene_len into frames; any rate works
+    rate = Fraction(25)
+    try:
+        while (item := frames.get()) is not None:
+            if isinstance(item, Exception):
+                raise item
+            if isinstance(item, Fraction):
+                rate = item
+                continue
+            image, timestamp = item
+            cuts += detector.process_frame(FrameTimecode(len(timestamps), rate), image)
+            timestamps.append(timestamp)
     except av.FFmpegError as error:
         if not timestamps:
             raise SplitError(f"cannot decode {path}: {error}") from None
+    finally:
+        stop.set()
+        while producer.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                frames.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        producer.join()
     if not timestamps:
         raise SplitError(f"no frames decoded from {path}")
     cuts += detector.post_process(FrameTimecode(len(timestamps) - 1, rate))
