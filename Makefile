@@ -19,11 +19,15 @@ $(STAMP): pyproject.toml constraints.txt
 /usr/bin/ffmpeg:
 	command -v ffmpeg >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg)
 
+# The report test opens the HTML report in a headless browser.
+/usr/bin/chromium:
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
 demo: setup
 	PATH=$(abspath $(VENV))/bin:$$PATH snakemake --profile profiles/local --cores $(CORES)
 	@echo "samples: results/samples/ (one mp4 per prompt and stage); checkpoints: results/checkpoints/"
 
-test: setup
+test: setup /usr/bin/chromium
 	PATH=$(abspath $(VENV))/bin:$$PATH pytest -q
 
 lint: setup

@@ -26,6 +26,7 @@ include: "rules/models.smk"
 include: "rules/caption.smk"
 include: "rules/encode.smk"
 include: "rules/train.smk"
+include: "rules/report.smk"
 
 
 rule all:
@@ -33,3 +34,4 @@ rule all:
     input:
         L.all_samples(),
         L.exports(),
+        L.report_figures(),

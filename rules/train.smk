@@ -31,7 +31,7 @@ for stage in L.stages:
         output:
             L.checkpoint(stage),
         params:
-            run_dir=f"results/runs/{stage}",
+            run_dir=L.run_dir(stage),
             init=" ".join(f"--init {path}" for path in L.init_checkpoint(stage)),
             cfg=L.train_params(stage),
         resources:
@@ -53,7 +53,10 @@ for stage in L.stages:
             checkpoint=L.checkpoint(stage),
             models=L.model_input(config["vae"].get("model", "")),
         output:
-            L.samples(stage),
+            [
+                report(path, category="Samples", subcategory=stage, caption="../docs/report/samples.rst")
+                for path in L.samples(stage)
+            ],
         params:
             cfg=L.sample_params(),
         resources:

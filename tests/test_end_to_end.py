@@ -6,6 +6,7 @@ real videos plus one broken file, one shard per video, a handful of training ste
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -118,3 +119,20 @@ def test_changing_a_caption_setting_reruns_caption_and_downstream_only(finished_
     run_snakemake(workdir)
     assert all(p.stat().st_mtime_ns == before[p] for p in upstream)
     assert all(p.stat().st_mtime_ns > before[p] for p in downstream)
+
+
+def test_report_embeds_figures_and_sample_videos_and_renders(finished_run, tmp_path):
+    workdir, layout = finished_run
+    report = workdir / "results" / "report.html"
+    run_snakemake(workdir, "--report", str(report))
+    page = report.read_text()
+    for path in layout.samples("stage3") + layout.report_figures():
+        assert base64.b64encode((workdir / path).read_bytes()).decode()[:2000] in page, path
+    dom = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=8000", "--dump-dom", report.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    ).stdout
+    for category in ("Dataset", "Samples", "Training"):
+        assert category in dom

@@ -158,6 +158,13 @@ def cmd_sample(args) -> None:
     sample_prompts(args.ckpt, prompts, outputs, args.params)
 
 
+def cmd_report_figures(args) -> None:
+    from soraflow.report import make_figures
+
+    losses = dict(item.split("=", 1) for item in args.loss)
+    make_figures(args.clips, args.rejects, losses, args.out_dir)
+
+
 def cmd_inspect(args) -> None:
     from soraflow.stats import inspect_tables
 
@@ -239,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="a prompt (repeatable; default: the config's prompts)")
     p.add_argument("--out", nargs="+", help="output mp4 paths, one per prompt")
     p.add_argument("--out-dir", default="samples", help="where samples go without --out (default: samples/)")
+
+    p = command("report-figures", cmd_report_figures, "dataset plots, clip gallery and loss curves for the report")
+    p.add_argument("--clips", required=True, help="the exported clip table")
+    p.add_argument("--rejects", required=True, help="the exported rejects table")
+    p.add_argument("--loss", nargs="+", default=[], metavar="STAGE=CSV", help="loss logs by stage")
+    p.add_argument("--out-dir", required=True)
 
     p = command("inspect", cmd_inspect, "summarise the clip tables and rejects of a workflow run")
     p.add_argument("--root", default="data", help="the workflow's data.root (default: data)")

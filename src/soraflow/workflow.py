@@ -82,6 +82,15 @@ class Layout:
             return []
         return [self.checkpoint(init)] if init in STAGES else [init]
 
+    def run_dir(self, stage: str) -> str:
+        return f"results/runs/{stage}"
+
+    def loss_log(self, stage: str) -> str:
+        return f"{self.run_dir(stage)}/loss.csv"
+
+    def report_figures(self) -> list[str]:
+        return [f"results/report/{name}" for name in ("dataset.png", "gallery.html", "losses.png")]
+
     def samples(self, stage: str) -> list[str]:
         count = len(self.config["sample"]["prompts"])
         return [f"results/samples/{stage}/sample_{k:02d}.mp4" for k in range(count)]
