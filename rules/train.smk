@@ -10,13 +10,19 @@ rule dataset:
         index=L.stage_index(),
         rejects=f"{L.root}/train/{{stage}}/rejects.parquet",
     params:
+        # folders and a count, not every path: 10k shards pass the kernel's argument limit
+        shards_dir=lambda w, input: os.path.dirname(os.path.dirname(input.tables[0])),
+        latent_dir=lambda w, input: os.path.dirname(input.latents[0]),
+        text_dir=lambda w, input: os.path.dirname(input.texts[0]),
+        num_shards=len(L.shards),
         cfg=lambda w: as_json(config["stages"][w.stage]["filters"]),
     log:
         "logs/dataset/{stage}.log",
     conda:
         "../envs/soraflow.yaml"
     shell:
-        "soraflow dataset --tables {input.tables} --latents {input.latents} --texts {input.texts}"
+        "soraflow dataset --shards-dir {params.shards_dir} --num-shards {params.num_shards}"
+        " --latent-dir {params.latent_dir} --text-dir {params.text_dir}"
         " --out {output.index} --rejects {output.rejects} --params {params.cfg:q} > {log} 2>&1"
 
 

@@ -63,7 +63,7 @@ def test_lint_is_clean():
 
 
 def test_dry_run_prints_the_whole_dag():
-    result = snakemake("-n", "--cores", "1")
+    result = snakemake("-n", "--forceall", "--cores", "1")  # whatever a previous demo left behind
     assert result.returncode == 0, result.stderr
     counts = job_counts(result.stdout)
     shards = len(Layout(default_config()).shards)
@@ -82,7 +82,7 @@ def override(tmp_path: Path, **sections) -> str:
 def test_dag_grows_with_shards_not_videos(tmp_path):
     manifest = write_manifest(tmp_path / "manifest.csv", rows=1000)
     data = {"manifest": str(manifest), "shard_size": 250, "root": "data"}
-    result = snakemake("-n", "--cores", "1", "--configfile", override(tmp_path, data=data))
+    result = snakemake("-n", "--forceall", "--cores", "1", "--configfile", override(tmp_path, data=data))
     assert result.returncode == 0, result.stderr
     counts = job_counts(result.stdout)
     assert counts["ingest"] == 4 and counts["caption"] == 4 and counts["encode_video"] == 12

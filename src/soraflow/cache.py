@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from soraflow import table, video
 from soraflow.encoders import TextEncoder, load_autoencoder
+from soraflow.manifest import shard_ids
 
 
 def write_cache(tensors: dict[str, torch.Tensor], ids: list[str], key: dict, path: str | Path) -> None:
@@ -28,6 +29,11 @@ def write_cache(tensors: dict[str, torch.Tensor], ids: list[str], key: dict, pat
     metadata = {"ids": json.dumps(ids), "cache_key": json.dumps(key, sort_keys=True)}
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     tmp.replace(path)
+
+
+def shard_cache_paths(directory: str | Path, num_shards: int) -> list[Path]:
+    """`{directory}/{shard}.safetensors` for every shard, as workflow.Layout names cache files."""
+    return [Path(directory) / f"{shard}.safetensors" for shard in shard_ids(num_shards)]
 
 
 def read_ids(path: str | Path) -> list[str]:

@@ -123,9 +123,14 @@ def cmd_encode_text(args) -> None:
 
 
 def cmd_dataset(args) -> None:
+    from soraflow.cache import shard_cache_paths
     from soraflow.dataset import build_stage_index
+    from soraflow.manifest import shard_table_paths
 
-    build_stage_index(args.tables, args.latents, args.texts, args.params, args.out, args.rejects)
+    tables = shard_table_paths(args.shards_dir, args.num_shards, "captioned")
+    latents = shard_cache_paths(args.latent_dir, args.num_shards)
+    texts = shard_cache_paths(args.text_dir, args.num_shards)
+    build_stage_index(tables, latents, texts, args.params, args.out, args.rejects)
 
 
 def cmd_train(args) -> None:
@@ -227,9 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
 
     p = with_params(command("dataset", cmd_dataset, "join captions and caches into a stage's training index"))
-    p.add_argument("--tables", nargs="+", required=True)
-    p.add_argument("--latents", nargs="+", required=True)
-    p.add_argument("--texts", nargs="+", required=True)
+    p.add_argument("--shards-dir", required=True, help="folder of the shards' captioned tables")
+    p.add_argument("--num-shards", type=int, required=True)
+    p.add_argument("--latent-dir", required=True, help="folder of the stage's latent cache files")
+    p.add_argument("--text-dir", required=True, help="folder of the text feature cache files")
     p.add_argument("--out", required=True)
     p.add_argument("--rejects", required=True)
 
