@@ -10,6 +10,8 @@ rule caption:
         rejects=L.shard_file("rejects_caption"),
     params:
         cfg=as_json(config["caption"]),
+    # torch steps use two threads; the scheduler keeps them from sharing cores
+    threads: 2
     resources:
         gpu=1,
     log:

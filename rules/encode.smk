@@ -9,6 +9,8 @@ rule encode_video:
         L.latent_cache(),
     params:
         cfg=lambda w: L.encode_video_params(w.stage),
+    # torch steps use two threads; the scheduler keeps them from sharing cores
+    threads: 2
     resources:
         gpu=1,
     log:
@@ -27,6 +29,8 @@ rule encode_text:
         L.text_cache(),
     params:
         cfg=as_json(config["text_encoder"]),
+    # torch steps use two threads; the scheduler keeps them from sharing cores
+    threads: 2
     resources:
         gpu=1,
     log:

@@ -40,6 +40,7 @@ for stage in L.stages:
             run_dir=L.run_dir(stage),
             init=" ".join(f"--init {path}" for path in L.init_checkpoint(stage)),
             cfg=L.train_params(stage),
+        threads: 2
         resources:
             gpu=1,
             nodes=1,  # a profile may raise it (multi-node under Slurm: srun + torchrun)
@@ -65,6 +66,7 @@ for stage in L.stages:
             ],
         params:
             cfg=L.sample_params(),
+        threads: 2
         resources:
             gpu=1,
         log:

@@ -42,7 +42,7 @@ def test_preset_is_valid_and_is_open_sora_1_0():
 
 def test_preset_dry_runs_the_whole_dag(tmp_path):
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "manifest.csv").write_text("url\n" + "".join(f"https://example.org/v{i}.mp4\n" for i in range(2500)))
+    (tmp_path / "data" / "manifest.csv").write_text("url\n" + "".join(f"https://example.org/v{i}.mp4\n" for i in range(25_000)))
     (tmp_path / "pretrained_models").mkdir()
     (tmp_path / "pretrained_models" / "PixArt-XL-2-512x512.pth").write_bytes(b"")  # no weights load in a dry run
     result = subprocess.run(
@@ -52,5 +52,5 @@ def test_preset_dry_runs_the_whole_dag(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     counts = job_counts(result.stdout)
-    assert counts["ingest"] == counts["caption"] == 3  # 2,500 videos in shards of 1,000
+    assert counts["ingest"] == counts["caption"] == 3  # 25,000 videos in shards of 10,000
     assert counts["encode_video"] == 9 and counts["train_stage3"] == 1 and "demo_videos" not in counts
