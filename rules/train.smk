@@ -42,9 +42,9 @@ for stage in L.stages:
             cfg=L.train_params(stage),
         threads: 2
         resources:
-            gpu=1,
-            nodes=1,  # a profile may raise it (multi-node under Slurm: srun + torchrun)
-            tasks=config["train"]["nproc_per_node"],  # processes per node (torchrun --nproc-per-node)
+            # gpu, nodes, tasks (processes per node, for torchrun) and the stage's own Slurm
+            # resources from the config; a profile's set-resources still overrides them
+            **L.train_resources(stage),
         log:
             f"logs/train/{stage}.log",
         conda:

@@ -54,3 +54,14 @@ def test_preset_dry_runs_the_whole_dag(tmp_path):
     counts = job_counts(result.stdout)
     assert counts["ingest"] == counts["caption"] == 3  # 25,000 videos in shards of 10,000
     assert counts["encode_video"] == 9 and counts["train_stage3"] == 1 and "demo_videos" not in counts
+
+
+def test_stage_resources_reach_the_training_jobs(tmp_path):
+    from soraflow.workflow import Layout
+
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("url\nv.mp4\n")
+    layout = Layout({**merged_preset(), "data": {"manifest": str(manifest), "shard_size": 10, "root": "data"}})
+    resources = layout.train_resources("stage2")
+    assert resources["nodes"] == 8 and resources["gpu"] == 8 and resources["tasks"] == 8
+    assert resources["runtime"] == merged_preset()["stages"]["stage2"]["resources"]["runtime"]

@@ -91,6 +91,10 @@ class Layout:
     def report_figures(self) -> list[str]:
         return [f"results/report/{name}" for name in ("dataset.png", "gallery.html", "losses.png")]
 
+    def train_resources(self, stage: str) -> dict:
+        resources = {"gpu": 1, "nodes": 1, "tasks": self.config["train"]["nproc_per_node"]}
+        return {**resources, **self.config["stages"][stage].get("resources", {})}
+
     def samples(self, stage: str) -> list[str]:
         count = len(self.config["sample"]["prompts"])
         return [f"results/samples/{stage}/sample_{k:02d}.mp4" for k in range(count)]
