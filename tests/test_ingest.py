@@ -215,3 +215,22 @@ def test_an_all_bad_shard_still_writes_both_tables(tmp_path, bad_videos):
     videos, rejects = run_ingest(tmp_path, [{"id": "t", "url": str(bad_videos["text"])}])
     assert videos.empty and list(videos.columns) == table.CLIP_SCHEMA.names
     assert rejects["id"].tolist() == ["t"]
+
+
+def test_video_site_urls_go_through_yt_dlp(tmp_path, server, bad_videos):
+    base, handler = server
+    params = {**PARAMS, "video_sites": ["127.0.0.1"]}  # the local server stands in for a video site
+    videos, rejects = run_ingest(tmp_path, [{"id": "site", "url": f"{base}/good.mp4"},
+                                            {"id": "gone", "url": f"{base}/missing.mp4"}], params)
+    assert videos["id"].tolist() == ["site"] and videos.iloc[0]["num_frames"] == 12
+    assert (tmp_path / "raw" / "site.mp4").read_bytes() == bad_videos["good"].read_bytes()
+    assert "yt-dlp" in reasons(rejects)["gone"]
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["site.mp4"]
+
+
+def test_video_site_without_yt_dlp_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "yt_dlp", None)  # as if the extra were not installed
+    _, rejects = run_ingest(tmp_path, [{"id": "yt", "url": "https://www.youtube.com/watch?v=abc"}])
+    assert "soraflow[video-sites]" in reasons(rejects)["yt"]

@@ -25,6 +25,8 @@ from soraflow.probe import ProbeError, probe
 
 DEFAULT_MAX_SIDE = 4096  # larger frames are almost always broken metadata or unusable for training
 DEFAULT_BACKOFF_S = 1.0
+# pages, not files: their video is fetched with yt-dlp (the optional `video-sites` extra)
+DEFAULT_VIDEO_SITES = ("youtube.com", "youtu.be", "vimeo.com", "dailymotion.com", "bilibili.com", "tiktok.com")
 CHUNK_BYTES = 1 << 20
 EXTENSION_PATTERN = re.compile(r"^\.[A-Za-z0-9]{1,5}$")
 
@@ -129,12 +131,49 @@ def _download(url: str, dest: Path, params: dict) -> None:
             raise
 
 
+def is_video_site(url: str, params: dict) -> bool:
+    host = (urlsplit(url).hostname or "").lower()
+    sites = params.get("video_sites", DEFAULT_VIDEO_SITES)
+    return any(host == site or host.endswith("." + site) for site in sites)
+
+
+def _download_video_site(url: str, dest: Path, params: dict) -> None:
+    """The page's video through yt-dlp, as one mp4 file, written under a temp name then renamed."""
+    try:
+        import yt_dlp
+    except ImportError:
+        raise FetchError("a video-site URL needs yt-dlp: pip install 'soraflow[video-sites]'") from None
+    part = dest.with_name(dest.name + ".incomplete")  # yt-dlp treats a ".part" suffix as its own
+    options = {
+        "outtmpl": str(part),
+        "format": "mp4/bestvideo[ext=mp4]/best",
+        "retries": int(params["retries"]),
+        "socket_timeout": float(params["timeout_s"]),
+        "max_filesize": int(params["max_bytes"]),
+        "noprogress": True,
+        "quiet": True,
+        "nopart": True,  # yt-dlp's own .part names would escape our temp name
+        "overwrites": True,
+    }
+    try:
+        with yt_dlp.YoutubeDL(options) as downloader:
+            downloader.download([url])
+    except yt_dlp.utils.DownloadError as error:
+        part.unlink(missing_ok=True)
+        raise FetchError(f"yt-dlp: {error}") from None
+    if not part.exists():
+        raise FetchError(f"yt-dlp wrote nothing (larger than max_bytes {params['max_bytes']}?)")
+    part.replace(dest)
+
+
 def fetch(url: str, dest: Path, params: dict, sha256: str | None = None) -> Path:
     """Put the video at `url` at `dest`, unless a complete copy with the right checksum is there."""
     if dest.exists() and (not sha256 or sha256_of(dest) == sha256):
         return dest
     dest.unlink(missing_ok=True)
-    if is_remote(url):
+    if is_remote(url) and is_video_site(url, params):
+        _download_video_site(url, dest, params)
+    elif is_remote(url):
         _download(url, dest, params)
     else:
         try:
