@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from soraflow import table, video
 from soraflow.encoders import TextEncoder, load_autoencoder
 from soraflow.manifest import shard_ids
+from soraflow.progress import progress
 
 
 def write_cache(tensors: dict[str, torch.Tensor], ids: list[str], key: dict, path: str | Path) -> None:
@@ -55,7 +56,7 @@ def encode_video_shard(table_path, out_path, vae_params: dict, stage: dict) -> N
     clips = table.read(table_path)
     autoencoder = load_autoencoder(vae_params)
     latents = []
-    for row in clips.itertuples():
+    for row in progress(clips.itertuples(), desc="encode video", total=len(clips)):
         frames = video.read_frames(row.path, clip_frame_indices(int(row.num_frames), stage))
         pixels = video.resize_center_crop(frames, stage["resolution"])  # [T,3,H,W]
         latents.append(autoencoder.encode(pixels).transpose(0, 1))  # [C,T,h,w]

@@ -29,6 +29,7 @@ import torch
 from soraflow import table, video
 from soraflow.encoders import device_and_dtype
 from soraflow.hub import resolve_model_ref
+from soraflow.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +254,7 @@ def caption_shard(table_path: str | Path, out_table: str | Path, rejects_path: s
         log.info("%s: resuming, %d clips already captioned", table_path, resumed)
 
     new_results = []
-    for start in range(0, len(todo), params["batch_size"]):
+    for start in progress(range(0, len(todo), params["batch_size"]), desc="caption batches"):
         batch = todo.iloc[start : start + params["batch_size"]]
         results, frames, ids = [], [], []
         for _, row in batch.iterrows():

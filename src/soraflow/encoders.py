@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from soraflow.hub import resolve_model_ref
+from soraflow.progress import progress
 
 
 def device_and_dtype() -> tuple[torch.device, torch.dtype]:
@@ -100,7 +101,7 @@ class TextEncoder:
     def encode(self, texts: list[str], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
         """texts -> (features [N, max_length, C] float32, mask [N, max_length] int64)."""
         features, masks = [], []
-        for start in range(0, len(texts), batch_size):
+        for start in progress(range(0, len(texts), batch_size), desc="encode text"):
             tokens = self.tokenizer(
                 texts[start : start + batch_size],
                 max_length=self.max_length,

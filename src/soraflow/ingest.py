@@ -22,6 +22,7 @@ import urllib3
 from soraflow import table
 from soraflow.manifest import is_remote, resolve_url
 from soraflow.probe import ProbeError, probe
+from soraflow.progress import progress
 
 DEFAULT_MAX_SIDE = 4096  # larger frames are almost always broken metadata or unusable for training
 DEFAULT_BACKOFF_S = 1.0
@@ -213,7 +214,7 @@ def ingest_shard(
     raw_dir.mkdir(parents=True, exist_ok=True)
     max_side = int(params.get("max_side", DEFAULT_MAX_SIDE))
     videos, rejects = [], []
-    for record in table.read(shard_table).to_dict("records"):
+    for record in progress(table.read(shard_table).to_dict("records"), desc="ingest"):
         dest = raw_dir / raw_name(record["id"], record["url"])
         sha256 = record.get("sha256")
         try:

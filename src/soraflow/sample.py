@@ -31,6 +31,7 @@ def sample_prompts(checkpoint, prompts: list[str], out_paths: list, params: dict
             num_steps=steps["sample_steps"],
             seed=options["seed"] + k,
             num_timesteps=steps["num_timesteps"],
+            progress=True,
         )  # [1, C, T, h, w]
         pixels = autoencoder.decode(latents[0].transpose(0, 1))  # [T, 3, H, W]
         video.write_video(Path(out_path), video.to_uint8(pixels), fps=options["fps"])

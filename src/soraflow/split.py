@@ -25,6 +25,7 @@ from scenedetect import AdaptiveDetector, ContentDetector, FrameTimecode
 
 from soraflow import table
 from soraflow.filters import motion_score
+from soraflow.progress import progress
 from soraflow.video import count_frames
 
 DETECT_WIDTH = 256  # PySceneDetect's own default working width
@@ -270,7 +271,7 @@ def split_shard(
     clip_dir = Path(clip_dir)
     clip_dir.mkdir(parents=True, exist_ok=True)
     clips, rejects = [], []
-    for video in table.read(table_path).to_dict("records"):
+    for video in progress(table.read(table_path).to_dict("records"), desc="split"):
         try:
             rows, clip_rejects = split_video(video, clip_dir, params, scorer)
         except (SplitError, av.FFmpegError) as error:

@@ -53,10 +53,10 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from soraflow.dataset import LatentDataset
 from soraflow.diffusion import IDDPM
+from soraflow.progress import progress
 from soraflow.stdit import build_model, load_pixart_checkpoint
 
 # position embeddings are recomputed for each input size, so they never travel in checkpoints
@@ -462,26 +462,26 @@ class Trainer:
             print(f"training {len(self.data)} clips, input {self.input_size}, from step {self.step}, "
                   f"{sum(p.numel() for p in self.model.parameters()):,} parameters, engine {self.engine.name} "
                   f"x{self.world}, init {self.init_report}", flush=True)
-        progress = tqdm(total=total, initial=self.step, disable=self.rank != 0, desc="train", mininterval=5)
+        bar = progress(total=total, initial=self.step, disable=self.rank != 0, desc="train")
         started, start_step = time.time(), self.step
         try:
             while self.step < total:
                 loss = self.train_step()
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at step {self.step}; lower the learning rate ({self.stage['lr']})")
-                progress.update(1)
+                bar.update(1)
                 if self.rank == 0 and (self.step % self.opts["log_every"] == 0 or self.step == total):
                     seconds = time.time() - started
                     self.log(log_path, loss, seconds)
                     self.writer.add_scalar("train/loss", loss, self.step)
                     self.writer.add_scalar("train/steps_per_s", (self.step - start_step) / max(seconds, 1e-9), self.step)
-                    progress.set_postfix(loss=f"{loss:.4f}")
+                    bar.set_postfix(loss=f"{loss:.4f}")
                 if self.step % self.opts["checkpoint_every"] == 0 or self.stop_requested:
                     self.save()
                 if self.stop_requested and self.step < total:
                     raise Preempted(f"stopped at step {self.step} of {total}; the checkpoint resumes it")
         finally:
-            progress.close()
+            bar.close()
             if self.writer is not None:
                 self.writer.close()
         if self.world > 1:
