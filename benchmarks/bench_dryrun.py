@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import yaml
+from tables import print_table
 
 REPO = Path(__file__).resolve().parents[1]
 GOALS = {1_000_000: (10.0, 1.0), 10_000_000: (30.0, None)}
@@ -79,10 +80,8 @@ def main() -> None:
                 print(f"  {videos:,} videos / shard {shard_size}: {r['wall_s']:.1f} s, {r['peak_gib']:.2f} GiB", flush=True)
     print()
     header = ("videos", "shard_size", "shards", "jobs", "wall_s", "peak_GiB", "manifest", "goal met")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for v, s, n, j, w, m, made, ok in rows:
-        print(f"| {v:,} | {s} | {n:,} | {j:,} | {w:.1f} | {m:.2f} | {made} | {ok} |")
+    print_table(header, [(f"{v:,}", s, f"{n:,}", f"{j:,}", f"{w:.1f}", f"{m:.2f}", made, ok)
+                         for v, s, n, j, w, m, made, ok in rows])
     print(f"\n(goals: 1M < 10 s and < 1 GiB; 10M < 30 s; {os.cpu_count()} CPUs)")
 
 

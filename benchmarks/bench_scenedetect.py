@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from scenedetect import ContentDetector, detect
+from tables import print_table
 
 from soraflow.manifest import resolve_url
 from soraflow.split import detect_scenes
@@ -80,10 +81,8 @@ def main() -> None:
             print(f"  {name}: ours {frames / ours_s:.0f} fps, bare {frames / bare_s:.0f} fps", flush=True)
     print()
     header = ("video", "frames", "ours fps", "bare fps", "ratio ours/bare", "scenes ours", "scenes bare", "same cuts")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for name, n, ours, bare, ratio, so, sb, same in rows:
-        print(f"| {name} | {n} | {ours:.0f} | {bare:.0f} | {ratio:.2f} | {so} | {sb} | {'yes' if same else 'no'} |")
+    print_table(header, [(name, n, f"{ours:.0f}", f"{bare:.0f}", f"{ratio:.2f}", so, sb, "yes" if same else "no")
+                         for name, n, ours, bare, ratio, so, sb, same in rows])
     print(f"\n(goal: ratio >= 0.9; best of {args.repeats}; {os.cpu_count()} CPUs)")
 
 
