@@ -243,7 +243,7 @@ def test_forcerun_caption_plans_caption_and_downstream_only(runs):
         assert f"rule {rule}:" in plan, rule
     for rule in ("demo_videos", "shard", "ingest", "split", "models", "encode_video"):
         assert f"rule {rule}:" not in plan, rule
-    assert len(runs["jobs_after_forcerun_plan"]) == len(runs["jobs_after_until"])  # a plan submits nothing
+    assert len(runs["jobs_after_forcerun_plan"]) == len(runs["jobs_after_preempt"])  # a plan submits nothing
 
 
 def test_the_whole_workflow_completes_under_the_profile(runs):
