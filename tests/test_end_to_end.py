@@ -132,6 +132,9 @@ def test_changing_a_caption_setting_reruns_caption_and_downstream_only(finished_
     run_snakemake(workdir)
     assert all(p.stat().st_mtime_ns == before[p] for p in upstream)
     assert all(p.stat().st_mtime_ns > before[p] for p in downstream)
+    # new captions are new training data: no stage resumes the old run's checkpoints
+    for stage in layout.stages:
+        assert "from step 0," in (workdir / f"logs/train/{stage}.log").read_text()
 
 
 def test_report_embeds_figures_and_sample_videos_and_renders(finished_run, tmp_path):

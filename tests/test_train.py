@@ -127,3 +127,18 @@ def test_sigterm_checkpoints_and_exits_for_requeue(latent_index, tmp_path):
     assert saved, output
     step = json.loads((saved[-1] / "state.json").read_text())["step"]
     assert 0 < step < 10_000
+
+
+def test_changed_settings_start_afresh_but_more_steps_resume(latent_index, tmp_path):
+    run_dir = tmp_path / "run"
+    train(latent_index, tmp_path / "a.safetensors", run_dir, train_params(steps=4))
+    longer = Trainer(latent_index, tmp_path / "b.safetensors", run_dir, train_params(steps=6))
+    longer.resume()
+    assert longer.step == 4  # training longer continues the same run
+
+    other_lr = train_params(steps=6)
+    other_lr["stage"]["lr"] = 5e-4
+    changed = Trainer(latent_index, tmp_path / "c.safetensors", run_dir, other_lr)
+    changed.resume()
+    assert changed.step == 0 and not list(run_dir.glob("step-*"))  # stale checkpoints are gone
+    assert not (run_dir / "loss.csv").exists()

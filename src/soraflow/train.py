@@ -284,6 +284,29 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
+# Settings a run may change and still resume its checkpoints: train longer, log or save at
+# another pace, switch engine. Anything else (data, init, lr, model, seed) starts afresh.
+RESUMABLE_CHANGES = {"stage": {"steps"}, "train": {"checkpoint_every", "log_every", "engine", "nproc_per_node"}}
+
+
+def file_digest(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def run_identity(params: dict, index_path, init_path) -> str:
+    """What a run's checkpoints belong to: its settings, its training index, its initial weights."""
+    settings = {
+        section: {k: v for k, v in params[section].items() if k not in RESUMABLE_CHANGES.get(section, ())}
+        for section in ("stage", "train", "stdit", "diffusion")
+    }
+    identity = {"settings": settings, "index": file_digest(index_path), "init": init_path and file_digest(init_path)}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     done = sorted(p for p in run_dir.glob("step-*") if (p / "state.json").exists())
     return done[-1] if done else None
@@ -328,6 +351,7 @@ class Trainer:
             self.model.parameters(), lr=self.stage["lr"], weight_decay=self.opts["weight_decay"]
         )
         self.diffusion = IDDPM(num_timesteps=params["diffusion"]["num_timesteps"])
+        self.identity = run_identity(params, index_path, init_path)
         self.step = 0
         self.stop_requested = False
         self.writer = None
@@ -349,7 +373,7 @@ class Trainer:
                 {"model": model_state, "ema": ema_state, "optim": optim},
                 {"param_groups": param_groups, "engine": self.engine.name, "world_size": self.world},
             )
-            (tmp / "state.json").write_text(json.dumps({"step": self.step, "seed": self.opts["seed"]}))
+            (tmp / "state.json").write_text(json.dumps({"step": self.step, "run": self.identity}))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             for old in sorted(self.run_dir.glob("step-*"))[:-2]:  # keep the last two
@@ -362,7 +386,17 @@ class Trainer:
 
     def resume(self) -> None:
         checkpoint = latest_checkpoint(self.run_dir)
-        if checkpoint is None:
+        position = json.loads((checkpoint / "state.json").read_text()) if checkpoint else None
+        if self.world > 1:  # every rank has looked before rank 0 may clear the folder
+            dist.barrier()
+        if position is None:
+            return
+        if position.get("run") != self.identity:
+            if self.rank == 0:
+                print(f"{self.run_dir}: its checkpoints come from other settings, data or initial weights; "
+                      "starting afresh", flush=True)
+                for old in [*self.run_dir.glob("step-*"), self.run_dir / "loss.csv", self.run_dir / "tensorboard"]:
+                    shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
             return
         weights = checkpoint / "weights.safetensors"
         model_state, metadata = load_checkpoint_file(weights, "model")
@@ -373,7 +407,7 @@ class Trainer:
         optim, _ = load_checkpoint_file(weights, "optim")
         state = optimizer_from_tensors(optim, metadata["param_groups"])
         self.engine.load_optimizer_state(self.model, self.optimizer, state)
-        self.step = json.loads((checkpoint / "state.json").read_text())["step"]
+        self.step = position["step"]
 
     def write_final(self) -> None:
         model_state, ema_state = self.engine.model_state(self.model), self._ema_to_save()
