@@ -100,3 +100,8 @@ def test_stage_index_refuses_when_nothing_passes(clip_table, tmp_path):
     with pytest.raises(ValueError, match="no clip passes"):
         build_stage_index([clips_path], [tmp_path / "l.safetensors"], [tmp_path / "t.safetensors"],
                           {"min_seconds": 100}, tmp_path / "i.parquet", tmp_path / "r.parquet")
+
+
+def test_pixel_pack_declares_its_latent_range_for_sampling():
+    assert PixelPackAutoencoder({"factor": 4, "scaling_factor": 2.5}).latent_bound == 2.5
+    assert PixelPackAutoencoder({"factor": 4}).latent_bound == 1.0

@@ -133,3 +133,19 @@ def test_sample_is_seeded_and_cfg_1_is_conditional_sampling():
     conditional = IDDPM().respaced(5).p_sample_loop(lambda x, t: model(x, t, y, mask), shape, seed=7)
     guided_at_1 = sample(model, shape, y, mask, cfg_scale=1.0, num_steps=5, seed=7)
     torch.testing.assert_close(guided_at_1, conditional, atol=1e-3, rtol=1e-3)  # batched with the null: float noise
+
+
+@pytest.mark.parametrize("loop", ["p_sample_loop", "ddim_sample_loop"])
+def test_clip_denoised_bounds_the_samples_of_a_model_that_blows_up(loop):
+    """eps = 0 everywhere makes every step's x_0 estimate x_t / sqrt(abar), which grows to
+    ~150x the noise; clamping x_0 to a bound (pixel_pack latents: [-scale, scale]) keeps
+    the samples in range, as IDDPM clamps pixel data."""
+    diffusion = IDDPM().respaced(20)
+
+    def zero_eps(x_t, t):
+        return torch.cat([torch.zeros_like(x_t), torch.zeros_like(x_t)], dim=1)
+
+    shape = (2, 3, 1, 4, 4)
+    assert getattr(diffusion, loop)(zero_eps, shape, seed=0).abs().max() > 10
+    bounded = getattr(diffusion, loop)(zero_eps, shape, seed=0, clip_denoised=2.5)
+    assert bounded.abs().max() <= 2.5 + 1e-5

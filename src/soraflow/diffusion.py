@@ -143,8 +143,9 @@ class GaussianDiffusion:
             fixed_large = torch.cat([self.posterior_variance[1:2], self.betas[1:]])
             model_log_variance = extract(torch.log(fixed_large), t, x).expand_as(x)
         pred_xstart = extract(self.sqrt_recip_alphas_cumprod, t, x) * x - extract(self.sqrt_recipm1_alphas_cumprod, t, x) * eps
-        if clip_denoised:
-            pred_xstart = pred_xstart.clamp(-1, 1)
+        if clip_denoised:  # True: data in [-1, 1]; a number: data in [-bound, bound]
+            bound = 1.0 if clip_denoised is True else float(clip_denoised)
+            pred_xstart = pred_xstart.clamp(-bound, bound)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
         return dict(
             mean=mean, log_variance=model_log_variance, pred_xstart=pred_xstart, eps=eps, model_output=model_output
@@ -235,9 +236,12 @@ class IDDPM(GaussianDiffusion):
 
 
 def sample(model, shape, y, mask=None, cfg_scale: float = 7.0, num_steps: int = 100, seed: int = 0,
-           num_timesteps: int = 1000, progress: bool = False, sampler: str = "iddpm") -> torch.Tensor:
+           num_timesteps: int = 1000, progress: bool = False, sampler: str = "iddpm",
+           clip_denoised: bool | float = False) -> torch.Tensor:
     """Latents [B, C, T, H, W] for captions y [B, L, Ccap] (mask [B, L]) with classifier-free
-    guidance against the model's null caption, through `num_steps` respaced steps."""
+    guidance against the model's null caption, through `num_steps` respaced steps.
+    `clip_denoised` (a bound, or True for 1) clamps each step's predicted x_0, as IDDPM does
+    for pixel data; latent diffusion leaves it off (a VAE's latents have no fixed range)."""
     if sampler not in ("iddpm", "ddim"):
         raise ValueError(f"sampler must be 'iddpm' or 'ddim', not {sampler!r}")
     diffusion = IDDPM(num_timesteps).respaced(num_steps)
@@ -250,6 +254,6 @@ def sample(model, shape, y, mask=None, cfg_scale: float = 7.0, num_steps: int = 
     device = next(model.parameters()).device
     loop = diffusion.p_sample_loop if sampler == "iddpm" else diffusion.ddim_sample_loop
     try:
-        return loop(model_fn, shape, seed=seed, device=device, progress=progress)
+        return loop(model_fn, shape, seed=seed, device=device, progress=progress, clip_denoised=clip_denoised)
     finally:
         model.train(was_training)

@@ -23,6 +23,8 @@ def device_and_dtype() -> tuple[torch.device, torch.dtype]:
 class KLAutoencoder:
     """diffusers AutoencoderKL (SD-VAE in the real recipe), latents = mean x scaling factor."""
 
+    latent_bound = None  # unbounded latents: sampling does not clamp its x_0 predictions
+
     def __init__(self, params: dict):
         from diffusers import AutoencoderKL
 
@@ -54,12 +56,19 @@ class KLAutoencoder:
 
 
 class PixelPackAutoencoder:
-    """Space-to-depth packing: f x f pixel blocks become 3*f*f channels. Exactly invertible."""
+    """Space-to-depth packing: f x f pixel blocks become 3*f*f channels. Exactly invertible.
+
+    Keep a token's width (3*f*f * the STDiT patch area) at most the STDiT hidden size: with
+    f = 8 and 2x2 patches a token holds 768 numbers, STDiT-demo's 192-wide embedding cannot
+    pass that noise through, and the eps loss cannot fall below 1 - 192/768 (flat at ~0.78)."""
 
     def __init__(self, params: dict):
         self.downsample = params.get("factor", 4)
         self.scaling_factor = params.get("scaling_factor") or 1.0
         self.latent_channels = 3 * self.downsample**2
+        # pixels in [-1, 1]: sampling clamps its x_0 predictions to this, as pixel-space
+        # IDDPM does; without it a briefly trained model's samples blow up to saturated noise
+        self.latent_bound = self.scaling_factor
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         return F.pixel_unshuffle(frames.float(), self.downsample) * self.scaling_factor

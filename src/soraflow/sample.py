@@ -32,6 +32,7 @@ def sample_prompts(checkpoint, prompts: list[str], out_paths: list, params: dict
             seed=options["seed"] + k,
             num_timesteps=steps["num_timesteps"],
             progress=True,
+            clip_denoised=autoencoder.latent_bound or False,  # pixel_pack: pixels stay in range
         )  # [1, C, T, h, w]
         pixels = autoencoder.decode(latents[0].transpose(0, 1))  # [T, 3, H, W]
         video.write_video(Path(out_path), video.to_uint8(pixels), fps=options["fps"])
