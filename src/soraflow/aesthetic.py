@@ -155,27 +155,19 @@ def build_tiny_aesthetic(out_dir: str | Path, params: dict | None = None) -> Pat
     """A random-weight CLIPVisionModelWithProjection (64 px, ~0.1M params), its image
     processor and an MLP head, in the layout AestheticScorer.from_pretrained loads."""
     from safetensors.torch import save_file
-    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionModelWithProjection
 
-    from soraflow.tiny_models import _atomic_build, _merged
+    from soraflow.tiny_models import _atomic_build, _merged, tiny_clip_vision
 
     p = _merged(TINY_DEFAULTS, params, "build_tiny_aesthetic")
 
     def build(tmp: Path) -> None:
         torch.manual_seed(p["seed"])
-        config = CLIPVisionConfig(
-            image_size=p["image_size"],
-            patch_size=p["patch_size"],
-            hidden_size=p["hidden_size"],
-            intermediate_size=4 * p["hidden_size"],
-            num_hidden_layers=p["layers"],
-            num_attention_heads=p["heads"],
-            projection_dim=p["projection_dim"],
+        config, processor = tiny_clip_vision(
+            p["image_size"], p["patch_size"], p["hidden_size"], p["layers"], p["heads"], projection_dim=p["projection_dim"]
         )
         CLIPVisionModelWithProjection(config).eval().save_pretrained(tmp)
-        CLIPImageProcessorPil(
-            size={"shortest_edge": p["image_size"]}, crop_size={"height": p["image_size"], "width": p["image_size"]}
-        ).save_pretrained(tmp)
+        processor.save_pretrained(tmp)
         head = AestheticHead(p["projection_dim"], p["head_hidden"])
         # random init puts every score near 0; shift the output to the predictor's 1-10 range
         with torch.no_grad():

@@ -177,12 +177,30 @@ def train_tokenizer(out_dir: str | Path | None, kind: str, vocab_size: int = 200
 
 
 
+def tiny_clip_vision(image_size: int, patch_size: int, hidden_size: int, layers: int, heads: int, **extra):
+    """A small CLIP vision config and its image processor (the tiny LLaVA's tower, the aesthetic model)."""
+    # the Pil processor: the torchvision-backed CLIPImageProcessor does not import here
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig
+
+    config = CLIPVisionConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        **extra,
+    )
+    processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    return config, processor
+
+
 def build_tiny_llava(out_dir: str | Path, params: dict | None = None) -> Path:
     """LlavaForConditionalGeneration (CLIP vision tower + LLaMA decoder, ~5M params) and its
     LlavaProcessor, loadable with AutoModelForImageTextToText / AutoProcessor."""
     from transformers import (
-        CLIPImageProcessorPil,  # the torchvision-backed CLIPImageProcessor does not import here
-        CLIPVisionConfig,
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
@@ -193,9 +211,8 @@ def build_tiny_llava(out_dir: str | Path, params: dict | None = None) -> Path:
 
     def build(tmp: Path) -> None:
         tokenizer = train_tokenizer(None, "llama", vocab_size=p["vocab_size"])
-        image_processor = CLIPImageProcessorPil(
-            size={"shortest_edge": p["image_size"]},
-            crop_size={"height": p["image_size"], "width": p["image_size"]},
+        vision, image_processor = tiny_clip_vision(
+            p["image_size"], p["patch_size"], p["vision_hidden_size"], p["vision_layers"], p["vision_heads"]
         )
         processor = LlavaProcessor(
             image_processor=image_processor,
@@ -206,14 +223,6 @@ def build_tiny_llava(out_dir: str | Path, params: dict | None = None) -> Path:
             # CLIP adds a CLS token that the "default" strategy then drops: the processor
             # must count it, or the <image> runs are one token short of the features
             num_additional_image_tokens=1,
-        )
-        vision = CLIPVisionConfig(
-            image_size=p["image_size"],
-            patch_size=p["patch_size"],
-            hidden_size=p["vision_hidden_size"],
-            intermediate_size=4 * p["vision_hidden_size"],
-            num_hidden_layers=p["vision_layers"],
-            num_attention_heads=p["vision_heads"],
         )
         text = LlamaConfig(
             vocab_size=len(tokenizer),
