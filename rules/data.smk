@@ -41,7 +41,7 @@ rule ingest:
         table=L.shard_file("videos"),
         rejects=L.shard_file("rejects_ingest"),
     params:
-        raw_dir=f"{L.root}/raw",
+        raw_dir=L.raw_dir(),
         cfg=as_json(config["ingest"]),
     log:
         "logs/ingest/{shard}.log",
@@ -59,7 +59,7 @@ rule split:
     output:
         table=L.shard_file("clips"),
         rejects=L.shard_file("rejects_split"),
-        clips=directory(f"{L.root}/clips/{{shard}}"),
+        clips=directory(L.clip_dir()),
     params:
         cfg=as_json(config["split"]),
     log:

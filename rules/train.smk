@@ -8,9 +8,10 @@ rule dataset:
         texts=[L.text_cache(s) for s in L.shards],
     output:
         index=L.stage_index(),
-        rejects=f"{L.root}/train/{{stage}}/rejects.parquet",
+        rejects=L.stage_rejects(),
     params:
         # folders and a count, not every path: 10k shards pass the kernel's argument limit
+        # taken from the inputs, not the Layout, so they follow remote storage (snakemake --lint)
         shards_dir=lambda w, input: os.path.dirname(os.path.dirname(input.tables[0])),
         latent_dir=lambda w, input: os.path.dirname(input.latents[0]),
         text_dir=lambda w, input: os.path.dirname(input.texts[0]),

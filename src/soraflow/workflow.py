@@ -46,6 +46,12 @@ class Layout:
     def shard_files(self, name: str) -> list[str]:
         return [self.shard_file(name, s) for s in self.shards]
 
+    def raw_dir(self) -> str:
+        return f"{self.root}/raw"
+
+    def clip_dir(self, shard="{shard}") -> str:
+        return f"{self.root}/clips/{shard}"
+
     def exports(self) -> list[str]:
         """The export rule's outputs: every captioned clip (parquet), Open-Sora's CSV, all rejects."""
         return ["results/clips.parquet", "results/clips.csv", "results/rejects.parquet"]
@@ -71,6 +77,9 @@ class Layout:
 
     def stage_index(self, stage="{stage}") -> str:
         return f"{self.root}/train/{stage}/index.parquet"
+
+    def stage_rejects(self, stage="{stage}") -> str:
+        return f"{self.root}/train/{stage}/rejects.parquet"
 
     def checkpoint(self, stage: str) -> str:
         return f"results/checkpoints/{stage}.safetensors"
