@@ -137,7 +137,7 @@ class AestheticScorer:
         """Mean score of the frames at `positions` (fractions of the clip) of a video file."""
         if num_frames is None:
             num_frames = video.count_frames(path)
-        indices = sorted({min(int(num_frames * p), num_frames - 1) for p in positions})
+        indices = sorted(set(video.at_positions(num_frames, positions)))
         return float(self.score_images(video.read_frames(path, indices)).mean())
 
 

@@ -78,7 +78,7 @@ def frame_indices(num_frames_in_clip: int, positions=DEFAULT_POSITIONS) -> list[
     bad = [p for p in positions if not 0.0 <= p <= 1.0]
     if bad:
         raise ValueError(f"caption.positions must lie in [0, 1], got {bad}")
-    return [min(int(num_frames_in_clip * p), num_frames_in_clip - 1) for p in positions]
+    return video.at_positions(num_frames_in_clip, positions)
 
 
 def build_prompt(processor, num_images: int, prompt_text: str) -> str:

@@ -60,8 +60,7 @@ def gallery_html(clips_path, out_html, max_clips: int = 24, positions=(0.2, 0.5,
     clips = table.read(clips_path).head(max_clips)
     rows = []
     for clip in clips.itertuples():
-        indices = [min(int(p * clip.num_frames), clip.num_frames - 1) for p in positions]
-        frames = video.read_frames(clip.path, indices)
+        frames = video.read_frames(clip.path, video.at_positions(clip.num_frames, positions))
         images = "".join(f'<img src="data:image/jpeg;base64,{_thumbnail(f)}">' for f in frames)
         rows.append(
             f"<tr><td>{images}</td><td><b>{html.escape(clip.id)}</b> · {clip.num_frames} frames · "
@@ -69,7 +68,8 @@ def gallery_html(clips_path, out_html, max_clips: int = 24, positions=(0.2, 0.5,
         )
     page = (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>clips</title><style>"
-        "body{font-family:sans-serif} td{vertical-align:top;padding:4px} img{margin-right:2px}"
+        "body{font-family:sans-serif} td{vertical-align:top;padding:4px;overflow-wrap:anywhere}"
+        "td:first-child{white-space:nowrap} img{margin-right:2px}"
         "</style></head><body><table>" + "".join(rows) + "</table></body></html>"
     )
     Path(out_html).write_text(page)

@@ -40,6 +40,12 @@ def read_frames(path: str | Path, indices: list[int] | None = None) -> torch.Ten
     return torch.from_numpy(np.stack([frames[i] for i in order]))
 
 
+def at_positions(num_frames: int, positions) -> list[int]:
+    """Frame numbers at fractional `positions` of a clip (Open-Sora: int(n * p)), the last
+    frame at most. Captioning, aesthetic scores and the report gallery pick frames this way."""
+    return [min(int(num_frames * p), num_frames - 1) for p in positions]
+
+
 def evenly_spaced(num_available: int, num_wanted: int, stride: int = 1) -> list[int]:
     """`num_wanted` indices taken every `stride` frames from the middle of the clip.
 
