@@ -29,7 +29,7 @@ rule shard:
     conda:
         "../envs/soraflow.yaml"
     shell:
-        "python -m soraflow.manifest {input} --shard-size {params.shard_size}"
+        "soraflow shard {input} --shard-size {params.shard_size}"
         " --shards-dir {params.shards_dir} --num-shards {params.num_shards} > {log} 2>&1"
 
 
@@ -91,5 +91,5 @@ rule export:
     conda:
         "../envs/soraflow.yaml"
     shell:
-        "python -m soraflow.export --shards-dir {params.shards_dir} --num-shards {params.num_shards}"
+        "soraflow export --shards-dir {params.shards_dir} --num-shards {params.num_shards}"
         " --out {output.table} --csv {output.csv} --rejects {output.rejects} > {log} 2>&1"

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from soraflow import table
-from soraflow.export import OPENSORA_COLUMNS, export_shards, export_tables, main
+from soraflow.cli import main
+from soraflow.export import OPENSORA_COLUMNS, export_shards, export_tables
 from soraflow.manifest import shard_table_paths
 from soraflow.workflow import Layout
 
@@ -76,7 +77,7 @@ def test_export_concatenates_shards_and_writes_opensora_csv(tmp_path, shards):
 
 def test_export_cli_matches_the_function(tmp_path, shards):
     out = tmp_path / "cli"
-    main(["--shards-dir", str(shards), "--num-shards", "3", "--out", str(out / "c.parquet"),
+    main(["export", "--shards-dir", str(shards), "--num-shards", "3", "--out", str(out / "c.parquet"),
           "--csv", str(out / "c.csv"), "--rejects", str(out / "r.parquet")])  # fmt: skip
     assert len(table.read(out / "c.parquet")) == 5 and len(table.read(out / "r.parquet")) == 4
 

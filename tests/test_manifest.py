@@ -168,11 +168,12 @@ def test_shard_manifest_overcounted_rows_give_an_empty_last_shard(tmp_path):
 
 
 def test_shard_command_builds_the_paths_from_folder_and_count(tmp_path):
-    from soraflow.manifest import main, shard_table_paths
+    from soraflow.cli import main
+    from soraflow.manifest import shard_table_paths
 
     manifest = tmp_path / "m.csv"
     manifest.write_text("url\n" + "".join(f"v{i}.mp4\n" for i in range(5)))
-    main([str(manifest), "--shard-size", "2", "--shards-dir", str(tmp_path / "shards"), "--num-shards", "3"])
+    main(["shard", str(manifest), "--shard-size", "2", "--shards-dir", str(tmp_path / "shards"), "--num-shards", "3"])
     paths = shard_table_paths(tmp_path / "shards", 3, "manifest")
     assert [p.relative_to(tmp_path).as_posix() for p in paths] == [f"shards/0000{k}/manifest.parquet" for k in range(3)]
     assert [len(table.read(p)) for p in paths] == [2, 2, 1]

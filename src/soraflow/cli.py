@@ -31,9 +31,16 @@ def cmd_demo_videos(args) -> None:
 
 
 def cmd_shard(args) -> None:
-    from soraflow.manifest import shard_manifest
+    from soraflow.manifest import shard_manifest, shard_table_paths
 
-    shard_manifest(args.manifest, args.shard_size, args.outputs)
+    shard_manifest(args.manifest, args.shard_size, shard_table_paths(args.shards_dir, args.num_shards, "manifest"))
+
+
+def cmd_export(args) -> None:
+    from soraflow.export import export_shards
+
+    counts = export_shards(args.shards_dir, args.num_shards, args.out, args.csv, args.rejects)
+    print(f"export: {counts}")
 
 
 def cmd_ingest(args) -> None:
@@ -191,10 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_params(command("demo-videos", cmd_demo_videos, "make the synthetic demo videos with known cuts"))
 
+    # rules over every shard pass the folder and the count: 10k paths pass the kernel's
+    # limit on one command-line argument
     p = command("shard", cmd_shard, "validate a manifest and split it into shard tables")
     p.add_argument("manifest")
     p.add_argument("--shard-size", type=int, required=True)
-    p.add_argument("outputs", nargs="+", help="one table path per shard")
+    p.add_argument("--shards-dir", required=True, help="the workflow's shard folder (data/shards)")
+    p.add_argument("--num-shards", type=int, required=True)
+
+    p = command("export", cmd_export, "all shards' captioned clips as one table and Open-Sora's CSV, all rejects")
+    p.add_argument("--shards-dir", required=True, help="the workflow's shard folder (data/shards)")
+    p.add_argument("--num-shards", type=int, required=True)
+    p.add_argument("--out", required=True, help="clip table (parquet)")
+    p.add_argument("--csv", required=True, help="Open-Sora CSV")
+    p.add_argument("--rejects", required=True, help="rejects table (parquet)")
 
     p = with_params(command("ingest", cmd_ingest, "download and probe the videos of a shard table"))
     p.add_argument("table")

@@ -17,7 +17,6 @@ keeps 3 DAG edges per shard out of Snakemake's dry run.
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -125,18 +124,3 @@ def export_shards(shards_dir: str | Path, num_shards: int, out_parquet, out_csv,
     ]
     return export_tables(clip_tables, reject_tables, out_parquet, out_csv, out_rejects)
 
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m soraflow.export", description=__doc__.splitlines()[0])
-    parser.add_argument("--shards-dir", required=True, help="the workflow's shard folder (data/shards)")
-    parser.add_argument("--num-shards", type=int, required=True)
-    parser.add_argument("--out", required=True, help="clip table (parquet)")
-    parser.add_argument("--csv", required=True, help="Open-Sora CSV")
-    parser.add_argument("--rejects", required=True, help="rejects table (parquet)")
-    args = parser.parse_args(argv)
-    counts = export_shards(args.shards_dir, args.num_shards, args.out, args.csv, args.rejects)
-    print(f"export: {counts}")
-
-
-if __name__ == "__main__":
-    main()

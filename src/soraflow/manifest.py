@@ -213,21 +213,3 @@ def shard_manifest(manifest_path: str | Path, shard_size: int, out_paths: Sequen
     for k, out_path in enumerate(out_paths):
         table.write(rows.iloc[k * shard_size : (k + 1) * shard_size], out_path)
 
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m soraflow.manifest MANIFEST --shard-size N --shards-dir DIR --num-shards K`:
-    the shard rule's command (shard_manifest with the paths built here, not passed in)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m soraflow.manifest", description=main.__doc__.splitlines()[0])
-    parser.add_argument("manifest")
-    parser.add_argument("--shard-size", type=int, required=True)
-    parser.add_argument("--shards-dir", required=True)
-    parser.add_argument("--num-shards", type=int, required=True)
-    parser.add_argument("--name", default="manifest", help="table name inside each shard folder")
-    args = parser.parse_args(argv)
-    shard_manifest(args.manifest, args.shard_size, shard_table_paths(args.shards_dir, args.num_shards, args.name))
-
-
-if __name__ == "__main__":
-    main()
