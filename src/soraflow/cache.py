@@ -18,18 +18,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from soraflow import table, video
+from soraflow.atomic import atomic_path
 from soraflow.encoders import TextEncoder, load_autoencoder
 from soraflow.manifest import shard_ids
 from soraflow.progress import progress
 
 
 def write_cache(tensors: dict[str, torch.Tensor], ids: list[str], key: dict, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     metadata = {"ids": json.dumps(ids), "cache_key": json.dumps(key, sort_keys=True)}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def shard_cache_paths(directory: str | Path, num_shards: int) -> list[Path]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+from soraflow.atomic import atomic_path
+
 
 def scene_frames(spec: dict) -> int:
     """Frames in each scene of a demo video spec."""
@@ -51,11 +53,9 @@ def make_demo_videos(out_dir: str | Path, videos: list[dict]) -> list[Path]:
         if not spec.get("sources"):
             raise ValueError(f"demo video {spec.get('name')!r}: needs at least one source")
         path = out_dir / f"{spec['name']}.mp4"
-        tmp = path.with_name(path.stem + ".tmp.mp4")
-        result = subprocess.run(_concat_command(spec, tmp), capture_output=True, text=True)
-        if result.returncode != 0:
-            tmp.unlink(missing_ok=True)
-            raise RuntimeError(f"ffmpeg failed making demo video {path}: {result.stderr.strip()}")
-        tmp.replace(path)
+        with atomic_path(path, keep_suffix=True) as tmp:
+            result = subprocess.run(_concat_command(spec, tmp), capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"ffmpeg failed making demo video {path}: {result.stderr.strip()}")
         paths.append(path)
     return paths

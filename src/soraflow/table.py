@@ -14,6 +14,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from soraflow.atomic import atomic_path
+
 CLIP_SCHEMA = pa.schema(
     [
         # identity and provenance
@@ -80,11 +82,8 @@ def conform(df: pd.DataFrame, schema: pa.Schema = CLIP_SCHEMA) -> pa.Table:
 
 def write(df: pd.DataFrame, path: str | Path, schema: pa.Schema = CLIP_SCHEMA) -> None:
     """Write a frame with the full schema, atomically (temp name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(conform(df, schema), tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        pq.write_table(conform(df, schema), tmp)
 
 
 def read(path: str | Path) -> pd.DataFrame:

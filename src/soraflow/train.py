@@ -54,6 +54,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 
+from soraflow.atomic import atomic_path
 from soraflow.dataset import LatentDataset
 from soraflow.diffusion import IDDPM
 from soraflow.progress import progress
@@ -78,9 +79,8 @@ def weights_to_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint_file(path: Path, groups: dict[str, dict[str, torch.Tensor]], metadata: dict) -> None:
     """One safetensors file holding several named state dicts as `<group>.<key>` tensors."""
     tensors = {f"{group}.{k}": v.contiguous() for group, state in groups.items() for k, v in state.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in metadata.items()})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in metadata.items()})
 
 
 def load_checkpoint_file(path, group: str) -> tuple[dict[str, torch.Tensor], dict]:

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from soraflow.atomic import atomic_path
+
 
 def count_frames(path: str | Path) -> int:
     """Frames a decoder actually yields (container metadata can be wrong)."""
@@ -76,13 +78,10 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 def write_video(path: str | Path, frames: torch.Tensor, fps: float) -> None:
     """Write [T,H,W,3] uint8 frames as H.264 mp4 (yuv420p, plays in any player)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     t, h, w, _ = frames.shape
     # yuv420p needs even sizes
     frames = frames[:, : h - h % 2, : w - w % 2]
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    with av.open(str(tmp), mode="w") as container:
+    with atomic_path(path, keep_suffix=True) as tmp, av.open(str(tmp), mode="w") as container:
         stream = container.add_stream("libx264", rate=round(fps))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
@@ -92,4 +91,3 @@ def write_video(path: str | Path, frames: torch.Tensor, fps: float) -> None:
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    tmp.replace(path)
