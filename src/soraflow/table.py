@@ -69,7 +69,8 @@ def conform(df: pd.DataFrame, schema: pa.Schema = CLIP_SCHEMA) -> pa.Table:
     """Cast a frame to the schema: missing columns become null, unknown columns are an error."""
     unknown = sorted(set(df.columns) - set(schema.names))
     if unknown:
-        raise ValueError(f"columns not in the clip table schema: {unknown}")
+        kind = "rejects" if schema.equals(REJECT_SCHEMA) else "clip"
+        raise ValueError(f"columns not in the {kind} table schema: {unknown}")
     columns = {}
     for field in schema:
         if field.name in df.columns:
@@ -82,8 +83,12 @@ def conform(df: pd.DataFrame, schema: pa.Schema = CLIP_SCHEMA) -> pa.Table:
 
 def write(df: pd.DataFrame, path: str | Path, schema: pa.Schema = CLIP_SCHEMA) -> None:
     """Write a frame with the full schema, atomically (temp name, then rename)."""
+    try:
+        data = conform(df, schema)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
     with atomic_path(path) as tmp:
-        pq.write_table(conform(df, schema), tmp)
+        pq.write_table(data, tmp)
 
 
 def read(path: str | Path) -> pd.DataFrame:
