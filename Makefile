@@ -19,15 +19,16 @@ $(STAMP): pyproject.toml constraints.txt
 /usr/bin/ffmpeg:
 	command -v ffmpeg >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg)
 
-# The report test opens the HTML report in a headless browser.
-/usr/bin/chromium:
-	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+# The report test opens the HTML report in a headless browser, driven by selenium.
+/usr/bin/chromedriver:
+	command -v chromedriver >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
 
 demo: setup
 	PATH=$(abspath $(VENV))/bin:$$PATH snakemake --profile profiles/local --cores $(CORES)
 	@echo "samples: results/samples/ (one mp4 per prompt and stage); checkpoints: results/checkpoints/"
 
-test: setup /usr/bin/chromium
+test: setup /usr/bin/chromedriver
 	PATH=$(abspath $(VENV))/bin:$$PATH pytest -q
 
 lint: setup

@@ -4,8 +4,8 @@ Open-Sora 1.0 ran the VAE and T5 on every training step; caching them once makes
 training steps several times cheaper (their #393). Latents are keyed by the
 autoencoder and the stage's frame sampling; text features by the text encoder and the
 captions, so changing one re-encodes only its own cache (Snakemake sees the params).
-Each file stores the clip ids and its cache key as metadata, so a reader can refuse a
-cache built with other settings.
+Each file stores its clip ids and its cache key as metadata (`read_ids`, `read_key`), so
+any cache file says which clips and which settings it holds.
 """
 
 from __future__ import annotations
