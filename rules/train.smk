@@ -59,11 +59,20 @@ for stage in L.stages:
             f"sample_{stage}"
         input:
             checkpoint=L.checkpoint(stage),
+            index=L.stage_index(stage),
             models=L.model_input(config["vae"].get("model", "")),
         output:
-            [
+            prompted=[
                 report(path, category="Samples", subcategory=stage, caption="../docs/report/samples.rst")
                 for path in L.samples(stage)
+            ],
+            captioned=[
+                report(path, category="Samples", subcategory=stage, caption="../docs/report/caption_samples.rst")
+                for path in L.caption_samples(stage)
+            ],
+            comparison=[
+                report(path, category="Samples", subcategory=stage, caption="../docs/report/vs_training.rst")
+                for path in L.sample_comparison(stage)
             ],
         params:
             cfg=L.sample_params(),
@@ -75,4 +84,5 @@ for stage in L.stages:
         conda:
             "../envs/soraflow.yaml"
         shell:
-            "soraflow sample --ckpt {input.checkpoint} --out {output} --params {params.cfg:q} > {log} 2>&1"
+            "soraflow sample --ckpt {input.checkpoint} --out {output.prompted} --index {input.index}"
+            " --from-captions {output.captioned} --comparison {output.comparison} --params {params.cfg:q} > {log} 2>&1"

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -41,8 +42,11 @@ def small_config(workdir: Path) -> dict:
         stage["steps"] = 4
         stage["resolution"] = 32
         stage["filters"] = {"min_seconds": 0.5}
+    # the demo's pixel_pack has its own tests; here latents go through diffusers' AutoencoderKL
+    config["vae"] = {"kind": "autoencoder_kl", "model": "models/tiny-vae", "scaling_factor": 0.18215, "micro_batch": 16}
     config["diffusion"]["sample_steps"] = 4
     config["sample"]["prompts"] = config["sample"]["prompts"][:1]
+    config["sample"]["training_captions"] = 1
     config["train"]["checkpoint_every"] = 2
     return config
 
@@ -95,10 +99,15 @@ def test_checkpoints_load_and_samples_decode(finished_run):
     for stage in layout.stages:
         _, input_size = load_for_sampling(workdir / layout.checkpoint(stage), use_ema=True)
         assert input_size[0] == config["stages"][stage]["num_frames"]
-        for sample in layout.samples(stage):
+        for sample in layout.samples(stage) + layout.caption_samples(stage):
             frames = video.read_frames(workdir / sample)
             assert frames.shape[0] == config["stages"][stage]["num_frames"], sample
             assert frames.shape[1:3] == (32, 32)
+        png, csv = layout.sample_comparison(stage)
+        comparison = pd.read_csv(workdir / csv)
+        index = table.read(workdir / layout.stage_index(stage))
+        assert comparison["clip_id"].isin(index["id"]).all() and len(comparison) == 1
+        assert (workdir / png).stat().st_size > 0
 
 
 def planned_rules(plan: str) -> set[str]:

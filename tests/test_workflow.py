@@ -45,9 +45,22 @@ def test_layout_chains_stages_and_names_outputs():
     assert layout.init_checkpoint("stage1") == []
     assert layout.init_checkpoint("stage2") == [layout.checkpoint("stage1")]
     assert layout.init_checkpoint("stage3") == [layout.checkpoint("stage2")]
-    assert len(layout.all_samples()) == 3 * len(default_config()["sample"]["prompts"])
+    sample = default_config()["sample"]
+    assert len(layout.samples("stage2")) == len(sample["prompts"])
+    assert len(layout.caption_samples("stage2")) == sample["training_captions"] > 0
+    assert layout.sample_comparison("stage2") == ["results/samples/stage2/vs_training.png",
+                                                  "results/samples/stage2/vs_training.csv"]
+    assert len(layout.all_samples()) == 3 * (len(sample["prompts"]) + sample["training_captions"] + 2)
     assert layout.model_input("models/tiny-llava") == ["models/tiny-llava"]
     assert layout.model_input("llava-hf/llava-v1.6-34b-hf") == []
+
+
+def test_without_training_captions_a_stage_has_prompt_samples_only():
+    config = default_config()
+    config["sample"]["training_captions"] = 0
+    layout = Layout(config)
+    assert layout.caption_samples("stage1") == [] and layout.sample_comparison("stage1") == []
+    assert layout.all_samples() == [path for stage in layout.stages for path in layout.samples(stage)]
 
 
 def test_a_pixart_checkpoint_path_is_an_init_input():

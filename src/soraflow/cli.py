@@ -161,10 +161,14 @@ def cmd_train(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    from soraflow.sample import sample_prompts
+    from soraflow.sample import sample_prompts, sample_training_captions
 
     if args.params is None:
         args.params = {key: _config_section(args, key) for key in ("sample", "text_encoder", "vae", "diffusion")}
+    if args.from_captions:
+        if not args.index or len(args.comparison) != 2:
+            raise SystemExit("--from-captions needs --index (the stage's training index) and --comparison PNG CSV")
+        sample_training_captions(args.ckpt, args.index, args.from_captions, *args.comparison, args.params)
     prompts = args.prompt or args.params["sample"]["prompts"]
     outputs = args.out or [str(Path(args.out_dir) / f"sample_{k:02d}.mp4") for k in range(len(prompts))]
     sample_prompts(args.ckpt, prompts, outputs, args.params)
@@ -269,6 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="a prompt (repeatable; default: the config's prompts)")
     p.add_argument("--out", nargs="+", help="output mp4 paths, one per prompt")
     p.add_argument("--out-dir", default="samples", help="where samples go without --out (default: samples/)")
+    p.add_argument("--index", help="the stage's training index, for --from-captions")
+    p.add_argument("--from-captions", nargs="*", default=[], metavar="MP4",
+                   help="also sample this many training clips' captions, one output path each")
+    p.add_argument("--comparison", nargs="*", default=[], metavar="PNG CSV",
+                   help="figure and table setting each --from-captions sample beside its training clip")
 
     p = command("report-figures", cmd_report_figures, "dataset plots, clip gallery and loss curves for the report")
     p.add_argument("--clips", required=True, help="the exported clip table")

@@ -1,39 +1,142 @@
-"""Prompts -> videos: text features, respaced IDDPM sampling with guidance, per-frame decoding."""
+"""Prompts -> videos: text features, respaced IDDPM sampling with guidance, per-frame decoding.
+
+Besides free prompts, a stage can be sampled with captions of its own training clips; each
+such sample is then set beside the clip it was trained on (a figure and a table of pixel
+distances), which shows at a glance whether the stage learned its data.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import torch
 
-from soraflow import video
-from soraflow import diffusion
+from soraflow import diffusion, video
+from soraflow.atomic import atomic_path
+from soraflow.dataset import LatentDataset
 from soraflow.encoders import TextEncoder, load_autoencoder
 from soraflow.train import load_for_sampling
+
+FRAMES_SHOWN = 4  # per clip in the comparison figure
+
+
+class Sampler:
+    """A stage checkpoint with the autoencoder that decodes its latents."""
+
+    def __init__(self, checkpoint, params: dict):
+        self.params = params
+        self.model, (self.frames, self.height, self.width) = load_for_sampling(
+            checkpoint, use_ema=params["sample"].get("use_ema", True)
+        )
+        self.autoencoder = load_autoencoder(params["vae"])
+
+    def generate(self, y: torch.Tensor, mask: torch.Tensor, seed: int) -> torch.Tensor:
+        """One caption's features [1, L, C] and mask [1, L] -> pixels [T, 3, H, W] in [-1, 1]."""
+        steps = self.params["diffusion"]
+        latents = diffusion.sample(
+            self.model,
+            shape=(1, self.model.in_channels, self.frames, self.height, self.width),
+            y=y,
+            mask=mask,
+            cfg_scale=steps["cfg_scale"],
+            num_steps=steps["sample_steps"],
+            seed=seed,
+            num_timesteps=steps["num_timesteps"],
+            progress=True,
+            clip_denoised=self.autoencoder.latent_bound or False,  # pixel_pack: pixels stay in range
+        )  # [1, C, T, h, w]
+        return self.decode(latents[0])
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """[C, T, h, w] -> [T, 3, H, W]"""
+        return self.autoencoder.decode(latents.transpose(0, 1)).float()
+
+    def write(self, pixels: torch.Tensor, out_path, label: str) -> None:
+        video.write_video(Path(out_path), video.to_uint8(pixels), fps=self.params["sample"]["fps"])
+        print(f"{out_path}: {label!r}", flush=True)
 
 
 def sample_prompts(checkpoint, prompts: list[str], out_paths: list, params: dict) -> None:
     """One mp4 per prompt. params: text_encoder, vae, diffusion, sample (seed, fps, use_ema)."""
     if len(prompts) != len(out_paths):
         raise ValueError(f"{len(prompts)} prompts but {len(out_paths)} output paths")
-    options = params["sample"]
-    model, (frames, height, width) = load_for_sampling(checkpoint, use_ema=options.get("use_ema", True))
+    sampler = Sampler(checkpoint, params)
     y, mask = TextEncoder(params["text_encoder"]).encode(prompts)
-    autoencoder = load_autoencoder(params["vae"])
-    steps = params["diffusion"]
     for k, (prompt, out_path) in enumerate(zip(prompts, out_paths)):
-        latents = diffusion.sample(
-            model,
-            shape=(1, model.in_channels, frames, height, width),
-            y=y[k : k + 1],
-            mask=mask[k : k + 1],
-            cfg_scale=steps["cfg_scale"],
-            num_steps=steps["sample_steps"],
-            seed=options["seed"] + k,
-            num_timesteps=steps["num_timesteps"],
-            progress=True,
-            clip_denoised=autoencoder.latent_bound or False,  # pixel_pack: pixels stay in range
-        )  # [1, C, T, h, w]
-        pixels = autoencoder.decode(latents[0].transpose(0, 1))  # [T, 3, H, W]
-        video.write_video(Path(out_path), video.to_uint8(pixels), fps=options["fps"])
-        print(f"{out_path}: {prompt!r}", flush=True)
+        sampler.write(sampler.generate(y[k : k + 1], mask[k : k + 1], params["sample"]["seed"] + k), out_path, prompt)
+
+
+def pick_training_clips(index: pd.DataFrame, count: int, index_path) -> list[int]:
+    """Positions of `count` clips evenly spaced through a stage index, preferring clips whose
+    caption no other clip has (so each sample has one clip it should resemble), then one clip
+    per caption, then any."""
+    if count > len(index):
+        raise ValueError(f"sample.training_captions: {count} asked for, but {index_path} holds {len(index)} clips")
+    unique = [i for i, shared in enumerate(index["text"].duplicated(keep=False)) if not shared]
+    distinct = [i for i, repeated in enumerate(index["text"].duplicated()) if not repeated]
+    pool = next(p for p in (unique, distinct, list(range(len(index)))) if len(p) >= count)
+    return [pool[round(k * (len(pool) - 1) / max(count - 1, 1))] for k in range(count)]
+
+
+def sample_training_captions(checkpoint, index_path, out_paths: list, comparison_png, comparison_csv,
+                             params: dict) -> None:
+    """One mp4 per picked training clip, sampled from that clip's cached caption features, and
+    a figure and table setting each sample beside its clip (both decoded the same way).
+    mse_own is the sample's pixel MSE to its own clip; nearest_clip is the picked clip it is
+    closest to (its own when the stage has learned to tell its captions apart)."""
+    sampler = Sampler(checkpoint, params)
+    data = LatentDataset(index_path)
+    picked = pick_training_clips(data.index, len(out_paths), index_path)
+    clips, samples = [], []
+    for k, (position, out_path) in enumerate(zip(picked, out_paths)):
+        latents, y, mask = data[position]
+        if tuple(latents.shape[1:]) != (sampler.frames, sampler.height, sampler.width):
+            raise ValueError(f"{index_path}: latents {tuple(latents.shape)} do not match {checkpoint}'s input size")
+        clips.append(sampler.decode(latents))
+        samples.append(sampler.generate(y[None], mask[None], params["sample"]["seed"] + k))
+        sampler.write(samples[-1], out_path, data.index["text"].iloc[position])
+    ids = [data.index["id"].iloc[p] for p in picked]
+    distance = torch.stack([((s[None] - torch.stack(clips)) ** 2).mean(dim=(1, 2, 3, 4)) for s in samples])
+    rows = pd.DataFrame(
+        {
+            "sample": [str(p) for p in out_paths],
+            "clip_id": ids,
+            "caption": [data.index["text"].iloc[p] for p in picked],
+            "mse_own": distance.diagonal().tolist(),
+            "nearest_clip": [ids[j] for j in distance.argmin(dim=1).tolist()],
+            "mse_nearest": distance.min(dim=1).values.tolist(),
+        }
+    )
+    with atomic_path(comparison_csv) as tmp:
+        rows.to_csv(tmp, index=False)
+    plot_comparison(clips, samples, rows, comparison_png)
+
+
+def plot_comparison(clips: list[torch.Tensor], samples: list[torch.Tensor], rows: pd.DataFrame, out_png) -> None:
+    """One row per picked clip: its frames as trained on, then the frames sampled from its caption."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    frames = video.evenly_spaced(clips[0].shape[0], min(FRAMES_SHOWN, clips[0].shape[0]))
+
+    def strip(pixels: torch.Tensor):  # [T, 3, H, W] -> [H, shown frames * W, 3]
+        return torch.cat(list(video.to_uint8(pixels[frames])), dim=1)
+
+    fig, axes = plt.subplots(
+        len(clips), 2, figsize=(max(8.0, 3.2 * len(frames)), 0.6 + 2.4 * len(clips)), squeeze=False
+    )
+    for k, row in enumerate(rows.itertuples()):
+        for column, (pixels, title) in enumerate(
+            [(clips[k], f"{row.clip_id}\n{row.caption[:40]}"), (samples[k], f"sample\npixel MSE {row.mse_own:.3f}")]
+        ):
+            axes[k, column].imshow(strip(pixels).numpy(), interpolation="nearest")
+            axes[k, column].set_title(title, fontsize=8)
+            axes[k, column].axis("off")
+    fig.suptitle("samples from training captions, beside the clips they were trained on")
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)

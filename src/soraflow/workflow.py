@@ -108,8 +108,23 @@ class Layout:
         count = len(self.config["sample"]["prompts"])
         return [f"results/samples/{stage}/sample_{k:02d}.mp4" for k in range(count)]
 
+    def caption_samples(self, stage: str) -> list[str]:
+        """Samples from the captions of `sample.training_captions` of the stage's own clips."""
+        count = self.config["sample"].get("training_captions", 0)
+        return [f"results/samples/{stage}/training_{k:02d}.mp4" for k in range(count)]
+
+    def sample_comparison(self, stage: str) -> list[str]:
+        """Figure and table of caption samples beside their training clips (none without them)."""
+        if not self.caption_samples(stage):
+            return []
+        return [f"results/samples/{stage}/vs_training.png", f"results/samples/{stage}/vs_training.csv"]
+
     def all_samples(self) -> list[str]:
-        return [path for stage in self.stages for path in self.samples(stage)]
+        return [
+            path
+            for stage in self.stages
+            for path in self.samples(stage) + self.caption_samples(stage) + self.sample_comparison(stage)
+        ]
 
     # --- settings each step receives ---------------------------------------------------------
     def encode_video_params(self, stage: str) -> str:
