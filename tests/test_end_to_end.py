@@ -99,7 +99,7 @@ def test_checkpoints_load_and_samples_decode(finished_run):
     for stage in layout.stages:
         _, input_size = load_for_sampling(workdir / layout.checkpoint(stage), use_ema=True)
         assert input_size[0] == config["stages"][stage]["num_frames"]
-        for sample in layout.samples(stage) + layout.caption_samples(stage):
+        for sample in layout.sample_videos(stage):
             frames = video.read_frames(workdir / sample)
             assert frames.shape[0] == config["stages"][stage]["num_frames"], sample
             assert frames.shape[1:3] == (32, 32)
@@ -183,11 +183,16 @@ def test_report_shows_figures_and_plays_sample_videos_in_chromium(finished_run):
             return browser.find_elements(By.XPATH, "//a[@iconname='eye']")
 
         # each sample video is embedded and Chromium decodes it at the stage's size
-        videos = [a.get_attribute("href") for a in open_category("Samples", "stage3")]
-        assert len(videos) == len(layout.samples("stage3"))
+        links = [a.get_attribute("href") for a in open_category("Samples", "stage3")]
+        videos = [src for src in links if src.startswith("data:video/mp4")]
+        assert len(videos) == len(layout.samples("stage3") + layout.caption_samples("stage3"))
         for src in videos:
-            assert src.startswith("data:video/mp4")
             assert browser.execute_async_script(VIDEO_LOADS, src)[:2] == [32, 32]
+        # the comparison table is embedded and its figure displays in the page
+        assert any("filename=vs_training.csv" in src for src in links)
+        open_category("Samples", "stage3")[[src.startswith("data:") for src in links].index(False)].click()
+        shown = browser.execute_script(SHOWN_IMAGES)
+        assert len(shown) >= 1 and all(width > 0 for width in shown), "vs_training.png"
         # the dataset statistics and loss curves display as decoded images
         for category, count in (("Dataset", 2), ("Training", 1)):
             shown = []

@@ -119,12 +119,12 @@ class Layout:
             return []
         return [f"results/samples/{stage}/vs_training.png", f"results/samples/{stage}/vs_training.csv"]
 
+    def sample_videos(self, stage: str) -> list[str]:
+        return self.samples(stage) + self.caption_samples(stage)
+
     def all_samples(self) -> list[str]:
-        return [
-            path
-            for stage in self.stages
-            for path in self.samples(stage) + self.caption_samples(stage) + self.sample_comparison(stage)
-        ]
+        """Every stage's sample videos and comparisons."""
+        return [path for stage in self.stages for path in self.sample_videos(stage) + self.sample_comparison(stage)]
 
     # --- settings each step receives ---------------------------------------------------------
     def encode_video_params(self, stage: str) -> str:
