@@ -144,11 +144,6 @@ def named_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimiz
 
 
 def load_named_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, named: dict) -> None:
-    if all(isinstance(i, int) for g in named["param_groups"] for i in g["params"]):
-        # checkpoints written before states went by name: keyed by index ("0", "1", ...)
-        optimizer.load_state_dict({"state": {int(i): s for i, s in named["state"].items()},
-                                   "param_groups": named["param_groups"]})
-        return
     names = {id(p): n for n, p in model.named_parameters()}
     name_to_index, index = {}, 0
     for group in optimizer.param_groups:
