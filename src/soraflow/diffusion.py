@@ -126,7 +126,7 @@ class GaussianDiffusion:
 
     # ---- reverse process -------------------------------------------------------------
 
-    def p_mean_variance(self, model_fn: ModelFn, x, t, model_kwargs=None, clip_denoised=False) -> dict:
+    def p_mean_variance(self, model_fn: ModelFn, x, t, model_kwargs=None, clip_denoised=None) -> dict:
         """p(x_{t-1} | x_t) from the model: eps gives the mean via x_0, and the second half
         of the channels interpolates the log-variance between the posterior's (v = -1) and
         beta_t (v = +1). Without learned sigma the variance is fixed to the larger, beta_t."""
@@ -143,9 +143,8 @@ class GaussianDiffusion:
             fixed_large = torch.cat([self.posterior_variance[1:2], self.betas[1:]])
             model_log_variance = extract(torch.log(fixed_large), t, x).expand_as(x)
         pred_xstart = extract(self.sqrt_recip_alphas_cumprod, t, x) * x - extract(self.sqrt_recipm1_alphas_cumprod, t, x) * eps
-        if clip_denoised:  # True: data in [-1, 1]; a number: data in [-bound, bound]
-            bound = 1.0 if clip_denoised is True else float(clip_denoised)
-            pred_xstart = pred_xstart.clamp(-bound, bound)
+        if clip_denoised is not None:  # data known to lie in [-clip_denoised, clip_denoised]
+            pred_xstart = pred_xstart.clamp(-clip_denoised, clip_denoised)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
         return dict(
             mean=mean, log_variance=model_log_variance, pred_xstart=pred_xstart, eps=eps, model_output=model_output
@@ -176,14 +175,14 @@ class GaussianDiffusion:
         vb = vb * (self.num_timesteps / 1000.0)  # IDDPM's rescale: 1 at 1000 steps
         return dict(loss=mse + vb, mse=mse, vb=vb)
 
-    def p_sample(self, model_fn: ModelFn, x, t, model_kwargs=None, generator=None, clip_denoised=False):
+    def p_sample(self, model_fn: ModelFn, x, t, model_kwargs=None, generator=None, clip_denoised=None):
         """One ancestral step x_t -> x_{t-1} (no noise added at t = 0)."""
         out = self.p_mean_variance(model_fn, x, t, model_kwargs, clip_denoised)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         nonzero = (t != 0).to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
         return out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
 
-    def ddim_sample(self, model_fn: ModelFn, x, t, model_kwargs=None, generator=None, eta=0.0, clip_denoised=False):
+    def ddim_sample(self, model_fn: ModelFn, x, t, model_kwargs=None, generator=None, eta=0.0, clip_denoised=None):
         """One DDIM step (deterministic at eta = 0)."""
         out = self.p_mean_variance(model_fn, x, t, model_kwargs, clip_denoised)
         eps = (extract(self.sqrt_recip_alphas_cumprod, t, x) * x - out["pred_xstart"]) / extract(
@@ -198,12 +197,12 @@ class GaussianDiffusion:
         return mean + nonzero * sigma * noise
 
     def p_sample_loop(self, model_fn: ModelFn, shape, model_kwargs=None, seed: int = 0, device="cpu",
-                      progress=False, clip_denoised=False):
+                      progress=False, clip_denoised=None):
         """Ancestral sampling from pure noise through every step of this (respaced) diffusion."""
         return self._loop(self.p_sample, model_fn, shape, model_kwargs, seed, device, progress, clip_denoised=clip_denoised)
 
     def ddim_sample_loop(self, model_fn: ModelFn, shape, model_kwargs=None, seed: int = 0, device="cpu",
-                         progress=False, eta=0.0, clip_denoised=False):
+                         progress=False, eta=0.0, clip_denoised=None):
         return self._loop(self.ddim_sample, model_fn, shape, model_kwargs, seed, device, progress,
                           eta=eta, clip_denoised=clip_denoised)
 
@@ -237,11 +236,11 @@ class IDDPM(GaussianDiffusion):
 
 def sample(model, shape, y, mask=None, cfg_scale: float = 7.0, num_steps: int = 100, seed: int = 0,
            num_timesteps: int = 1000, progress: bool = False, sampler: str = "iddpm",
-           clip_denoised: bool | float = False) -> torch.Tensor:
+           clip_denoised: float | None = None) -> torch.Tensor:
     """Latents [B, C, T, H, W] for captions y [B, L, Ccap] (mask [B, L]) with classifier-free
     guidance against the model's null caption, through `num_steps` respaced steps.
-    `clip_denoised` (a bound, or True for 1) clamps each step's predicted x_0, as IDDPM does
-    for pixel data; latent diffusion leaves it off (a VAE's latents have no fixed range)."""
+    `clip_denoised` (a bound) clamps each step's predicted x_0, as IDDPM does for pixel data;
+    latent diffusion leaves it None (a VAE's latents have no fixed range)."""
     if sampler not in ("iddpm", "ddim"):
         raise ValueError(f"sampler must be 'iddpm' or 'ddim', not {sampler!r}")
     diffusion = IDDPM(num_timesteps).respaced(num_steps)

@@ -44,7 +44,7 @@ class Sampler:
             seed=seed,
             num_timesteps=steps["num_timesteps"],
             progress=True,
-            clip_denoised=self.autoencoder.latent_bound or False,  # pixel_pack: pixels stay in range
+            clip_denoised=self.autoencoder.latent_bound,  # pixel_pack: pixels stay in range
         )  # [1, C, T, h, w]
         return self.decode(latents[0])
 
