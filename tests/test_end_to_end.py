@@ -185,7 +185,7 @@ def test_report_shows_figures_and_plays_sample_videos_in_chromium(finished_run):
         # each sample video is embedded and Chromium decodes it at the stage's size
         links = [a.get_attribute("href") for a in open_category("Samples", "stage3")]
         videos = [src for src in links if src.startswith("data:video/mp4")]
-        assert len(videos) == len(layout.samples("stage3") + layout.caption_samples("stage3"))
+        assert len(videos) == len(layout.sample_videos("stage3"))
         for src in videos:
             assert browser.execute_async_script(VIDEO_LOADS, src)[:2] == [32, 32]
         # the comparison table is embedded and its figure displays in the page

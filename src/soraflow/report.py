@@ -1,7 +1,9 @@
-"""Figures for `snakemake --report`: dataset statistics, a captioned clip gallery, loss curves.
+"""Figures for `snakemake --report`: dataset statistics, a captioned clip gallery, loss curves,
+and samples beside the training clips whose captions they came from.
 
-Each figure is a file a rule writes and marks for the report; the sample videos are
-marked by their own rule. The gallery embeds its thumbnails so the page is self-contained.
+Each figure is a file a rule writes and marks for the report; the sample videos and their
+comparison are marked by the sample rules. The gallery embeds its thumbnails so the page is
+self-contained.
 """
 
 from __future__ import annotations
@@ -16,9 +18,21 @@ import matplotlib
 matplotlib.use("Agg")  # no display on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from soraflow import table, video  # noqa: E402
+from soraflow.atomic import atomic_path  # noqa: E402
+
+FRAMES_SHOWN = 4  # per clip in the sample comparison
+
+
+def save_figure(fig, out_png) -> None:
+    """Lay out, write as PNG (temp name, then rename) and free a figure."""
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
 
 
 def plot_dataset(clips_path, rejects_path, out_png) -> None:
@@ -42,9 +56,7 @@ def plot_dataset(clips_path, rejects_path, out_png) -> None:
     else:
         axes[1, 1].text(0.5, 0.5, "no rejects", ha="center", va="center")
     axes[1, 1].set(title=f"rejects ({len(rejects)})", xlabel="items")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
+    save_figure(fig, out_png)
 
 
 def _thumbnail(frame, height: int = 96) -> str:
@@ -83,9 +95,29 @@ def plot_losses(loss_csvs: dict[str, str | Path], out_png) -> None:
         ax.plot(log["step"], log["loss"], label=stage)
     ax.set(xlabel="step", ylabel="loss (MSE + VLB)", title="training loss", yscale="log")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
+    save_figure(fig, out_png)
+
+
+def plot_comparison(clips: list[torch.Tensor], samples: list[torch.Tensor], rows: pd.DataFrame, out_png) -> None:
+    """One row per clip ([T, 3, H, W] in [-1, 1]): its frames as trained on, then the frames
+    sampled from its caption. rows: clip_id, caption and mse_own of each."""
+    frames = video.evenly_spaced(clips[0].shape[0], min(FRAMES_SHOWN, clips[0].shape[0]))
+
+    def strip(pixels: torch.Tensor):  # [T, 3, H, W] -> [H, shown frames * W, 3]
+        return torch.cat(list(video.to_uint8(pixels[frames])), dim=1)
+
+    fig, axes = plt.subplots(
+        len(clips), 2, figsize=(max(8.0, 3.2 * len(frames)), 0.6 + 2.4 * len(clips)), squeeze=False
+    )
+    for k, row in enumerate(rows.itertuples()):
+        for column, (pixels, title) in enumerate(
+            [(clips[k], f"{row.clip_id}\n{row.caption[:40]}"), (samples[k], f"sample\npixel MSE {row.mse_own:.3f}")]
+        ):
+            axes[k, column].imshow(strip(pixels).numpy(), interpolation="nearest")
+            axes[k, column].set_title(title, fontsize=8)
+            axes[k, column].axis("off")
+    fig.suptitle("samples from training captions, beside the clips they were trained on")
+    save_figure(fig, out_png)
 
 
 def make_figures(clips_path, rejects_path, loss_csvs: dict, out_dir) -> None:

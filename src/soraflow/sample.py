@@ -16,10 +16,8 @@ from soraflow import diffusion, video
 from soraflow.atomic import atomic_path
 from soraflow.dataset import LatentDataset
 from soraflow.encoders import TextEncoder, load_autoencoder
+from soraflow.report import plot_comparison
 from soraflow.train import load_for_sampling
-
-FRAMES_SHOWN = 4  # per clip in the comparison figure
-
 
 class Sampler:
     """A stage checkpoint with the autoencoder that decodes its latents."""
@@ -88,55 +86,28 @@ def sample_training_captions(checkpoint, index_path, out_paths: list, comparison
     sampler = Sampler(checkpoint, params)
     data = LatentDataset(index_path)
     picked = pick_training_clips(data.index, len(out_paths), index_path)
+    rows = data.index.iloc[picked]
     clips, samples = [], []
-    for k, (position, out_path) in enumerate(zip(picked, out_paths)):
+    for k, (position, caption, out_path) in enumerate(zip(picked, rows["text"], out_paths)):
         latents, y, mask = data[position]
         if tuple(latents.shape[1:]) != (sampler.frames, sampler.height, sampler.width):
             raise ValueError(f"{index_path}: latents {tuple(latents.shape)} do not match {checkpoint}'s input size")
         clips.append(sampler.decode(latents))
         samples.append(sampler.generate(y[None], mask[None], params["sample"]["seed"] + k))
-        sampler.write(samples[-1], out_path, data.index["text"].iloc[position])
-    ids = [data.index["id"].iloc[p] for p in picked]
-    distance = torch.stack([((s[None] - torch.stack(clips)) ** 2).mean(dim=(1, 2, 3, 4)) for s in samples])
-    rows = pd.DataFrame(
+        sampler.write(samples[-1], out_path, caption)
+    # [sample, clip] pixel MSE
+    distance = ((torch.stack(samples)[:, None] - torch.stack(clips)[None]) ** 2).mean(dim=(2, 3, 4, 5))
+    ids = rows["id"].tolist()
+    comparison = pd.DataFrame(
         {
             "sample": [str(p) for p in out_paths],
             "clip_id": ids,
-            "caption": [data.index["text"].iloc[p] for p in picked],
+            "caption": rows["text"].tolist(),
             "mse_own": distance.diagonal().tolist(),
             "nearest_clip": [ids[j] for j in distance.argmin(dim=1).tolist()],
             "mse_nearest": distance.min(dim=1).values.tolist(),
         }
     )
     with atomic_path(comparison_csv) as tmp:
-        rows.to_csv(tmp, index=False)
-    plot_comparison(clips, samples, rows, comparison_png)
-
-
-def plot_comparison(clips: list[torch.Tensor], samples: list[torch.Tensor], rows: pd.DataFrame, out_png) -> None:
-    """One row per picked clip: its frames as trained on, then the frames sampled from its caption."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on cluster nodes
-    import matplotlib.pyplot as plt
-
-    frames = video.evenly_spaced(clips[0].shape[0], min(FRAMES_SHOWN, clips[0].shape[0]))
-
-    def strip(pixels: torch.Tensor):  # [T, 3, H, W] -> [H, shown frames * W, 3]
-        return torch.cat(list(video.to_uint8(pixels[frames])), dim=1)
-
-    fig, axes = plt.subplots(
-        len(clips), 2, figsize=(max(8.0, 3.2 * len(frames)), 0.6 + 2.4 * len(clips)), squeeze=False
-    )
-    for k, row in enumerate(rows.itertuples()):
-        for column, (pixels, title) in enumerate(
-            [(clips[k], f"{row.clip_id}\n{row.caption[:40]}"), (samples[k], f"sample\npixel MSE {row.mse_own:.3f}")]
-        ):
-            axes[k, column].imshow(strip(pixels).numpy(), interpolation="nearest")
-            axes[k, column].set_title(title, fontsize=8)
-            axes[k, column].axis("off")
-    fig.suptitle("samples from training captions, beside the clips they were trained on")
-    fig.tight_layout()
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+        comparison.to_csv(tmp, index=False)
+    plot_comparison(clips, samples, comparison, comparison_png)
