@@ -549,6 +549,10 @@ def train(index_path, out_path, run_dir, params: dict, init_path=None) -> None:
     trainer = Trainer(index_path, out_path, run_dir, params, init_path)
     try:
         trainer.run()
+        if dist.is_initialized():
+            # rank 0 may still be writing the final checkpoint: no rank tears its gloo
+            # connections down while a peer still holds them (one CI run aborted there)
+            dist.barrier()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
