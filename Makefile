@@ -39,7 +39,7 @@ dryrun: setup
 
 # The README's config reference (from the schema) and the DAG picture (needs graphviz).
 docs: setup
-	$(PY) -m soraflow.docs README.md
+	$(PY) -m soraflow.workflow.docs README.md
 	$(VENV)/bin/snakemake --rulegraph | dot -Tsvg > docs/rulegraph.svg
 
 clean:

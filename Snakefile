@@ -13,9 +13,9 @@ min_version("8.0")
 configfile: f"{workflow.basedir}/workflow_config.yaml"
 
 
-validate(config, "src/soraflow/schemas/config.schema.yaml")
+validate(config, "src/soraflow/workflow/schemas/config.schema.yaml")
 
-from soraflow.workflow import Layout, as_json, use_running_environment
+from soraflow.workflow.layout import Layout, as_json, use_running_environment
 
 use_running_environment()
 L = Layout(config)

@@ -8,7 +8,7 @@ Model: preset STDiT-S/2 (hidden 384, 6 heads, patch 1x2x2, mlp 4x) with depth 4 
 384-d captions of 32 tokens, latents [B, 4, T, 16, 16] -> 64 tokens per frame. Both variants
 are the same code (`attention: spatial_temporal` or `full`) at the same width.
 
-One training step = forward + IDDPM hybrid loss (soraflow.diffusion.IDDPM(1000).training_losses:
+One training step = forward + IDDPM hybrid loss (soraflow.models.diffusion.IDDPM(1000).training_losses:
 eps MSE + VLB on the learned variance, as the Trainer) + backward + AdamW step (torch's default
 AdamW, as the Trainer builds it; no EMA or grad clipping). Inputs are fixed, timesteps seeded.
 
@@ -60,8 +60,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from soraflow.diffusion import IDDPM
-from soraflow.stdit import PRESET_DEFAULTS, PRESETS, build_model
+from soraflow.models.diffusion import IDDPM
+from soraflow.models.stdit import PRESET_DEFAULTS, PRESETS, build_model
 
 PRESET = "STDiT-S/2"
 GRID = (16, 16)  # latent H, W

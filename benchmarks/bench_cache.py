@@ -29,9 +29,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from soraflow import cache, table
-from soraflow.encoders import KLAutoencoder, TextEncoder
-from soraflow.train import Trainer
+from soraflow.training import cache
+from soraflow.data import table
+from soraflow.models.encoders import KLAutoencoder, TextEncoder
+from soraflow.training.loop import Trainer
 
 SD_VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,

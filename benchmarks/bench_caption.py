@@ -23,10 +23,10 @@ import pandas as pd
 import torch
 import yaml
 
-from soraflow import table
-from soraflow.caption import caption_shard, load_captioner
-from soraflow.tiny_models import build_tiny_llava
-from soraflow.video import write_video
+from soraflow.data import table
+from soraflow.scoring.caption import caption_shard, load_captioner
+from soraflow.models.tiny import build_tiny_llava
+from soraflow.data.video import write_video
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_scenedetect.py [--repeats 5]
 
-Ours is `soraflow.split.detect_scenes`, what the split rule runs before cutting: PyAV decode
+Ours is `soraflow.data.split.detect_scenes`, what the split rule runs before cutting: PyAV decode
 in decode order, frames scaled to 256 px wide by swscale, ContentDetector fed our own frame
 counter. Bare is `scenedetect.detect(path, ContentDetector())` (OpenCV backend, its automatic
 downscale). Both use threshold 27 and min_scene_len 15. Best of `repeats` runs each,
@@ -23,9 +23,9 @@ from pathlib import Path
 from scenedetect import ContentDetector, detect
 from tables import print_table
 
-from soraflow.manifest import resolve_url
-from soraflow.split import detect_scenes
-from soraflow.video import count_frames
+from soraflow.data.manifest import resolve_url
+from soraflow.data.split import detect_scenes
+from soraflow.data.video import count_frames
 
 PARAMS = {"detector": "content", "threshold": 27.0, "min_scene_frames": 15}
 SOURCES = ["testsrc2", "mandelbrot", "smptebars", "life", "testsrc", "rgbtestsrc"]

@@ -55,7 +55,6 @@ rule ingest:
 rule split:
     input:
         table=L.shard_file("videos"),
-        model=L.model_input(config["split"].get("aesthetic_model")),
     output:
         table=L.shard_file("clips"),
         rejects=L.shard_file("rejects_split"),
@@ -69,6 +68,24 @@ rule split:
     shell:
         "soraflow split {input.table} --clip-dir {output.clips} --out {output.table}"
         " --rejects {output.rejects} --params {params.cfg:q} > {log} 2>&1"
+
+
+# Scores the stage filters compare; joined at each stage's index, so a scorer change never
+# re-cuts or re-captions.
+rule score:
+    input:
+        table=L.shard_file("clips"),
+        model=L.model_input(config["score"]["aesthetic_model"]),
+    output:
+        L.shard_file("scored"),
+    params:
+        cfg=as_json(config["score"]),
+    log:
+        "logs/score/{shard}.log",
+    conda:
+        "../envs/soraflow.yaml"
+    shell:
+        "soraflow score {input.table} --out {output} --params {params.cfg:q} > {log} 2>&1"
 
 
 # After captioning: all shards as one table, Open-Sora's CSV beside it, every reject in one place.

@@ -4,6 +4,7 @@
 rule dataset:
     input:
         tables=L.shard_files("captioned"),
+        scores=L.shard_files("scored"),
         latents=lambda w: [L.latent_cache(w.stage, s) for s in L.shards],
         texts=[L.text_cache(s) for s in L.shards],
     output:

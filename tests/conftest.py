@@ -11,7 +11,7 @@ import pytest
 # Tests never reach a model hub: a missing local model fails at once instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from soraflow.demo import demo_cut_frames, make_demo_videos, scene_frames
+from soraflow.data.demo import demo_cut_frames, make_demo_videos, scene_frames
 
 CUT_VIDEO_SPEC = {
     "name": "cuts",

@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
-from soraflow import table, video
-from soraflow.tiny_models import build_all
+from soraflow.data import table
+from soraflow.data import video
+from soraflow.models.tiny import build_all
 
 
 @pytest.fixture(scope="session")

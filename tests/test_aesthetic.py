@@ -1,4 +1,4 @@
-"""Aesthetic scorer: CLIP vision model + MLP head, loaded by path; fills aes in the split."""
+"""Aesthetic scorer: CLIP vision model + MLP head, loaded by path; fills aes in the score step."""
 
 from __future__ import annotations
 
@@ -9,19 +9,21 @@ import pandas as pd
 import pytest
 import torch
 
-from soraflow import aesthetic, table
-from soraflow.aesthetic import (
+from soraflow.scoring import aesthetic
+from soraflow.data import table
+from soraflow.scoring.aesthetic import (
     HEAD_CONFIG,
     HEAD_WEIGHTS,
     OPENSORA_HIDDEN,
     AestheticHead,
     AestheticScorer,
-    build_tiny_aesthetic,
     write_head_config,
 )
-from soraflow.filters import apply_filters
-from soraflow.ingest import ingest_shard
-from soraflow.split import split_shard
+from soraflow.data.ingest import ingest_shard
+from soraflow.data.split import split_shard
+from soraflow.models.tiny import build_tiny_aesthetic
+from soraflow.scoring.filters import apply_filters
+from soraflow.scoring.shard import score_shard
 
 SPLIT = {"detector": "content", "threshold": 27.0, "min_scene_frames": 15, "min_seconds": 0.5, "max_seconds": 5.0,
          "fps": None, "shorter_side": None}  # fmt: skip
@@ -113,14 +115,14 @@ def test_a_clip_score_is_the_mean_of_three_frames(tiny_aes, synthetic_cut_video,
     assert score == pytest.approx(float(scorer.score_images(frames).mean()), abs=1e-6)
 
 
-def test_split_fills_aes_and_min_aes_filters_on_it(tmp_path, tiny_aes, synthetic_cut_video):
+def test_score_fills_aes_and_min_aes_filters_on_it(tmp_path, tiny_aes, synthetic_cut_video):
     shard = tmp_path / "shard.parquet"
     table.write(pd.DataFrame({"id": ["cuts"], "video_id": ["cuts"], "url": [str(synthetic_cut_video["path"])]}), shard)
     ingest_shard(shard, tmp_path / "raw", tmp_path / "videos.parquet", tmp_path / "ir.parquet",
                  {"timeout_s": 5, "retries": 0, "max_bytes": 10**8})  # fmt: skip
-    out = tmp_path / "clips.parquet"
-    split_shard(tmp_path / "videos.parquet", tmp_path / "clips", out, tmp_path / "sr.parquet",
-                {**SPLIT, "aesthetic_model": str(tiny_aes)})  # fmt: skip
+    split_shard(tmp_path / "videos.parquet", tmp_path / "clips", tmp_path / "clips.parquet", tmp_path / "sr.parquet", SPLIT)
+    out = tmp_path / "scored.parquet"
+    score_shard(tmp_path / "clips.parquet", out, {"aesthetic_model": str(tiny_aes)})
     clips = table.read(out)
     assert len(clips) == 3 and clips["aes"].notna().all()
     scorer = AestheticScorer.from_pretrained(str(tiny_aes))
@@ -131,15 +133,15 @@ def test_split_fills_aes_and_min_aes_filters_on_it(tmp_path, tiny_aes, synthetic
     assert len(kept) == 2 and len(rejects) == 1 and "min_aes" in rejects[0]["reason"]
 
     # without a model the column stays empty, and filtering on it is an error, not a no-op
-    split_shard(tmp_path / "videos.parquet", tmp_path / "clips2", tmp_path / "c2.parquet", tmp_path / "sr2.parquet", SPLIT)
-    plain = table.read(tmp_path / "c2.parquet")
+    score_shard(tmp_path / "clips.parquet", tmp_path / "s2.parquet", {"aesthetic_model": None})
+    plain = table.read(tmp_path / "s2.parquet")
     assert plain["aes"].isna().all()
     with pytest.raises(ValueError, match="min_aes"):
         apply_filters(plain, {"min_aes": 5.0})
 
 
 def test_build_all_builds_the_aesthetic_model(tmp_path, monkeypatch):
-    from soraflow import tiny_models
+    from soraflow.models import tiny as tiny_models
 
     built = []
     for name in ("tiny-llava", "tiny-vae", "tiny-t5"):

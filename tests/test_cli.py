@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from soraflow import table
+from soraflow.data import table
 from soraflow.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def test_every_subcommand_is_listed():
 
 
 def test_split_a_video_file(synthetic_cut_video, tmp_path):
-    params = {**yaml.safe_load((REPO / "workflow_config.yaml").read_text())["split"], "aesthetic_model": None}
+    params = yaml.safe_load((REPO / "workflow_config.yaml").read_text())["split"]
     result = soraflow("split", str(synthetic_cut_video["path"]), "--out-dir", str(tmp_path / "out"),
                       "--params", json.dumps(params))
     assert result.returncode == 0, result.stderr

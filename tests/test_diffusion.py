@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from soraflow.diffusion import IDDPM, sample, space_timesteps
+from soraflow.models.diffusion import IDDPM, sample, space_timesteps
 from test_stdit import inputs, randomize_zero_init, tiny
 
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from soraflow.train import train
+from soraflow.training.loop import train
 from test_train import latent_index, train_params  # noqa: F401  (the fixture is shared)
 
 STEPS = 4

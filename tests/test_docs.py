@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from soraflow.docs import END, START, config_reference, load_schema, replace_reference
+from soraflow.workflow.docs import END, START, config_reference, load_schema, replace_reference
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_readme_config_reference_is_current():
     readme = (REPO / "README.md").read_text()
-    assert replace_reference(readme) == readme, "run: python -m soraflow.docs README.md"
+    assert replace_reference(readme) == readme, "run: python -m soraflow.workflow.docs README.md"
 
 
 def test_reference_lists_nested_keys_with_descriptions():

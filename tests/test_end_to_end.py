@@ -16,9 +16,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from soraflow import table, video
-from soraflow.train import load_for_sampling
-from soraflow.workflow import Layout
+from soraflow.data import table
+from soraflow.data import video
+from soraflow.training.checkpoint import load_for_sampling
+from soraflow.workflow.layout import Layout
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,11 +7,11 @@ import os
 import pandas as pd
 import pytest
 
-from soraflow import table
+from soraflow.data import table
 from soraflow.cli import main
-from soraflow.export import OPENSORA_COLUMNS, export_shards, export_tables
-from soraflow.manifest import shard_table_paths
-from soraflow.workflow import Layout
+from soraflow.data.export import OPENSORA_COLUMNS, export_shards, export_tables
+from soraflow.data.manifest import shard_table_paths
+from soraflow.workflow.layout import Layout
 
 
 def clip_rows(shard: int, n: int) -> pd.DataFrame:

@@ -3,7 +3,8 @@ import pandas as pd
 import pytest
 
 from conftest import encode_source
-from soraflow.filters import apply_filters, motion_score
+from soraflow.scoring.filters import apply_filters
+from soraflow.scoring.motion import motion_score
 
 
 def clips(**columns) -> pd.DataFrame:

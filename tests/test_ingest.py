@@ -7,8 +7,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pandas as pd
 import pytest
 
-from soraflow import table
-from soraflow.ingest import ingest_shard
+from soraflow.data import table
+from soraflow.data.ingest import ingest_shard
 
 PARAMS = {"timeout_s": 2.0, "retries": 2, "max_bytes": 10_000_000, "backoff_s": 0.05}
 

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from soraflow import cli, launch
+from soraflow import cli
+from soraflow.training import launch
 
 PY = "/env/bin/python"
 WORKER = ["train", "index.parquet", "--out", "out.safetensors", "--run-dir", "run", "--params", '{"a": 1}']

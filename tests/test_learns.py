@@ -5,8 +5,8 @@ import math
 
 import torch
 
-from soraflow.diffusion import IDDPM, sample
-from soraflow.stdit import build_model
+from soraflow.models.diffusion import IDDPM, sample
+from soraflow.models.stdit import build_model
 
 C, T, H, W = 4, 4, 8, 8
 CAPTION_LEN, CAPTION_DIM, CAPTION_TOKENS = 32, 384, 6

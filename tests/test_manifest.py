@@ -4,8 +4,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from soraflow import table
-from soraflow.manifest import (
+from soraflow.data import table
+from soraflow.data.manifest import (
     count_rows,
     num_shards,
     read_manifest,
@@ -169,7 +169,7 @@ def test_shard_manifest_overcounted_rows_give_an_empty_last_shard(tmp_path):
 
 def test_shard_command_builds_the_paths_from_folder_and_count(tmp_path):
     from soraflow.cli import main
-    from soraflow.manifest import shard_table_paths
+    from soraflow.data.manifest import shard_table_paths
 
     manifest = tmp_path / "m.csv"
     manifest.write_text("url\n" + "".join(f"v{i}.mp4\n" for i in range(5)))

@@ -29,7 +29,7 @@ def merged_preset() -> dict:
 
 def test_preset_is_valid_and_is_open_sora_1_0():
     config = merged_preset()
-    schema = yaml.safe_load((REPO / "src/soraflow/schemas/config.schema.yaml").read_text())
+    schema = yaml.safe_load((REPO / "src/soraflow/workflow/schemas/config.schema.yaml").read_text())
     jsonschema.validate(config, schema)
     assert config["vae"]["model"] == "stabilityai/sd-vae-ft-ema" and config["vae"]["scaling_factor"] == 0.18215
     assert config["text_encoder"] == {"model": "DeepFloyd/t5-v1_1-xxl", "max_length": 120}
@@ -58,7 +58,7 @@ def test_preset_dry_runs_the_whole_dag(tmp_path):
 
 
 def test_stage_resources_reach_the_training_jobs(tmp_path):
-    from soraflow.workflow import Layout
+    from soraflow.workflow.layout import Layout
 
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("url\nv.mp4\n")

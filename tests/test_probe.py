@@ -2,7 +2,7 @@ import ffmpeg as ffmpeg_python
 import pytest
 
 from conftest import ffmpeg
-from soraflow.probe import ProbeError, probe
+from soraflow.data.probe import ProbeError, probe
 
 
 def test_probe_synthetic_video(synthetic_cut_video):

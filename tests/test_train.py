@@ -15,8 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from soraflow import cache, table
-from soraflow.train import Trainer, load_checkpoint_file, load_for_sampling, train
+from soraflow.training import cache
+from soraflow.data import table
+from soraflow.training.checkpoint import load_checkpoint_file, load_for_sampling
+from soraflow.training.loop import Trainer, train
 
 NUM_CLIPS = 6
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from soraflow.workflow import Layout
+from soraflow.workflow.layout import Layout
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]

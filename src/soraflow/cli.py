@@ -24,27 +24,27 @@ def _params(text: str) -> dict:
 
 
 def cmd_demo_videos(args) -> None:
-    from soraflow.demo import make_demo_videos
+    from soraflow.data.demo import make_demo_videos
 
     params = args.params
     make_demo_videos(params["out_dir"], params["videos"])
 
 
 def cmd_shard(args) -> None:
-    from soraflow.manifest import shard_manifest, shard_table_paths
+    from soraflow.data.manifest import shard_manifest, shard_table_paths
 
     shard_manifest(args.manifest, args.shard_size, shard_table_paths(args.shards_dir, args.num_shards, "manifest"))
 
 
 def cmd_export(args) -> None:
-    from soraflow.export import export_shards
+    from soraflow.data.export import export_shards
 
     counts = export_shards(args.shards_dir, args.num_shards, args.out, args.csv, args.rejects)
     print(f"export: {counts}")
 
 
 def cmd_ingest(args) -> None:
-    from soraflow.ingest import ingest_shard
+    from soraflow.data.ingest import ingest_shard
 
     ingest_shard(args.table, args.raw_dir, args.out, args.rejects, args.params)
 
@@ -72,8 +72,8 @@ def _clip_table(inputs: list[str], work_dir: Path, config_path: str) -> str:
         return inputs[0]
     import pandas as pd
 
-    from soraflow import table
-    from soraflow.ingest import ingest_shard
+    from soraflow.data import table
+    from soraflow.data.ingest import ingest_shard
 
     ids = [Path(p).stem for p in inputs]
     if len(set(ids)) != len(ids):
@@ -87,7 +87,7 @@ def _clip_table(inputs: list[str], work_dir: Path, config_path: str) -> str:
 
 
 def cmd_split(args) -> None:
-    from soraflow.split import split_shard
+    from soraflow.data.split import split_shard
 
     out_dir = Path(args.out_dir)
     params = _config_section(args, "split")
@@ -97,15 +97,21 @@ def cmd_split(args) -> None:
     print(f"clip table: {out}")
 
 
+def cmd_score(args) -> None:
+    from soraflow.scoring.shard import score_shard
+
+    score_shard(args.table, args.out, args.params)
+
+
 def cmd_models(args) -> None:
-    from soraflow.tiny_models import build_all
+    from soraflow.models.tiny import build_all
 
     build_all(args.out_dir, args.params)
 
 
 def cmd_caption(args) -> None:
-    from soraflow import table
-    from soraflow.caption import caption_shard
+    from soraflow.data import table
+    from soraflow.scoring.caption import caption_shard
 
     out_dir = Path(args.out_dir)
     params = _config_section(args, "caption")
@@ -118,32 +124,33 @@ def cmd_caption(args) -> None:
 
 
 def cmd_encode_video(args) -> None:
-    from soraflow.cache import encode_video_shard
+    from soraflow.training.encode import encode_video_shard
 
     encode_video_shard(args.table, args.out, args.params["vae"], args.params["stage"])
 
 
 def cmd_encode_text(args) -> None:
-    from soraflow.cache import encode_text_shard
+    from soraflow.training.encode import encode_text_shard
 
     encode_text_shard(args.table, args.out, args.params)
 
 
 def cmd_dataset(args) -> None:
-    from soraflow.cache import shard_cache_paths
-    from soraflow.dataset import build_stage_index
-    from soraflow.manifest import shard_table_paths
+    from soraflow.training.cache import shard_cache_paths
+    from soraflow.training.dataset import build_stage_index
+    from soraflow.data.manifest import shard_table_paths
 
     tables = shard_table_paths(args.shards_dir, args.num_shards, "captioned")
+    scores = shard_table_paths(args.shards_dir, args.num_shards, "scored")
     latents = shard_cache_paths(args.latent_dir, args.num_shards)
     texts = shard_cache_paths(args.text_dir, args.num_shards)
-    build_stage_index(tables, latents, texts, args.params, args.out, args.rejects)
+    build_stage_index(tables, scores, latents, texts, args.params, args.out, args.rejects)
 
 
 def cmd_train(args) -> None:
     import os
 
-    from soraflow import launch
+    from soraflow.training import launch
 
     if launch.needs_launch(args.nproc, args.nodes, os.environ):
         argv = ["train", args.index, "--out", args.out, "--run-dir", args.run_dir, "--params", json.dumps(args.params)]
@@ -152,7 +159,7 @@ def cmd_train(args) -> None:
         if code:
             raise SystemExit(f"training exited with status {code} (preempted or failed; see the log above)")
         return
-    from soraflow.train import Preempted, train
+    from soraflow.training.loop import Preempted, train
 
     try:
         train(args.index, args.out, args.run_dir, args.params, init_path=args.init)
@@ -161,7 +168,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    from soraflow.sample import sample_prompts, sample_training_captions
+    from soraflow.inference.sample import sample_prompts, sample_training_captions
 
     if args.params is None:
         args.params = {key: _config_section(args, key) for key in ("sample", "text_encoder", "vae", "diffusion")}
@@ -175,14 +182,14 @@ def cmd_sample(args) -> None:
 
 
 def cmd_report_figures(args) -> None:
-    from soraflow.report import make_figures
+    from soraflow.workflow.report import make_figures
 
     losses = dict(item.split("=", 1) for item in args.loss)
     make_figures(args.clips, args.rejects, losses, args.out_dir)
 
 
 def cmd_inspect(args) -> None:
-    from soraflow.stats import inspect_tables
+    from soraflow.data.stats import inspect_tables
 
     print(inspect_tables(args.root))
 
@@ -235,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="clip table (default: OUT_DIR/clips.parquet)")
     p.add_argument("--rejects", help="rejects table (default: OUT_DIR/rejects_split.parquet)")
 
+    p = with_params(command("score", cmd_score, "motion and aesthetic scores of a clip table"))
+    p.add_argument("table")
+    p.add_argument("--out", required=True)
+
     p = with_params(command("models", cmd_models, "build the tiny local models (random weights)"))
     p.add_argument("--out-dir", required=True)
 
@@ -253,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
 
     p = with_params(command("dataset", cmd_dataset, "join captions and caches into a stage's training index"))
-    p.add_argument("--shards-dir", required=True, help="folder of the shards' captioned tables")
+    p.add_argument("--shards-dir", required=True, help="folder of the shards' captioned and scored tables")
     p.add_argument("--num-shards", type=int, required=True)
     p.add_argument("--latent-dir", required=True, help="folder of the stage's latent cache files")
     p.add_argument("--text-dir", required=True, help="folder of the text feature cache files")

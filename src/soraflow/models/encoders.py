@@ -1,0 +1,121 @@
+"""The frozen encoders around STDiT: a frame autoencoder and a text encoder.
+
+Both load through `from_pretrained(id or path)`. The autoencoder works per frame (as
+Open-Sora 1.0 uses SD-VAE); `pixel_pack` is an exactly invertible stand-in for CPU runs,
+where a random-weight VAE could never give recognisable samples.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from soraflow.core.devices import device_and_dtype
+from soraflow.core.hub import resolve_model_ref
+from soraflow.core.progress import progress
+
+
+class KLAutoencoder:
+    """diffusers AutoencoderKL (SD-VAE in the real recipe), latents = mean x scaling factor."""
+
+    latent_bound = None  # unbounded latents: sampling does not clamp its x_0 predictions
+
+    def __init__(self, params: dict):
+        from diffusers import AutoencoderKL
+
+        self.device, self.dtype = device_and_dtype()
+        self.vae = AutoencoderKL.from_pretrained(resolve_model_ref(params["model"]), torch_dtype=self.dtype)
+        self.vae.to(self.device).eval().requires_grad_(False)
+        self.scaling_factor = params.get("scaling_factor") or self.vae.config.scaling_factor
+        self.micro_batch = params.get("micro_batch", 16)
+        self.latent_channels = self.vae.config.latent_channels
+        self.downsample = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """[N,3,H,W] in [-1,1] -> [N,C,H/f,W/f], micro-batched to bound memory."""
+        out = []
+        for chunk in frames.split(self.micro_batch):
+            dist = self.vae.encode(chunk.to(self.device, self.dtype)).latent_dist
+            # the mean: a cached sample would freeze one draw of the posterior noise forever
+            out.append((dist.mean * self.scaling_factor).float().cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        out = []
+        for chunk in latents.split(self.micro_batch):
+            z = chunk.to(self.device, self.dtype) / self.scaling_factor
+            out.append(self.vae.decode(z).sample.float().cpu())
+        return torch.cat(out).clamp(-1, 1)
+
+
+class PixelPackAutoencoder:
+    """Space-to-depth packing: f x f pixel blocks become 3*f*f channels. Exactly invertible.
+
+    Keep a token's width (3*f*f * the STDiT patch area) at most the STDiT hidden size: with
+    f = 8 and 2x2 patches a token holds 768 numbers, STDiT-demo's 192-wide embedding cannot
+    pass that noise through, and the eps loss cannot fall below 1 - 192/768 (flat at ~0.78)."""
+
+    def __init__(self, params: dict):
+        self.downsample = params.get("factor", 4)
+        self.scaling_factor = params.get("scaling_factor") or 1.0
+        self.latent_channels = 3 * self.downsample**2
+        # pixels in [-1, 1]: sampling clamps its x_0 predictions to this, as pixel-space
+        # IDDPM does; without it a briefly trained model's samples blow up to saturated noise
+        self.latent_bound = self.scaling_factor
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        return F.pixel_unshuffle(frames.float(), self.downsample) * self.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return F.pixel_shuffle(latents / self.scaling_factor, self.downsample).clamp(-1, 1)
+
+
+AUTOENCODERS = {"autoencoder_kl": KLAutoencoder, "pixel_pack": PixelPackAutoencoder}
+
+
+def load_autoencoder(params: dict):
+    kind = params.get("kind", "autoencoder_kl")
+    if kind not in AUTOENCODERS:
+        raise ValueError(f"vae.kind: unknown autoencoder {kind!r} (choose from {sorted(AUTOENCODERS)})")
+    return AUTOENCODERS[kind](params)
+
+
+T5_FAMILY = {"t5", "mt5", "umt5"}
+
+
+class TextEncoder:
+    """Token features and mask from a transformers encoder (T5 encoder, BERT, ...)."""
+
+    def __init__(self, params: dict):
+        from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
+
+        path = resolve_model_ref(params["model"])
+        self.device, self.dtype = device_and_dtype()
+        self.max_length = params["max_length"]
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
+        # AutoModel would build T5's decoder too, which text conditioning never runs
+        model_class = T5EncoderModel if config.model_type in T5_FAMILY else AutoModel
+        self.model = model_class.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
+        self.hidden_size = config.hidden_size
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """texts -> (features [N, max_length, C] float32, mask [N, max_length] int64)."""
+        features, masks = [], []
+        for start in progress(range(0, len(texts), batch_size), desc="encode text"):
+            tokens = self.tokenizer(
+                texts[start : start + batch_size],
+                max_length=self.max_length,
+                padding="max_length",
+                truncation=True,
+                return_tensors="pt",
+            ).to(self.device)
+            out = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+            features.append(out.last_hidden_state.float().cpu())
+            masks.append(tokens.attention_mask.cpu().long())
+        if not features:
+            return torch.zeros(0, self.max_length, self.hidden_size), torch.zeros(0, self.max_length, dtype=torch.long)
+        return torch.cat(features), torch.cat(masks)

@@ -1,0 +1,307 @@
+"""Captioning clips with a LLaVA-family model, as Open-Sora 1.0 did with LLaVA-1.6-34B.
+
+The model loads through transformers' AutoModelForImageTextToText + AutoProcessor, so
+LLaVA-1.5, LLaVA-NeXT, NeXT-Video and OneVision ids (or local dirs) all work by config.
+Open-Sora fed three frames (20/50/80% of the clip) but its prompt held one <image>
+token, so only the first frame reached the model (issue #289); here the chat template
+gets one image entry per frame. Captions that come out empty, or cut off at the token
+limit, go to the rejects table with a reason instead of into training (issue #167).
+
+A shard is resumable: every batch's results are written as a parquet part under
+`{out_table}.partial/`, and a rerun skips the clips found there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import time
+import unicodedata
+from pathlib import Path
+
+import av
+import pandas as pd
+import pyarrow as pa
+import torch
+
+from soraflow.data import table
+from soraflow.data import video
+from soraflow.core.devices import device_and_dtype
+from soraflow.core.hub import resolve_model_ref
+from soraflow.core.progress import progress
+
+log = logging.getLogger(__name__)
+
+DEFAULT_POSITIONS = (0.2, 0.5, 0.8)
+EXISTING_TEXT_MODES = ("keep", "replace", "both")
+DEFAULTS = {
+    "num_frames": 3,
+    "positions": list(DEFAULT_POSITIONS),
+    "prompt": "These are frames from one video, in order. Describe the video as a whole in a few sentences.",
+    "max_new_tokens": 64,
+    # at least one token: a model that stops at once gives an empty caption, never a useful one
+    "min_new_tokens": 1,
+    "temperature": 0.0,
+    "batch_size": 8,
+    "existing_text": "replace",
+    # a random-weight model never stops on its own, so cutting captions off is allowed by default
+    "reject_truncated": False,
+    "seed": 0,
+}
+
+# One partial result per clip: the generated caption, or why the clip was rejected.
+PART_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string()),
+        pa.field("text_generated", pa.string()),
+        pa.field("reason", pa.string()),
+        pa.field("seconds", pa.float64()),  # generation time per clip, for throughput reports
+    ]
+)
+
+LEADING_PHRASES = re.compile(
+    r"^\s*(?:"
+    r"(?:the|this) (?:video|clip|footage|scene|sequence(?: of (?:frames|images))?|frames?|images?)"
+    r" (?:shows|depicts|features|captures|presents|displays|showcases|is showing|begins with|opens with)"
+    r"|in (?:the|this) (?:video|clip|footage|scene|sequence(?: of (?:frames|images))?|frames?|images?)"
+    r"|(?:the|these) (?:frames|images) (?:show|depict|capture|display)"
+    r")\s*[,:]?\s*",
+    re.IGNORECASE,
+)
+
+
+def frame_indices(num_frames_in_clip: int, positions=DEFAULT_POSITIONS) -> list[int]:
+    """Frame numbers at fractional `positions` of the clip (Open-Sora: int(n * p))."""
+    if num_frames_in_clip < 1:
+        raise ValueError(f"frame_indices: a clip needs at least one frame, got {num_frames_in_clip}")
+    bad = [p for p in positions if not 0.0 <= p <= 1.0]
+    if bad:
+        raise ValueError(f"caption.positions must lie in [0, 1], got {bad}")
+    return video.at_positions(num_frames_in_clip, positions)
+
+
+def build_prompt(processor, num_images: int, prompt_text: str) -> str:
+    """The model's own chat template with one image entry per frame, then the request."""
+    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt_text}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def clean_caption(text: str) -> str:
+    """Drop control characters and "The video shows"-style openings, collapse whitespace,
+    capitalise the first letter."""
+    # control/format characters and U+FFFD (a token cut inside a UTF-8 sequence) are noise
+    text = "".join(" " if unicodedata.category(c)[0] == "C" or c == "\ufffd" else c for c in text)
+    text = " ".join(text.split())
+    text = LEADING_PHRASES.sub("", text, count=1).strip()
+    return text[:1].upper() + text[1:]
+
+
+_CAPTIONERS: dict[str, tuple] = {}
+
+
+def load_captioner(model_ref: str) -> tuple:
+    """(model, processor) for an id or path, loaded once per process."""
+    if model_ref not in _CAPTIONERS:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        device, dtype = device_and_dtype()
+        path = resolve_model_ref(model_ref)
+        processor = AutoProcessor.from_pretrained(path)
+        # batched generation appends new tokens on the right, so prompts pad on the left
+        processor.tokenizer.padding_side = "left"
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
+        _CAPTIONERS[model_ref] = (model, processor)
+    return _CAPTIONERS[model_ref]
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set(eos) if isinstance(eos, (list, tuple)) else {eos}
+
+
+def prepare_inputs(processor, clips: list[torch.Tensor], prompt_text: str, device=None, dtype=None):
+    """Processor inputs for a batch of clips ([T,H,W,3] uint8 each): every frame is an image."""
+    from PIL import Image
+
+    prompts = [build_prompt(processor, len(frames), prompt_text) for frames in clips]
+    images = [Image.fromarray(frame.numpy()) for frames in clips for frame in frames]
+    inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    if device is not None:
+        inputs = inputs.to(device)
+    if dtype is not None and "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return inputs
+
+
+@torch.no_grad()
+def generate_captions(model, processor, clips: list[torch.Tensor], params: dict) -> list[tuple[str, bool]]:
+    """Caption a batch of clips; returns (decoded text, truncated) per clip, where
+    truncated means no end-of-sequence token within max_new_tokens."""
+    params = {**DEFAULTS, **params}
+    tokenizer = processor.tokenizer
+    inputs = prepare_inputs(processor, clips, params["prompt"], model.device, model.dtype)
+    eos_ids = _eos_ids(model, tokenizer)
+    sampling = params["temperature"] > 0
+    if sampling:
+        torch.manual_seed(params["seed"])  # per batch, so a resumed shard samples as a fresh run would
+    output = model.generate(
+        **inputs,
+        max_new_tokens=params["max_new_tokens"],
+        min_new_tokens=params["min_new_tokens"],
+        do_sample=sampling,
+        temperature=params["temperature"] if sampling else None,
+        # image placeholders, padding and the like are never part of a caption
+        suppress_tokens=sorted(set(tokenizer.all_special_ids) - eos_ids),
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids),
+        eos_token_id=sorted(eos_ids),
+    )
+    new_tokens = output[:, inputs["input_ids"].shape[1] :]
+    texts = processor.batch_decode(new_tokens, skip_special_tokens=True)
+    finished = torch.isin(new_tokens, torch.tensor(sorted(eos_ids), device=new_tokens.device)).any(dim=1)
+    return [(text, not done) for text, done in zip(texts, finished.tolist())]
+
+
+def _validated(params: dict) -> dict:
+    params = {**DEFAULTS, **params}
+    if "model" not in params:
+        raise ValueError("caption.model is required (a hub id or a local model dir)")
+    if params["existing_text"] not in EXISTING_TEXT_MODES:
+        raise ValueError(f"caption.existing_text: {params['existing_text']!r} is not one of {EXISTING_TEXT_MODES}")
+    if params["positions"] is None:
+        n = params["num_frames"]
+        params["positions"] = [(k + 1) / (n + 1) for k in range(n)]
+    if len(params["positions"]) != params["num_frames"]:
+        raise ValueError(
+            f"caption.positions has {len(params['positions'])} entries but caption.num_frames is {params['num_frames']}"
+        )
+    return params
+
+
+def _verdict(text: str, truncated: bool, params: dict) -> tuple[str | None, str | None]:
+    """(clean caption, None) for a usable caption, else (None, reject reason)."""
+    caption = clean_caption(text)
+    if not caption:
+        return None, "empty caption"
+    if truncated and params["reject_truncated"]:
+        return None, f"truncated: no end of sequence within max_new_tokens={params['max_new_tokens']}"
+    return caption, None
+
+
+def _load_frames(path: str, num_frames, positions: list[float]) -> torch.Tensor:
+    if pd.isna(num_frames) or num_frames < 1:
+        num_frames = video.count_frames(path)  # the table does not know it: ask the decoder
+    return video.read_frames(path, frame_indices(int(num_frames), positions))
+
+
+class PartialResults:
+    """Per-batch parquet parts beside the output table; valid only for identical params."""
+
+    def __init__(self, out_table: Path, params: dict):
+        self.dir = out_table.with_name(out_table.name + ".partial")
+        self.params_file = self.dir / "params.json"
+        fingerprint = json.dumps(params, sort_keys=True, default=str)
+        if self.dir.exists() and (not self.params_file.exists() or self.params_file.read_text() != fingerprint):
+            log.info("%s: caption params changed since the partial results were written; starting over", self.dir)
+            shutil.rmtree(self.dir)
+        if not self.dir.exists():
+            self.dir.mkdir(parents=True)
+            self.params_file.write_text(fingerprint)
+
+    def parts(self) -> list[Path]:
+        return sorted(self.dir.glob("part-*.parquet"))
+
+    def load(self) -> pd.DataFrame:
+        frames = [table.read(p) for p in self.parts()]
+        return pd.concat(frames, ignore_index=True) if frames else table.empty(PART_SCHEMA)
+
+    def append(self, rows: list[dict]) -> None:
+        part = self.dir / f"part-{len(self.parts()):05d}.parquet"
+        table.write(pd.DataFrame(rows, columns=PART_SCHEMA.names), part, PART_SCHEMA)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir)
+
+
+def caption_shard(table_path: str | Path, out_table: str | Path, rejects_path: str | Path, params: dict) -> dict:
+    """Caption a shard's clips and write its table (text_generated, text) and rejects.
+
+    existing_text: keep -> clips with a manifest caption keep it as `text` and are not
+    captioned; replace -> every clip is captioned, `text` is the generated caption and the
+    manifest caption is dropped; both -> like replace, but text_manifest stays beside it.
+    Returns counts (clips, resumed from partial results, processed now, rejected) and seconds_per_clip.
+    """
+    params = _validated(params)
+    table_path, out_table = Path(table_path), Path(out_table)
+    clips = table.read(table_path)
+    missing = sorted({"id", "path", "num_frames", "text_manifest"} - set(clips.columns))
+    if missing:
+        raise ValueError(f"{table_path}: clip table lacks columns {missing}")
+    duplicated = sorted(clips.loc[clips["id"].duplicated(), "id"].unique())
+    if duplicated:
+        raise ValueError(f"{table_path}: clip ids are not unique: {duplicated[:5]}")
+
+    has_manifest_text = clips["text_manifest"].fillna("").str.strip() != ""
+    wanted = ~has_manifest_text if params["existing_text"] == "keep" else pd.Series(True, index=clips.index)
+
+    partial = PartialResults(out_table, params)
+    done = partial.load()
+    todo = clips[wanted & ~clips["id"].isin(done["id"])]
+    resumed = int(wanted.sum()) - len(todo)
+    if resumed:
+        log.info("%s: resuming, %d clips already captioned", table_path, resumed)
+
+    new_results = []
+    for start in progress(range(0, len(todo), params["batch_size"]), desc="caption batches"):
+        batch = todo.iloc[start : start + params["batch_size"]]
+        results, frames, ids = [], [], []
+        for _, row in batch.iterrows():
+            try:
+                frames.append(_load_frames(row["path"], row["num_frames"], params["positions"]))
+                ids.append(row["id"])
+            except (ValueError, OSError, av.FFmpegError) as err:
+                results.append({"id": row["id"], "text_generated": None, "reason": f"cannot decode frames: {err}"})
+        if frames:
+            model, processor = load_captioner(params["model"])
+            started = time.perf_counter()
+            generated = generate_captions(model, processor, frames, params)
+            per_clip = (time.perf_counter() - started) / len(frames)
+            for clip_id, (text, truncated) in zip(ids, generated):
+                caption, reason = _verdict(text, truncated, params)
+                results.append({"id": clip_id, "text_generated": caption, "reason": reason, "seconds": per_clip})
+        partial.append(results)
+        new_results.extend(results)
+
+    results = pd.concat([done, pd.DataFrame(new_results, columns=PART_SCHEMA.names)], ignore_index=True)
+    results = results.set_index("id")
+    out = clips.copy()
+    out["text_generated"] = out["id"].map(results["text_generated"])
+    reasons = out["id"].map(results["reason"])
+    if params["existing_text"] == "keep":
+        out["text"] = out["text_manifest"].where(has_manifest_text, out["text_generated"])
+    else:
+        out["text"] = out["text_generated"]
+        if params["existing_text"] == "replace":
+            out["text_manifest"] = None
+    rejected = reasons.notna()
+    reject_rows = [
+        {"id": row["id"], "url": row.get("url"), "stage": "caption", "reason": reason}
+        for (_, row), reason in zip(out[rejected].iterrows(), reasons[rejected])
+    ]
+    table.write(out[~rejected], out_table)
+    table.write_rejects(reject_rows, rejects_path)
+    partial.remove()
+
+    timed = results["seconds"].dropna()
+    summary = {
+        "clips": len(clips),
+        "resumed": resumed,
+        "processed": len(new_results),
+        "rejected": len(reject_rows),
+        "seconds_per_clip": float(timed.mean()) if len(timed) else None,
+    }
+    log.info("%s: %s", out_table, summary)
+    return summary

@@ -1,0 +1,60 @@
+"""Clip filters (duration, resolution, aspect ratio, motion, aesthetics) over a clip table.
+
+Only pandas: the scores they compare were written by the score step (soraflow.scoring.shard).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+SCORE_COLUMNS = ["motion", "aes"]  # written by the score step, joined here
+
+# threshold key -> (column, comparison); a clip is kept when `value <op> threshold`
+FILTERS = {
+    "min_seconds": ("duration_s", ">="),
+    "max_seconds": ("duration_s", "<="),
+    "min_resolution": ("resolution", ">="),
+    "min_aspect_ratio": ("aspect_ratio", ">="),
+    "max_aspect_ratio": ("aspect_ratio", "<="),
+    "min_motion": ("motion", ">="),
+    "min_aes": ("aes", ">="),
+}
+
+
+def apply_filters(df: pd.DataFrame, thresholds: dict) -> tuple[pd.DataFrame, list[dict]]:
+    """Keep the clips that pass every threshold; the others become rejects rows (stage 'filter').
+
+    A threshold of None is no filter. A threshold whose column nobody filled (every value
+    null) is an error naming the key, so a missing scoring step is never a silent no-op;
+    a clip whose own value is missing is rejected.
+    """
+    unknown = sorted(set(thresholds) - set(FILTERS))
+    if unknown:
+        raise ValueError(f"unknown filter keys {unknown}; known: {sorted(FILTERS)}")
+    failures = pd.Series([[] for _ in range(len(df))], index=df.index, dtype=object)
+    for key, threshold in thresholds.items():
+        if threshold is None:
+            continue
+        column, op = FILTERS[key]
+        values = df[column] if column in df.columns else pd.Series(np.nan, index=df.index)
+        if len(df) and values.isna().all():
+            raise ValueError(f"filter {key!r} needs column {column!r}, which has no values in this table")
+        passed = values >= threshold if op == ">=" else values <= threshold
+        for index in df.index[~passed.fillna(False).astype(bool)]:
+            value = values[index]
+            failures[index].append(
+                f"{column} missing" if pd.isna(value) else f"{column} {value:g} {'<' if op == '>=' else '>'} {key} {threshold:g}"
+            )
+    failed = failures.map(bool)
+    rejects = [
+        {"id": row["id"], "url": row.get("url"), "stage": "filter", "reason": "; ".join(failures[index])}
+        for index, row in df[failed].iterrows()
+    ]
+    return df[~failed].reset_index(drop=True), rejects
+
+
+def join_scores(clips: pd.DataFrame, scored: pd.DataFrame) -> pd.DataFrame:
+    """`clips` with the score columns taken from `scored` (matched by clip id)."""
+    scores = scored.set_index("id")[SCORE_COLUMNS]
+    return clips.drop(columns=SCORE_COLUMNS).join(scores, on="id")

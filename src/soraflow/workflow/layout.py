@@ -1,0 +1,140 @@
+"""Where every file of the workflow lives, and what each step is given.
+
+The Snakefile and rules ask this class for paths and settings, so the layout is
+importable and tested without Snakemake. The DAG grows with shards, not videos: every
+per-video step is one job per shard of `data.shard_size` videos.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from soraflow.data.manifest import num_shards, shard_ids
+
+STAGES = ("stage1", "stage2", "stage3")
+
+
+def use_running_environment() -> None:
+    """Jobs run the `soraflow` command of the environment that runs Snakemake, even when
+    Snakemake was started as .venv/bin/snakemake without activating the venv."""
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in os.environ["PATH"].split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ["PATH"]])
+
+
+def as_json(value) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+class Layout:
+    def __init__(self, config: dict):
+        self.config = config
+        data = config["data"]
+        self.root = data["root"]
+        self.manifest = data["manifest"]
+        self.shards = shard_ids(num_shards(self.manifest, data["shard_size"]))
+        self.stages = [s for s in STAGES if s in config["stages"]]
+        self.models_dir = config["local_models"]["out_dir"]
+
+    # --- data ----------------------------------------------------------------------------
+    def shard_file(self, name: str, shard="{shard}") -> str:
+        return f"{self.root}/shards/{shard}/{name}.parquet"
+
+    def shard_files(self, name: str) -> list[str]:
+        return [self.shard_file(name, s) for s in self.shards]
+
+    def raw_dir(self) -> str:
+        return f"{self.root}/raw"
+
+    def clip_dir(self, shard="{shard}") -> str:
+        return f"{self.root}/clips/{shard}"
+
+    def exports(self) -> list[str]:
+        """The export rule's outputs: every captioned clip (parquet), Open-Sora's CSV, all rejects."""
+        return ["results/clips.parquet", "results/clips.csv", "results/rejects.parquet"]
+
+    def demo_videos(self) -> list[str]:
+        demo = self.config.get("demo") or {}
+        return [f"{demo['out_dir']}/{v['name']}.mp4" for v in demo.get("videos", [])]
+
+    # --- models ----------------------------------------------------------------------------
+    def local_models(self) -> list[str]:
+        return [f"{self.models_dir}/{name}" for name in ("tiny-llava", "tiny-vae", "tiny-t5", "tiny-aesthetic")]
+
+    def model_input(self, ref: str) -> list[str]:
+        """A model the `models` rule builds is an input; hub ids and other paths are not."""
+        return [ref] if ref and ref in self.local_models() else []
+
+    # --- caches and training ---------------------------------------------------------------
+    def latent_cache(self, stage="{stage}", shard="{shard}") -> str:
+        return f"{self.root}/cache/latents/{stage}/{shard}.safetensors"
+
+    def text_cache(self, shard="{shard}") -> str:
+        return f"{self.root}/cache/text/{shard}.safetensors"
+
+    def stage_index(self, stage="{stage}") -> str:
+        return f"{self.root}/train/{stage}/index.parquet"
+
+    def stage_rejects(self, stage="{stage}") -> str:
+        return f"{self.root}/train/{stage}/rejects.parquet"
+
+    def checkpoint(self, stage: str) -> str:
+        return f"results/checkpoints/{stage}.safetensors"
+
+    def init_checkpoint(self, stage: str) -> list[str]:
+        """The previous stage's checkpoint, a checkpoint path (e.g. PixArt-α), or nothing."""
+        init = self.config["stages"][stage].get("init")
+        if not init:
+            return []
+        return [self.checkpoint(init)] if init in STAGES else [init]
+
+    def run_dir(self, stage: str) -> str:
+        return f"results/runs/{stage}"
+
+    def loss_log(self, stage: str) -> str:
+        return f"{self.run_dir(stage)}/loss.csv"
+
+    def report_figures(self) -> list[str]:
+        return [f"results/report/{name}" for name in ("dataset.png", "gallery.html", "losses.png")]
+
+    def train_resources(self, stage: str) -> dict:
+        resources = {"gpu": 1, "nodes": 1, "tasks": self.config["train"]["nproc_per_node"]}
+        return {**resources, **self.config["stages"][stage].get("resources", {})}
+
+    def samples(self, stage: str) -> list[str]:
+        count = len(self.config["sample"]["prompts"])
+        return [f"results/samples/{stage}/sample_{k:02d}.mp4" for k in range(count)]
+
+    def caption_samples(self, stage: str) -> list[str]:
+        """Samples from the captions of `sample.training_captions` of the stage's own clips."""
+        count = self.config["sample"].get("training_captions", 0)
+        return [f"results/samples/{stage}/training_{k:02d}.mp4" for k in range(count)]
+
+    def sample_comparison(self, stage: str) -> list[str]:
+        """Figure and table of caption samples beside their training clips (none without them)."""
+        if not self.caption_samples(stage):
+            return []
+        return [f"results/samples/{stage}/vs_training.png", f"results/samples/{stage}/vs_training.csv"]
+
+    def sample_videos(self, stage: str) -> list[str]:
+        return self.samples(stage) + self.caption_samples(stage)
+
+    def all_samples(self) -> list[str]:
+        """Every stage's sample videos and comparisons."""
+        return [path for stage in self.stages for path in self.sample_videos(stage) + self.sample_comparison(stage)]
+
+    # --- settings each step receives ---------------------------------------------------------
+    def encode_video_params(self, stage: str) -> str:
+        frames = {k: self.config["stages"][stage][k] for k in ("num_frames", "frame_interval", "resolution")}
+        return as_json({"vae": self.config["vae"], "stage": frames})
+
+    def train_params(self, stage: str) -> str:
+        c = self.config
+        return as_json({"stage": c["stages"][stage], "train": c["train"], "stdit": c["stdit"], "diffusion": c["diffusion"]})
+
+    def sample_params(self) -> str:
+        c = self.config
+        return as_json({k: c[k] for k in ("sample", "text_encoder", "vae", "diffusion")})
