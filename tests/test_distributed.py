@@ -68,7 +68,7 @@ def single_process(latent_index, tmp_path_factory):  # noqa: F811
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_two_processes_match_one_with_the_same_global_batch(engine, latent_index, single_process, tmp_path):  # noqa: F811
     out = tmp_path / "out.safetensors"
-    process = launch(latent_index, out, tmp_path / "run", params_for(engine, batch_size=2))
+    process = launch(latent_index, out, tmp_path / "run", params_for(engine, batch_size=4))
     output = finish(process)
     assert process.returncode == 0, output
     assert f"engine {engine} x2" in output

@@ -70,6 +70,8 @@ class Trainer:
             torch.cuda.set_device(self.device)
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        if self.stage["batch_size"] % self.world:
+            raise ValueError(f"batch_size {self.stage['batch_size']} (samples per step) does not split over {self.world} processes")
         engine_name = self.opts.get("engine", "ddp") if self.world > 1 else "single"
         if engine_name not in ENGINES:
             raise ValueError(f"train.engine: unknown engine {engine_name!r} (choose from {sorted(ENGINES)})")
@@ -181,10 +183,10 @@ class Trainer:
     def draw(self, step: int) -> dict[str, torch.Tensor]:
         """All randomness of one step for the global batch, then this rank's slice."""
         g = torch.Generator().manual_seed(self.opts["seed"] * 1_000_003 + step)
-        global_batch = self.stage["batch_size"] * self.world
+        global_batch, per_rank = self.stage["batch_size"], self.stage["batch_size"] // self.world
         rows = torch.randint(len(self.data), (global_batch,), generator=g)
         t = torch.randint(self.diffusion.num_timesteps, (global_batch,), generator=g)
-        mine = slice(self.rank * self.stage["batch_size"], (self.rank + 1) * self.stage["batch_size"])
+        mine = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
         latents, y, mask = self.data.batch(rows[mine].tolist())  # read only this rank's rows
         noise = torch.randn((global_batch, *latents.shape[1:]), generator=g)
         drop = torch.rand(global_batch, generator=g) < self.model.y_embedder.uncond_prob
