@@ -15,10 +15,18 @@ configfile: f"{workflow.basedir}/workflow_config.yaml"
 
 validate(config, "src/soraflow/workflow/schemas/config.schema.yaml")
 
-from soraflow.workflow.layout import Layout, as_json, use_running_environment
+from soraflow.workflow.layout import Layout, use_running_environment
 
 use_running_environment()
 L = Layout(config)
+# Settings that never change a step's outputs: commands take them from here, outside `params`
+# (which Snakemake compares to decide a re-run), so changing one re-runs nothing.
+OPS = L.operational()
+
+
+wildcard_constraints:
+    shard=r"\d{5}",
+    stage="|".join(L.stages),
 
 
 include: "rules/data.smk"
@@ -33,5 +41,5 @@ rule all:
     default_target: True
     input:
         L.all_samples(),
-        L.exports(),
-        L.report_figures(),
+        L.exports().values(),
+        L.report_figures().values(),

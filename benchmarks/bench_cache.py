@@ -128,10 +128,10 @@ def main() -> None:
             "text_emb_path": str(root / "text.safetensors"), "text_emb_index": range(args.clips),
         }), root / "index.parquet")
 
-        cached = Trainer(root / "index.parquet", root / "a.safetensors", root / "run_a", params(args))
+        cached = Trainer(root / "index.parquet", root / "a.safetensors", root / "run_a", params(args), params(args))
         cached_rate = steps_per_second(cached, args.cached_steps)
         del cached
-        fly = OnTheFlyTrainer(root / "index.parquet", root / "b.safetensors", root / "run_b", params(args))
+        fly = OnTheFlyTrainer(root / "index.parquet", root / "b.safetensors", root / "run_b", params(args), params(args))
         fly.setup_encoders(vae, text_encoder, pixels, captions)
         fly_rate = steps_per_second(fly, args.fly_steps)
 

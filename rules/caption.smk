@@ -9,7 +9,7 @@ rule caption:
         table=L.shard_file("captioned"),
         rejects=L.shard_file("rejects_caption"),
     params:
-        cfg=as_json(config["caption"]),
+        cfg=L.params("caption"),
     # torch steps use two threads; the scheduler keeps them from sharing cores
     threads: 2
     resources:
@@ -20,4 +20,4 @@ rule caption:
         "../envs/soraflow.yaml"
     shell:
         "soraflow caption {input.table} --out {output.table} --rejects {output.rejects}"
-        " --params {params.cfg:q} > {log} 2>&1"
+        " --params {params.cfg:q} --operational {OPS[caption]:q} > {log} 2>&1"

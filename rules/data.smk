@@ -5,7 +5,7 @@ rule demo_videos:
     output:
         L.demo_videos(),
     params:
-        cfg=as_json(config.get("demo", {})),
+        cfg=L.params("demo_videos"),
     log:
         "logs/demo_videos.log",
     conda:
@@ -42,14 +42,14 @@ rule ingest:
         rejects=L.shard_file("rejects_ingest"),
     params:
         raw_dir=L.raw_dir(),
-        cfg=as_json(config["ingest"]),
+        cfg=L.params("ingest"),
     log:
         "logs/ingest/{shard}.log",
     conda:
         "../envs/soraflow.yaml"
     shell:
         "soraflow ingest {input.table} --raw-dir {params.raw_dir} --out {output.table}"
-        " --rejects {output.rejects} --params {params.cfg:q} > {log} 2>&1"
+        " --rejects {output.rejects} --params {params.cfg:q} --operational {OPS[ingest]:q} > {log} 2>&1"
 
 
 rule split:
@@ -60,7 +60,7 @@ rule split:
         rejects=L.shard_file("rejects_split"),
         clips=directory(L.clip_dir()),
     params:
-        cfg=as_json(config["split"]),
+        cfg=L.params("split"),
     log:
         "logs/split/{shard}.log",
     conda:
@@ -79,7 +79,7 @@ rule score:
     output:
         L.shard_file("scored"),
     params:
-        cfg=as_json(config["score"]),
+        cfg=L.params("score"),
     log:
         "logs/score/{shard}.log",
     conda:
@@ -88,16 +88,14 @@ rule score:
         "soraflow score {input.table} --out {output} --params {params.cfg:q} > {log} 2>&1"
 
 
-# After captioning: all shards as one table, Open-Sora's CSV beside it, every reject in one place.
+# After captioning: all shards as one table, Open-Sora 1.0's and 1.1+'s CSVs beside it, every reject in one place.
 rule export:
     input:
         # each shard's rejects tables come from the jobs that made its captioned table, so
         # they are not inputs of their own (3 fewer DAG edges per shard)
         tables=L.shard_files("captioned"),
     output:
-        table=L.exports()[0],
-        csv=L.exports()[1],
-        rejects=L.exports()[2],
+        **L.exports(),
     params:
         # shard tables are found from the folder and the count: 10k paths would pass the
         # kernel's limit on one command-line argument
@@ -109,4 +107,5 @@ rule export:
         "../envs/soraflow.yaml"
     shell:
         "soraflow export --shards-dir {params.shards_dir} --num-shards {params.num_shards}"
-        " --out {output.table} --csv {output.csv} --rejects {output.rejects} > {log} 2>&1"
+        " --out {output.table} --opensora-v1.0-csv {output.opensora_v1_0_csv}"
+        " --opensora-v1.1-csv {output.opensora_v1_1_csv} --rejects {output.rejects} > {log} 2>&1"

@@ -8,7 +8,7 @@ rule encode_video:
     output:
         L.latent_cache(),
     params:
-        cfg=lambda w: L.encode_video_params(w.stage),
+        cfg=lambda w: L.params("encode_video", w.stage),
     # torch steps use two threads; the scheduler keeps them from sharing cores
     threads: 2
     resources:
@@ -18,7 +18,8 @@ rule encode_video:
     conda:
         "../envs/soraflow.yaml"
     shell:
-        "soraflow encode-video {input.table} --out {output} --params {params.cfg:q} > {log} 2>&1"
+        "soraflow encode-video {input.table} --out {output} --params {params.cfg:q}"
+        " --operational {OPS[encode_video]:q} > {log} 2>&1"
 
 
 rule encode_text:
@@ -28,7 +29,7 @@ rule encode_text:
     output:
         L.text_cache(),
     params:
-        cfg=as_json(config["text_encoder"]),
+        cfg=L.params("encode_text"),
     # torch steps use two threads; the scheduler keeps them from sharing cores
     threads: 2
     resources:

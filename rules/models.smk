@@ -6,7 +6,7 @@ rule models:
         [directory(path) for path in L.local_models()],
     params:
         out_dir=lambda w, output: os.path.dirname(output[0]),
-        cfg=as_json(config["local_models"]),
+        cfg=L.params("models"),
     log:
         "logs/models.log",
     conda:

@@ -3,16 +3,16 @@
 
 rule report_figures:
     input:
-        clips=L.exports()[0],
-        rejects=L.exports()[2],
-        checkpoints=[L.checkpoint(stage) for stage in L.stages],
+        clips=L.exports()["table"],
+        rejects=L.exports()["rejects"],
+        losses=[L.loss_log(stage) for stage in L.stages],
     output:
-        report(L.report_figures()[0], category="Dataset", caption="../docs/report/dataset.rst"),
-        report(L.report_figures()[1], category="Dataset", caption="../docs/report/gallery.rst"),
-        report(L.report_figures()[2], category="Training", caption="../docs/report/losses.rst"),
+        dataset=report(L.report_figures()["dataset"], category="Dataset", caption="../docs/report/dataset.rst"),
+        gallery=report(L.report_figures()["gallery"], category="Dataset", caption="../docs/report/gallery.rst"),
+        losses=report(L.report_figures()["losses"], category="Training", caption="../docs/report/losses.rst"),
     params:
         losses=" ".join(f"{stage}={L.loss_log(stage)}" for stage in L.stages),
-        out_dir=lambda w, output: os.path.dirname(output[0]),
+        out_dir=lambda w, output: os.path.dirname(output.dataset),
     log:
         "logs/report_figures.log",
     conda:

@@ -17,7 +17,7 @@ rule dataset:
         latent_dir=lambda w, input: os.path.dirname(input.latents[0]),
         text_dir=lambda w, input: os.path.dirname(input.texts[0]),
         num_shards=len(L.shards),
-        cfg=lambda w: as_json(config["stages"][w.stage]["filters"]),
+        cfg=lambda w: L.params("dataset", w.stage),
     log:
         "logs/dataset/{stage}.log",
     conda:
@@ -37,11 +37,13 @@ for stage in L.stages:
             index=L.stage_index(stage),
             init=L.init_checkpoint(stage),
         output:
-            L.checkpoint(stage),
+            # final weights are never overwritten by a re-run: remove one deliberately to retrain
+            checkpoint=protected(L.checkpoint(stage)),
+            loss=L.loss_log(stage),
         params:
             run_dir=L.run_dir(stage),
             init=" ".join(f"--init {path}" for path in L.init_checkpoint(stage)),
-            cfg=L.train_params(stage),
+            cfg=L.params("train", stage),
         threads: 2
         resources:
             # gpu, nodes, tasks (processes per node, for torchrun) and the stage's own Slurm
@@ -52,8 +54,10 @@ for stage in L.stages:
         conda:
             "../envs/soraflow.yaml"
         shell:
-            "soraflow train {input.index} --out {output} --run-dir {params.run_dir} {params.init}"
-            " --nproc {resources.tasks} --nodes {resources.nodes} --params {params.cfg:q} > {log} 2>&1"
+            "soraflow train {input.index} --out {output.checkpoint} --loss-log {output.loss}"
+            " --run-dir {params.run_dir} {params.init}"
+            " --nproc {resources.tasks} --nodes {resources.nodes} --params {params.cfg:q}"
+            " --operational {OPS[train]:q} > {log} 2>&1"
 
     rule:
         name:
@@ -76,7 +80,7 @@ for stage in L.stages:
                 for path in L.sample_comparison(stage)
             ],
         params:
-            cfg=L.sample_params(),
+            cfg=L.params("sample"),
         threads: 2
         resources:
             gpu=1,
@@ -86,4 +90,5 @@ for stage in L.stages:
             "../envs/soraflow.yaml"
         shell:
             "soraflow sample --ckpt {input.checkpoint} --out {output.prompted} --index {input.index}"
-            " --from-captions {output.captioned} --comparison {output.comparison} --params {params.cfg:q} > {log} 2>&1"
+            " --from-captions {output.captioned} --comparison {output.comparison} --params {params.cfg:q}"
+            " --operational {OPS[sample]:q} > {log} 2>&1"

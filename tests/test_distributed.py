@@ -24,14 +24,14 @@ import torch
 from safetensors.torch import load_file
 
 from soraflow.training.loop import train
-from test_train import latent_index, train_params  # noqa: F401  (the fixture is shared)
+from test_train import cli_settings, latent_index, train_params  # noqa: F401  (the fixture is shared)
 
 STEPS = 4
 
 
 def launch(index, out, run_dir, params, nproc=2) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "soraflow.cli", "train", str(index), "--out", str(out), "--run-dir", str(run_dir),
-           "--nproc", str(nproc), "--params", json.dumps(params)]
+           "--nproc", str(nproc), *cli_settings(params)]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     env["OMP_NUM_THREADS"] = "1"
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -61,7 +61,8 @@ def params_for(engine: str, batch_size: int, steps: int = STEPS, **overrides) ->
 def single_process(latent_index, tmp_path_factory):  # noqa: F811
     """The reference: one process, the global batch of 4."""
     root = tmp_path_factory.mktemp("single")
-    train(latent_index, root / "out.safetensors", root / "run", params_for("ddp", batch_size=4))
+    params = params_for("ddp", batch_size=4)
+    train(latent_index, root / "out.safetensors", root / "run", params, params)
     return load_file(str(root / "out.safetensors")), pd.read_csv(root / "run" / "loss.csv")
 
 

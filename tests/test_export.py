@@ -105,4 +105,4 @@ def test_paths_follow_the_workflow_layout(tmp_path):
     (tmp_path / "m.csv").write_text("url\na.mp4\nb.mp4\nc.mp4\n")
     layout = Layout(config)
     assert [str(p) for p in shard_table_paths("data/shards", 2, "captioned")] == layout.shard_files("captioned")
-    assert layout.exports() == ["results/clips.parquet", "results/clips.csv", "results/rejects.parquet"]
+    assert list(layout.exports().values()) == ["results/clips.parquet", "results/clips.csv", "results/rejects.parquet"]

@@ -74,7 +74,7 @@ def colour_stage(tmp_path_factory) -> tuple[Path, Path]:
         "stdit": {"preset": "STDiT-tiny"},
         "diffusion": {"num_timesteps": 1000},
     }
-    train(root / "index.parquet", root / "stage.safetensors", root / "run", params)
+    train(root / "index.parquet", root / "stage.safetensors", root / "run", params, params)
     return root / "index.parquet", root / "stage.safetensors"
 
 

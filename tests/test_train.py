@@ -19,8 +19,22 @@ from soraflow.training import cache
 from soraflow.data import table
 from soraflow.training.checkpoint import load_checkpoint_file, load_for_sampling
 from soraflow.training.loop import Trainer, train
+from soraflow.workflow.settings import declared_steps
 
 NUM_CLIPS = 6
+
+
+def split_settings(params: dict) -> tuple[dict, dict]:
+    """(output-changing, operational) halves of train settings, by the workflow's declaration
+    (schemas/affects.yaml), as the train rule passes them."""
+    outputs = {section: dict(values) for section, values in params.items()}
+    ops = {"train": {k: outputs["train"].pop(k) for k in list(outputs["train"]) if declared_steps(f"train.{k}") == []}}
+    return outputs, ops
+
+
+def cli_settings(params: dict) -> list[str]:
+    outputs, ops = split_settings(params)
+    return ["--params", json.dumps(outputs), "--operational", json.dumps(ops)]
 
 
 def train_params(steps: int, **train_overrides) -> dict:
@@ -28,8 +42,8 @@ def train_params(steps: int, **train_overrides) -> dict:
         "stage": {"num_frames": 2, "frame_interval": 1, "resolution": 32, "steps": steps, "batch_size": 2,
                   "lr": 1e-3, "filters": {}},
         "train": {"seed": 7, "weight_decay": 0.0, "grad_clip": 1.0, "ema_decay": 0.9, "grad_checkpointing": False,
-                  "mixed_precision": "fp32", "checkpoint_every": 2, "log_every": 1, "nproc_per_node": 1,
-                  **train_overrides},
+                  "mixed_precision": "fp32", "checkpoint_every": 2, "keep_checkpoints": 2, "log_every": 1,
+                  "nproc_per_node": 1, "engine": "ddp", **train_overrides},
         "stdit": {"preset": "STDiT-tiny"},
         "diffusion": {"num_timesteps": 1000, "sample_steps": 5, "cfg_scale": 4.0},
     }
@@ -55,7 +69,7 @@ def latent_index(tmp_path_factory) -> Path:
 
 def test_training_writes_final_checkpoint_and_loss_log(latent_index, tmp_path):
     out = tmp_path / "stage.safetensors"
-    train(latent_index, out, tmp_path / "run", train_params(steps=4))
+    train(latent_index, out, tmp_path / "run", train_params(steps=4), train_params(steps=4))
     model_state, metadata = load_checkpoint_file(out, "model")
     ema_state, _ = load_checkpoint_file(out, "ema")
     assert metadata["input_size"] == [2, 8, 8] and metadata["steps"] == 4
@@ -71,11 +85,11 @@ def test_training_writes_final_checkpoint_and_loss_log(latent_index, tmp_path):
 
 def test_next_stage_starts_from_previous_weights(latent_index, tmp_path):
     first = tmp_path / "stage1.safetensors"
-    train(latent_index, first, tmp_path / "run1", train_params(steps=2))
+    train(latent_index, first, tmp_path / "run1", train_params(steps=2), train_params(steps=2))
     trained, _ = load_checkpoint_file(first, "model")
     params = train_params(steps=1)
     params["train"]["seed"] = 8  # a different random init, which the checkpoint must overwrite
-    second = Trainer(latent_index, tmp_path / "stage2.safetensors", tmp_path / "run2", params, init_path=first)
+    second = Trainer(latent_index, tmp_path / "stage2.safetensors", tmp_path / "run2", params, params, init_path=first)
     state = second.model.state_dict()
     for key, value in trained.items():
         assert torch.equal(state[key], value), key
@@ -83,7 +97,7 @@ def test_next_stage_starts_from_previous_weights(latent_index, tmp_path):
 
 def run_training_process(index, out, run_dir, params) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "soraflow.cli", "train", str(index), "--out", str(out), "--run-dir", str(run_dir),
-           "--params", json.dumps(params)]
+           *cli_settings(params)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -98,7 +112,7 @@ def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> Non
 def test_killed_run_resumes_to_identical_weights(latent_index, tmp_path):
     params = train_params(steps=8)
     uninterrupted = tmp_path / "uninterrupted.safetensors"
-    train(latent_index, uninterrupted, tmp_path / "run_a", params)
+    train(latent_index, uninterrupted, tmp_path / "run_a", params, params)
 
     resumed = tmp_path / "resumed.safetensors"
     process = run_training_process(latent_index, resumed, tmp_path / "run_b", params)
@@ -133,14 +147,19 @@ def test_sigterm_checkpoints_and_exits_for_requeue(latent_index, tmp_path):
 
 def test_changed_settings_start_afresh_but_more_steps_resume(latent_index, tmp_path):
     run_dir = tmp_path / "run"
-    train(latent_index, tmp_path / "a.safetensors", run_dir, train_params(steps=4))
-    longer = Trainer(latent_index, tmp_path / "b.safetensors", run_dir, train_params(steps=6))
+    train(latent_index, tmp_path / "a.safetensors", run_dir, train_params(steps=4), train_params(steps=4))
+    longer = Trainer(latent_index, tmp_path / "b.safetensors", run_dir, train_params(steps=6), train_params(steps=6))
     longer.resume()
     assert longer.step == 4  # training longer continues the same run
 
     other_lr = train_params(steps=6)
     other_lr["stage"]["lr"] = 5e-4
-    changed = Trainer(latent_index, tmp_path / "c.safetensors", run_dir, other_lr)
+    changed = Trainer(latent_index, tmp_path / "c.safetensors", run_dir, other_lr, other_lr)
     changed.resume()
-    assert changed.step == 0 and not list(run_dir.glob("step-*"))  # stale checkpoints are gone
+    assert changed.step == 0 and not list(run_dir.glob("step-*"))  # the other run's checkpoints left the run
     assert not (run_dir / "loss.csv").exists()
+    # ... but were moved aside whole, never deleted
+    aside = run_dir / "superseded" / longer.identity
+    assert sorted(p.name for p in aside.iterdir()) == ["loss.csv", "step-0000002", "step-0000004", "tensorboard"]
+    state = json.loads((aside / "step-0000004" / "state.json").read_text())
+    assert state["step"] == 4 and state["run"] == longer.identity

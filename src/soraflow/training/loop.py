@@ -41,7 +41,7 @@ from soraflow.training.checkpoint import (
 )
 from soraflow.training.dataset import LatentDataset
 from soraflow.training.engines import ENGINES
-from soraflow.training.identity import run_identity
+from soraflow.training.identity import digest, identity_parts, what_changed
 
 
 class Preempted(Exception):
@@ -59,9 +59,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 class Trainer:
-    def __init__(self, index_path, out_path, run_dir, params: dict, init_path=None):
+    def __init__(self, index_path, out_path, run_dir, params: dict, output_settings: dict, init_path=None,
+                 loss_out=None):
         self.stage, self.opts = params["stage"], params["train"]
         self.out_path, self.run_dir = Path(out_path), Path(run_dir)
+        self.loss_out = loss_out and Path(loss_out)
         self.rank = int(os.environ.get("RANK", 0))
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -72,7 +74,7 @@ class Trainer:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         if self.stage["batch_size"] % self.world:
             raise ValueError(f"batch_size {self.stage['batch_size']} (samples per step) does not split over {self.world} processes")
-        engine_name = self.opts.get("engine", "ddp") if self.world > 1 else "single"
+        engine_name = self.opts["engine"] if self.world > 1 else "single"
         if engine_name not in ENGINES:
             raise ValueError(f"train.engine: unknown engine {engine_name!r} (choose from {sorted(ENGINES)})")
         self.engine = ENGINES[engine_name](self.rank, self.world, self.device)
@@ -100,7 +102,8 @@ class Trainer:
             self.model.parameters(), lr=self.stage["lr"], weight_decay=self.opts["weight_decay"]
         )
         self.diffusion = IDDPM(num_timesteps=params["diffusion"]["num_timesteps"])
-        self.identity = run_identity(params, index_path, init_path)
+        self.identity_parts = identity_parts(output_settings, index_path, init_path)
+        self.identity = digest(self.identity_parts)
         self.step = 0
         self.stop_requested = False
         self.writer = None
@@ -120,8 +123,9 @@ class Trainer:
                     {"model": model_state, "ema": ema_state, "optim": optim},
                     {"param_groups": param_groups, "engine": self.engine.name, "world_size": self.world},
                 )
-                (tmp / "state.json").write_text(json.dumps({"step": self.step, "run": self.identity}))
-            for old in checkpoints(self.run_dir)[:-2]:  # keep the last two
+                state = {"step": self.step, "run": self.identity, "identity": self.identity_parts}
+                (tmp / "state.json").write_text(json.dumps(state))
+            for old in checkpoints(self.run_dir)[: -self.opts["keep_checkpoints"]]:
                 shutil.rmtree(old)
         if self.world > 1:
             dist.barrier()
@@ -132,16 +136,15 @@ class Trainer:
     def resume(self) -> None:
         checkpoint = latest_checkpoint(self.run_dir)
         position = json.loads((checkpoint / "state.json").read_text()) if checkpoint else None
-        if self.world > 1:  # every rank has looked before rank 0 may clear the folder
+        if self.world > 1:  # every rank has looked before rank 0 may move the folder's contents
             dist.barrier()
         if position is None:
             return
         if position.get("run") != self.identity:
             if self.rank == 0:
-                print(f"{self.run_dir}: its checkpoints come from other settings, data or initial weights; "
-                      "starting afresh", flush=True)
-                for old in [*checkpoints(self.run_dir), self.run_dir / "loss.csv", self.run_dir / "tensorboard"]:
-                    shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+                self.supersede(position)
+            if self.world > 1:
+                dist.barrier()
             return
         weights = checkpoint / "weights.safetensors"
         model_state, metadata = load_checkpoint_file(weights, "model")
@@ -154,6 +157,17 @@ class Trainer:
         self.engine.load_optimizer_state(self.model, self.optimizer, state)
         self.step = position["step"]
 
+    def supersede(self, position: dict) -> None:
+        """Move another run's checkpoints and logs aside (never delete them), saying what changed."""
+        aside = self.run_dir / "superseded" / str(position.get("run"))
+        changes = what_changed(position.get("identity", {}), self.identity_parts)
+        print(f"{self.run_dir}: its checkpoints (step {position['step']}) belong to another run; moved to {aside} "
+              f"and starting afresh. Changed: {'; '.join(changes) or 'unknown (older checkpoint)'}", flush=True)
+        aside.mkdir(parents=True, exist_ok=True)
+        for old in [*checkpoints(self.run_dir), self.run_dir / "loss.csv", self.run_dir / "tensorboard"]:
+            if old.exists():
+                old.replace(aside / old.name)
+
     def write_final(self) -> None:
         model_state, ema_state = self.engine.model_state(self.model), self._ema_to_save()
         if self.rank != 0:
@@ -164,6 +178,9 @@ class Trainer:
             {"model": model_state, "ema": ema_state},
             {"model_config": self.model_config, "input_size": list(self.input_size), "steps": self.step},
         )
+        if self.loss_out is not None:
+            with atomic_path(self.loss_out) as tmp:
+                shutil.copyfile(self.run_dir / "loss.csv", tmp)
 
     def check_replicas(self) -> list[str]:
         """Every rank's digest of the full weights; raises if they differ (a DDP replica drifted)."""
@@ -298,8 +315,10 @@ def tensorboard_writer(log_dir: Path, step: int):
     return SummaryWriter(str(log_dir), purge_step=step if step > 0 else None)
 
 
-def train(index_path, out_path, run_dir, params: dict, init_path=None) -> None:
-    trainer = Trainer(index_path, out_path, run_dir, params, init_path)
+def train(index_path, out_path, run_dir, params: dict, output_settings: dict, init_path=None, loss_out=None) -> None:
+    """params: the step's full settings; output_settings: those that change its result (the
+    run's identity). loss_out: where the finished run's loss log is copied."""
+    trainer = Trainer(index_path, out_path, run_dir, params, output_settings, init_path, loss_out)
     try:
         trainer.run()
         if dist.is_initialized():

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from soraflow.data.manifest import num_shards, shard_ids
+from soraflow.workflow import settings
 
 STAGES = ("stage1", "stage2", "stage3")
 
@@ -52,13 +53,19 @@ class Layout:
     def clip_dir(self, shard="{shard}") -> str:
         return f"{self.root}/clips/{shard}"
 
-    def exports(self) -> list[str]:
-        """The export rule's outputs: every captioned clip (parquet), Open-Sora's CSV, all rejects."""
-        return ["results/clips.parquet", "results/clips.csv", "results/rejects.parquet"]
+    def exports(self) -> dict[str, str]:
+        """The export rule's outputs: every captioned clip (parquet), the CSVs Open-Sora 1.0 (headerless)
+        and 1.1+ (with a header) read, all rejects."""
+        return {
+            "table": "results/clips.parquet",
+            "opensora_v1_0_csv": "results/clips_opensora-v1.0.csv",
+            "opensora_v1_1_csv": "results/clips_opensora-v1.1.csv",
+            "rejects": "results/rejects.parquet",
+        }
 
     def demo_videos(self) -> list[str]:
-        demo = self.config.get("demo") or {}
-        return [f"{demo['out_dir']}/{v['name']}.mp4" for v in demo.get("videos", [])]
+        demo = self.config["demo"]
+        return [f"{demo['out_dir']}/{v['name']}.mp4" for v in demo["videos"]]
 
     # --- models ----------------------------------------------------------------------------
     def local_models(self) -> list[str]:
@@ -86,7 +93,7 @@ class Layout:
 
     def init_checkpoint(self, stage: str) -> list[str]:
         """The previous stage's checkpoint, a checkpoint path (e.g. PixArt-α), or nothing."""
-        init = self.config["stages"][stage].get("init")
+        init = self.config["stages"][stage]["init"]
         if not init:
             return []
         return [self.checkpoint(init)] if init in STAGES else [init]
@@ -95,14 +102,15 @@ class Layout:
         return f"results/runs/{stage}"
 
     def loss_log(self, stage: str) -> str:
-        return f"{self.run_dir(stage)}/loss.csv"
+        """The finished stage's loss log (the run folder keeps the live one)."""
+        return f"results/losses/{stage}.csv"
 
-    def report_figures(self) -> list[str]:
-        return [f"results/report/{name}" for name in ("dataset.png", "gallery.html", "losses.png")]
+    def report_figures(self) -> dict[str, str]:
+        return {name: f"results/report/{name}.{ext}" for name, ext in (("dataset", "png"), ("gallery", "html"), ("losses", "png"))}
 
     def train_resources(self, stage: str) -> dict:
         resources = {"gpu": 1, "nodes": 1, "tasks": self.config["train"]["nproc_per_node"]}
-        return {**resources, **self.config["stages"][stage].get("resources", {})}
+        return {**resources, **self.config["stages"][stage]["resources"]}
 
     def samples(self, stage: str) -> list[str]:
         count = len(self.config["sample"]["prompts"])
@@ -110,7 +118,7 @@ class Layout:
 
     def caption_samples(self, stage: str) -> list[str]:
         """Samples from the captions of `sample.training_captions` of the stage's own clips."""
-        count = self.config["sample"].get("training_captions", 0)
+        count = self.config["sample"]["training_captions"]
         return [f"results/samples/{stage}/training_{k:02d}.mp4" for k in range(count)]
 
     def sample_comparison(self, stage: str) -> list[str]:
@@ -126,15 +134,12 @@ class Layout:
         """Every stage's sample videos and comparisons."""
         return [path for stage in self.stages for path in self.sample_videos(stage) + self.sample_comparison(stage)]
 
-    # --- settings each step receives ---------------------------------------------------------
-    def encode_video_params(self, stage: str) -> str:
-        frames = {k: self.config["stages"][stage][k] for k in ("num_frames", "frame_interval", "resolution")}
-        return as_json({"vae": self.config["vae"], "stage": frames})
+    # --- settings each step receives (soraflow.workflow.settings) ------------------------------
+    def params(self, step: str, stage: str | None = None) -> str:
+        """The settings that change the step's outputs, as the rule's params (JSON)."""
+        return as_json(settings.params(self.config, step, stage))
 
-    def train_params(self, stage: str) -> str:
-        c = self.config
-        return as_json({"stage": c["stages"][stage], "train": c["train"], "stdit": c["stdit"], "diffusion": c["diffusion"]})
-
-    def sample_params(self) -> str:
-        c = self.config
-        return as_json({k: c[k] for k in ("sample", "text_encoder", "vae", "diffusion")})
+    def operational(self) -> dict[str, str]:
+        """Per step, the settings that never change its outputs (JSON); rules pass them to their
+        command from this dict, outside `params`, so changing one re-runs nothing."""
+        return {step: as_json(settings.operational(self.config, step)) for step in settings.STEP_SECTIONS}

@@ -1,0 +1,129 @@
+"""What each step is given, split by whether it changes the step's outputs.
+
+`schemas/affects.yaml` declares, per config key, the steps whose outputs it changes. From it
+every rule gets two things: `params(step)`, exactly the output-changing settings (Snakemake
+compares these to decide a re-run, and a training run's identity hashes them), and
+`operational(step)`, the settings that only change how the step runs (retries, batch sizes,
+logging pace, ...), which reach the job without ever re-running it. The step's function
+receives both merged (`merged`). Defaults live in the schema, which validation fills in.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import cache
+from importlib import resources
+
+import yaml
+
+# What each step is given, in the shape its function takes: one section, or several by name.
+# "stage" is the stage's own block of `stages`; "stage.filters" its filters.
+STEP_SECTIONS: dict[str, list[str]] = {
+    "demo_videos": ["demo"],
+    "shard": ["data"],
+    "ingest": ["ingest"],
+    "split": ["split"],
+    "score": ["score"],
+    "models": ["local_models"],
+    "caption": ["caption"],
+    "encode_video": ["vae", "stage"],
+    "encode_text": ["text_encoder"],
+    "dataset": ["stage.filters"],
+    "train": ["stage", "train", "stdit", "diffusion"],
+    "sample": ["sample", "text_encoder", "vae", "diffusion"],
+}
+STAGE_STEPS = {"encode_video", "dataset", "train"}  # per stage: their settings depend on it
+ALL = "all"
+
+
+@cache
+def schema() -> dict:
+    return yaml.safe_load(_schema_file("config.schema.yaml"))
+
+
+@cache
+def affects() -> dict[str, list[str]]:
+    return yaml.safe_load(_schema_file("affects.yaml"))
+
+
+def _schema_file(name: str) -> str:
+    return resources.files("soraflow.workflow").joinpath("schemas", name).read_text()
+
+
+def with_defaults(config: dict, source: str = "config") -> dict:
+    """The config validated against the schema, its defaults filled in (as Snakemake's
+    validate does for the workflow); an error names the key and `source`."""
+    from snakemake.utils import validate
+
+    config = copy.deepcopy(config)
+    try:
+        validate(config, str(resources.files("soraflow.workflow").joinpath("schemas", "config.schema.yaml")))
+    except Exception as error:  # WorkflowError: the message names the key
+        raise ValueError(f"{source}: {error}") from None
+    return config
+
+
+def declared_steps(path: str) -> list[str]:
+    """The steps a config key (dotted path, stages as `stages.<name>`) changes: its own entry or
+    its nearest declared ancestor's. A key nothing declares is an error (the table is complete)."""
+    parts = path.split(".")
+    if parts[0] == "stages" and len(parts) > 1:
+        parts[1] = "*"
+    for end in range(len(parts), 0, -1):
+        entry = ".".join(parts[:end])
+        if entry in affects():
+            return affects()[entry]
+    raise KeyError(f"{path}: no entry in schemas/affects.yaml says which steps it changes")
+
+
+def _section(config: dict, name: str, stage: str | None) -> tuple[str, dict]:
+    """(the section's dotted path, its values) for a STEP_SECTIONS name."""
+    if name.startswith("stage"):
+        if stage is None:
+            raise ValueError(f"{name}: a per-stage section needs the stage")
+        values = config["stages"][stage]
+        path = f"stages.{stage}"
+        for part in name.split(".")[1:]:
+            values, path = values[part], f"{path}.{part}"
+        return path, values
+    return name, config.get(name, {})
+
+
+def _split(config: dict, step: str, stage: str | None, operational: bool) -> dict:
+    names = STEP_SECTIONS[step]
+    if operational:  # a stage's only operational key, resources, reaches the job as Slurm resources
+        names = [name for name in names if not name.startswith("stage")]
+    out = {}
+    for name in names:
+        path, values = _section(config, name, stage)
+        out[name.split(".")[0]] = {
+            key: value
+            for key, value in values.items()
+            if _wanted(declared_steps(f"{path}.{key}"), step, operational)
+        }
+    return next(iter(out.values()), {}) if len(STEP_SECTIONS[step]) == 1 else out
+
+
+def _wanted(steps: list[str], step: str, operational: bool) -> bool:
+    return steps == [] if operational else (step in steps or ALL in steps)
+
+
+def params(config: dict, step: str, stage: str | None = None) -> dict:
+    """The settings of `step` that change its outputs."""
+    return _split(config, step, stage, operational=False)
+
+
+def operational(config: dict, step: str) -> dict:
+    """The settings of `step` that change how it runs, never what it makes (the same for every stage)."""
+    return _split(config, step, None, operational=True)
+
+
+def merged(params_: dict, operational_: dict) -> dict:
+    """A step's full settings: its params with its operational settings added, section by section."""
+    out = copy.deepcopy(params_)
+    for key, value in operational_.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
