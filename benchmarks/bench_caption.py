@@ -27,6 +27,7 @@ from soraflow.data import table
 from soraflow.scoring.caption import caption_shard, load_captioner
 from soraflow.models.tiny import build_tiny_llava
 from soraflow.data.video import write_video
+from soraflow.workflow.settings import with_defaults
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,7 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = yaml.safe_load((REPO / "workflow_config.yaml").read_text())["caption"]
+    config = with_defaults(yaml.safe_load((REPO / "workflow_config.yaml").read_text()))["caption"]
     with tempfile.TemporaryDirectory(prefix="bench_caption_") as tmp:
         tmp = Path(tmp)
         model = str(build_tiny_llava(tmp / "tiny-llava"))

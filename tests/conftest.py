@@ -11,7 +11,27 @@ import pytest
 # Tests never reach a model hub: a missing local model fails at once instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import yaml
+
 from soraflow.data.demo import demo_cut_frames, make_demo_videos, scene_frames
+from soraflow.workflow.settings import with_defaults
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def section(name: str, **values) -> dict:
+    """A config section as a step receives it: `values` over the default config's section
+    (workflow_config.yaml), the schema's defaults filled in by validation."""
+    config = yaml.safe_load((REPO / "workflow_config.yaml").read_text())
+    config[name] = {**config[name], **values}
+    return with_defaults(config)[name]
+
+
+def bare_section(name: str, **values) -> dict:
+    """Only `values`, with the schema's defaults for every key they leave out."""
+    config = yaml.safe_load((REPO / "workflow_config.yaml").read_text())
+    config[name] = values
+    return with_defaults(config)[name]
 
 CUT_VIDEO_SPEC = {
     "name": "cuts",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
+from conftest import bare_section
 
 from soraflow.training import cache, encode
 from soraflow.data import table
@@ -42,7 +43,7 @@ def test_pixel_pack_is_exactly_invertible():
 
 def test_kl_autoencoder_loads_from_pretrained_and_scales(tmp_path):
     path = build_tiny_vae(tmp_path / "vae")
-    autoencoder = load_autoencoder({"model": str(path), "scaling_factor": 0.18215, "micro_batch": 2})
+    autoencoder = load_autoencoder(bare_section("vae", kind="autoencoder_kl", model=str(path), scaling_factor=0.18215, micro_batch=2))
     frames = torch.rand(5, 3, 32, 32) * 2 - 1
     latents = autoencoder.encode(frames)
     assert latents.shape == (5, 4, 32 // autoencoder.downsample, 32 // autoencoder.downsample)
@@ -73,7 +74,7 @@ def test_text_encoder_takes_t5_encoder_path(tmp_path):
 
 def test_caches_and_stage_index_round_trip(clip_table, tmp_path):
     clips_path, _ = clip_table
-    vae = {"kind": "pixel_pack", "factor": 4}
+    vae = bare_section("vae", kind="pixel_pack", factor=4)
     encode.encode_video_shard(clips_path, tmp_path / "latents.safetensors", vae, STAGE)
     encode.encode_text_shard(clips_path, tmp_path / "text.safetensors", MINILM)
     assert cache.read_ids(tmp_path / "latents.safetensors") == ["clip0", "clip1"]
@@ -97,7 +98,7 @@ def test_caches_and_stage_index_round_trip(clip_table, tmp_path):
 
 def test_stage_index_refuses_when_nothing_passes(clip_table, tmp_path):
     clips_path, _ = clip_table
-    encode.encode_video_shard(clips_path, tmp_path / "l.safetensors", {"kind": "pixel_pack"}, STAGE)
+    encode.encode_video_shard(clips_path, tmp_path / "l.safetensors", bare_section("vae", kind="pixel_pack"), STAGE)
     encode.encode_text_shard(clips_path, tmp_path / "t.safetensors", MINILM)
     with pytest.raises(ValueError, match="no clip passes"):
         build_stage_index([clips_path], [clips_path], [tmp_path / "l.safetensors"], [tmp_path / "t.safetensors"],
@@ -106,4 +107,4 @@ def test_stage_index_refuses_when_nothing_passes(clip_table, tmp_path):
 
 def test_pixel_pack_declares_its_latent_range_for_sampling():
     assert PixelPackAutoencoder({"factor": 4, "scaling_factor": 2.5}).latent_bound == 2.5
-    assert PixelPackAutoencoder({"factor": 4}).latent_bound == 1.0
+    assert PixelPackAutoencoder(bare_section("vae", kind="pixel_pack", factor=4)).latent_bound == 1.0  # scaling null: 1

@@ -11,6 +11,7 @@ import time
 import pandas as pd
 import pytest
 import torch
+from conftest import section
 from conftest_caption import make_clip_table, patterned_frames, tiny_models  # noqa: F401  (session fixture)
 
 from soraflow.data import table
@@ -76,7 +77,7 @@ def captions(path) -> dict[str, str]:
 
 
 def test_frame_indices():
-    assert frame_indices(100) == [20, 50, 80]
+    assert frame_indices(100, section("caption")["positions"]) == [20, 50, 80]
     assert frame_indices(10, [0.0, 1.0]) == [0, 9]
     assert frame_indices(1) == [0, 0, 0]  # a one-frame clip still gives every position a frame
     with pytest.raises(ValueError, match="positions"):
@@ -149,7 +150,7 @@ def test_batched_and_single_generation_agree(captioner):
     """Clips with different frame counts give prompts of different lengths: left padding."""
     model, processor = captioner
     batch = [patterned_frames(seed, num_frames) for seed, num_frames in [(0, 1), (1, 3), (2, 2)]]
-    params = {"max_new_tokens": 8, "prompt": PROMPT}
+    params = section("caption", max_new_tokens=8, prompt=PROMPT)
     batched = generate_captions(model, processor, batch, params)
     single = [generate_captions(model, processor, [clip], params)[0] for clip in batch]
     assert batched == single
@@ -158,7 +159,7 @@ def test_batched_and_single_generation_agree(captioner):
 
 
 def test_caption_shard_batch_size_does_not_change_captions(clips, tiny_models, tmp_path):
-    params = {**FAST, "model": str(tiny_models["tiny-llava"])}
+    params = section("caption", **FAST, model=str(tiny_models["tiny-llava"]))
     run_shard(clips, tmp_path, "one", {**params, "batch_size": 1})
     run_shard(clips, tmp_path, "four", {**params, "batch_size": 4})
     assert captions(tmp_path / "one.parquet") == captions(tmp_path / "four.parquet")
@@ -166,7 +167,7 @@ def test_caption_shard_batch_size_does_not_change_captions(clips, tiny_models, t
 
 
 def test_existing_text_modes(clips, tiny_models, tmp_path):
-    params = {**FAST, "model": str(tiny_models["tiny-llava"])}
+    params = section("caption", **FAST, model=str(tiny_models["tiny-llava"]))
     out = {}
     for mode in ("keep", "replace", "both"):
         summary = run_shard(clips, tmp_path, mode, {**params, "existing_text": mode})
@@ -195,7 +196,7 @@ def test_empty_and_truncated_captions_are_rejected(clips, tiny_models, always_eo
     assert forced["rejected"] == 0 and all(captions(tmp_path / "f.parquet").values())
 
     # the random tiny model never emits EOS: every caption is cut off at max_new_tokens
-    params = {**FAST, "model": str(tiny_models["tiny-llava"])}
+    params = section("caption", **FAST, model=str(tiny_models["tiny-llava"]))
     kept = run_shard(clips, tmp_path, "t", params)
     assert kept["rejected"] == 0
     cut = run_shard(clips, tmp_path, "t2", {**params, "reject_truncated": True})
@@ -214,7 +215,7 @@ def test_undecodable_clip_is_a_reject_row(tiny_models, tmp_path):
 
 
 def test_bad_params_name_the_key(clips, tiny_models, tmp_path):
-    params = {**FAST, "model": str(tiny_models["tiny-llava"])}
+    params = section("caption", **FAST, model=str(tiny_models["tiny-llava"]))
     with pytest.raises(ValueError, match="existing_text"):
         run_shard(clips, tmp_path, "o", {**params, "existing_text": "merge"})
     with pytest.raises(ValueError, match="positions"):
@@ -222,7 +223,7 @@ def test_bad_params_name_the_key(clips, tiny_models, tmp_path):
 
 
 def test_killed_shard_resumes_without_captioning_twice(clips, tiny_models, tmp_path):
-    params = {"model": str(tiny_models["tiny-llava"]), "prompt": PROMPT, "max_new_tokens": 24, "batch_size": 1}
+    params = section("caption", model=str(tiny_models["tiny-llava"]), prompt=PROMPT, max_new_tokens=24, batch_size=1)
     out, rejects = tmp_path / "out.parquet", tmp_path / "rej.parquet"
     partial = tmp_path / "out.parquet.partial"
     script = (

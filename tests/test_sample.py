@@ -70,7 +70,8 @@ def colour_stage(tmp_path_factory) -> tuple[Path, Path]:
         "stage": {"num_frames": FRAMES, "frame_interval": 1, "resolution": SIZE, "steps": 3, "batch_size": 2,
                   "lr": 1e-3, "filters": {}},
         "train": {"seed": 0, "weight_decay": 0.0, "grad_clip": 1.0, "ema_decay": 0.9, "grad_checkpointing": False,
-                  "mixed_precision": "fp32", "checkpoint_every": 1000, "log_every": 1, "nproc_per_node": 1},
+                  "mixed_precision": "fp32", "checkpoint_every": 1000, "keep_checkpoints": 2, "log_every": 1,
+                  "nproc_per_node": 1, "engine": "ddp"},
         "stdit": {"preset": "STDiT-tiny"},
         "diffusion": {"num_timesteps": 1000},
     }

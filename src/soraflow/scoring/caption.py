@@ -34,22 +34,7 @@ from soraflow.core.progress import progress
 
 log = logging.getLogger(__name__)
 
-DEFAULT_POSITIONS = (0.2, 0.5, 0.8)
 EXISTING_TEXT_MODES = ("keep", "replace", "both")
-DEFAULTS = {
-    "num_frames": 3,
-    "positions": list(DEFAULT_POSITIONS),
-    "prompt": "These are frames from one video, in order. Describe the video as a whole in a few sentences.",
-    "max_new_tokens": 64,
-    # at least one token: a model that stops at once gives an empty caption, never a useful one
-    "min_new_tokens": 1,
-    "temperature": 0.0,
-    "batch_size": 8,
-    "existing_text": "replace",
-    # a random-weight model never stops on its own, so cutting captions off is allowed by default
-    "reject_truncated": False,
-    "seed": 0,
-}
 
 # One partial result per clip: the generated caption, or why the clip was rejected.
 PART_SCHEMA = pa.schema(
@@ -72,7 +57,7 @@ LEADING_PHRASES = re.compile(
 )
 
 
-def frame_indices(num_frames_in_clip: int, positions=DEFAULT_POSITIONS) -> list[int]:
+def frame_indices(num_frames_in_clip: int, positions) -> list[int]:
     """Frame numbers at fractional `positions` of the clip (Open-Sora: int(n * p))."""
     if num_frames_in_clip < 1:
         raise ValueError(f"frame_indices: a clip needs at least one frame, got {num_frames_in_clip}")
@@ -141,7 +126,6 @@ def prepare_inputs(processor, clips: list[torch.Tensor], prompt_text: str, devic
 def generate_captions(model, processor, clips: list[torch.Tensor], params: dict) -> list[tuple[str, bool]]:
     """Caption a batch of clips; returns (decoded text, truncated) per clip, where
     truncated means no end-of-sequence token within max_new_tokens."""
-    params = {**DEFAULTS, **params}
     tokenizer = processor.tokenizer
     inputs = prepare_inputs(processor, clips, params["prompt"], model.device, model.dtype)
     eos_ids = _eos_ids(model, tokenizer)
@@ -166,14 +150,8 @@ def generate_captions(model, processor, clips: list[torch.Tensor], params: dict)
 
 
 def _validated(params: dict) -> dict:
-    params = {**DEFAULTS, **params}
-    if "model" not in params:
-        raise ValueError("caption.model is required (a hub id or a local model dir)")
     if params["existing_text"] not in EXISTING_TEXT_MODES:
         raise ValueError(f"caption.existing_text: {params['existing_text']!r} is not one of {EXISTING_TEXT_MODES}")
-    if params["positions"] is None:
-        n = params["num_frames"]
-        params["positions"] = [(k + 1) / (n + 1) for k in range(n)]
     if len(params["positions"]) != params["num_frames"]:
         raise ValueError(
             f"caption.positions has {len(params['positions'])} entries but caption.num_frames is {params['num_frames']}"
