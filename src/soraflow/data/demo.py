@@ -21,6 +21,10 @@ def scene_frames(spec: dict) -> int:
     return frames
 
 
+# sources that fill their first frame at random: seeded, so two runs make the same bytes
+SEEDED_SOURCES = {"life", "cellauto"}
+
+
 def demo_cut_frames(spec: dict) -> list[int]:
     """Frame indices where a new scene starts (the hard cuts), first scene excluded."""
     frames = scene_frames(spec)
@@ -31,7 +35,8 @@ def _concat_command(spec: dict, out_path: Path) -> list[str]:
     size, fps, frames = spec["size"], spec["fps"], scene_frames(spec)
     inputs, chains = [], []
     for k, source in enumerate(spec["sources"]):
-        inputs += ["-f", "lavfi", "-i", f"{source}=size={size}x{size}:rate={fps}"]
+        seed = ":seed=0" if source in SEEDED_SOURCES else ""
+        inputs += ["-f", "lavfi", "-i", f"{source}=size={size}x{size}:rate={fps}{seed}"]
         # trim by frame count (not seconds) so each cut lands on an exact frame
         chains.append(f"[{k}:v]trim=end_frame={frames},setpts=PTS-STARTPTS,format=yuv420p,setsar=1[v{k}]")
     labels = "".join(f"[v{k}]" for k in range(len(spec["sources"])))
