@@ -55,15 +55,18 @@ def _config_section(args, section: str) -> dict:
 
 
 def _load_config_section(config_path: str, section: str) -> dict:
+    """A section of a workflow config file, validated and with the schema's defaults."""
     path = Path(config_path)
     if not path.exists():
         raise SystemExit(f"no --params given and config file {path} not found: pass --params or --config")
     import yaml
 
-    config = yaml.safe_load(path.read_text())
-    if section not in config:
-        raise SystemExit(f"{path}: no '{section}' section")
-    return config[section]
+    from soraflow.workflow.settings import with_defaults
+
+    try:
+        return with_defaults(yaml.safe_load(path.read_text()), source=str(path))[section]
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
 
 
 def _clip_table(inputs: list[str], work_dir: Path, config_path: str) -> str:
@@ -153,8 +156,10 @@ def cmd_train(args) -> None:
     from soraflow.training import launch
 
     if launch.needs_launch(args.nproc, args.nodes, os.environ):
-        argv = ["train", args.index, "--out", args.out, "--run-dir", args.run_dir, "--params", json.dumps(args.params)]
+        argv = ["train", args.index, "--out", args.out, "--run-dir", args.run_dir,
+                "--params", json.dumps(args.output_settings), "--operational", json.dumps(args.operational)]
         argv += ["--init", args.init] if args.init else []
+        argv += ["--loss-log", args.loss_log] if args.loss_log else []
         code = launch.launch(args.nproc, args.nodes, argv, os.environ)
         if code:
             raise SystemExit(f"training exited with status {code} (preempted or failed; see the log above)")
@@ -162,7 +167,8 @@ def cmd_train(args) -> None:
     from soraflow.training.loop import Preempted, train
 
     try:
-        train(args.index, args.out, args.run_dir, args.params, init_path=args.init)
+        train(args.index, args.out, args.run_dir, args.params, args.output_settings, init_path=args.init,
+              loss_out=args.loss_log)
     except Preempted as stop:
         raise SystemExit(f"preempted: {stop}") from None
 
@@ -203,8 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    def with_params(p, required=True):
-        p.add_argument("--params", type=_params, required=required, help="the step's config section as JSON")
+    def with_params(p):
+        p.add_argument("--params", type=_params, required=True, help="the step's output-changing settings as JSON")
+        p.add_argument("--operational", type=_params, default={},
+                       help="the step's settings that never change its outputs (retries, batch sizes, ...) as JSON")
         return p
 
     with_params(command("demo-videos", cmd_demo_videos, "make the synthetic demo videos with known cuts"))
@@ -232,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_config(p):
         p.add_argument("--params", type=_params, help="the step's settings as JSON (default: from --config)")
+        p.add_argument("--operational", type=_params, default={}, help="with --params: its operational settings as JSON")
         p.add_argument("--config", default="workflow_config.yaml", help="workflow config to take settings from")
         return p
 
@@ -276,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--run-dir", required=True)
     p.add_argument("--init", default=None)
+    p.add_argument("--loss-log", default=None, help="where to copy the finished run's loss log")
     p.add_argument("--nproc", type=int, default=1, help="processes per node; >1 starts torchrun")
     p.add_argument("--nodes", type=int, default=1, help="nodes; >1 starts srun + torchrun inside a Slurm job")
 
@@ -303,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if getattr(args, "params", None) is not None:
+        from soraflow.workflow.settings import merged
+
+        # the rules pass the two halves apart (only the first re-runs a job); the step takes both
+        args.output_settings, args.params = args.params, merged(args.params, args.operational)
     args.func(args)
 
 
