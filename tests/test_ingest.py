@@ -1,8 +1,12 @@
 import hashlib
+import os
+import tempfile
 import threading
 import time
 from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs
 
 import pandas as pd
 import pytest
@@ -17,11 +21,15 @@ class VideoServer(BaseHTTPRequestHandler):
     """Serves one video body under paths that each misbehave in their own way.
 
     /good, /flaky (500 twice, then 200), /missing (404), /truncated (half the body, every time),
-    /cut-once (half the body, then honours Range), /no-range (ignores Range), /slow (stalls).
+    /cut-once (half the body, then honours Range), /no-range (ignores Range), /slow (stalls),
+    /delay?ms=N (the body after N ms). A query string makes another URL of the same kind,
+    counted apart: /flaky.mp4?copy=2 fails twice on its own.
     """
 
     body = b""
-    requests: dict[str, list[str | None]] = defaultdict(list)  # path -> Range header per request
+    requests: dict[str, list[str | None]] = defaultdict(list)  # name[?query] -> Range header per request
+    lock = threading.Lock()
+    in_flight = max_in_flight = 0
 
     def log_message(self, *args):
         pass
@@ -43,8 +51,20 @@ class VideoServer(BaseHTTPRequestHandler):
             self.send_body(self.body)
 
     def do_GET(self):
-        name = self.path.strip("/").split(".")[0]
-        log = self.requests[name]
+        cls = type(self)
+        with cls.lock:
+            cls.in_flight += 1
+            cls.max_in_flight = max(cls.max_in_flight, cls.in_flight)
+        try:
+            self.respond()
+        finally:
+            with cls.lock:
+                cls.in_flight -= 1
+
+    def respond(self):
+        route, _, query = self.path.strip("/").partition("?")
+        name = route.split(".")[0]
+        log = self.requests[f"{name}?{query}" if query else name]
         log.append(self.headers["Range"])
         half = self.body[: len(self.body) // 2]
         if name in ("good", "wrong-sum"):
@@ -66,6 +86,9 @@ class VideoServer(BaseHTTPRequestHandler):
         elif name == "slow":
             time.sleep(1.5)
             self.send_body(self.body)
+        elif name == "delay":
+            time.sleep(int(parse_qs(query)["ms"][0]) / 1000)
+            self.send_body(self.body)
         else:
             self.send_error(404)
 
@@ -74,6 +97,7 @@ class VideoServer(BaseHTTPRequestHandler):
 def server(bad_videos):
     VideoServer.body = bad_videos["good"].read_bytes()
     VideoServer.requests = defaultdict(list)
+    VideoServer.in_flight = VideoServer.max_in_flight = 0
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), VideoServer)
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -234,3 +258,97 @@ def test_video_site_without_yt_dlp_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "yt_dlp", None)  # as if the extra were not installed
     _, rejects = run_ingest(tmp_path, [{"id": "yt", "url": "https://www.youtube.com/watch?v=abc"}])
     assert "soraflow[video-sites]" in reasons(rejects)["yt"]
+
+
+def test_downloads_overlap_yet_the_tables_keep_the_shard_order(tmp_path, server):
+    base, handler = server
+    # later rows answer sooner, so downloads finish out of the shard's order
+    rows = [{"id": f"d{k}", "url": f"{base}/delay.mp4?ms={200 + 50 * (7 - k)}"} for k in range(8)]
+    rows.insert(3, {"id": "missing", "url": f"{base}/missing.mp4"})
+    videos, rejects = run_ingest(tmp_path, rows, {**PARAMS, "concurrency": 8, "per_host": 3})
+    assert videos["id"].tolist() == [f"d{k}" for k in range(8)]
+    assert rejects["id"].tolist() == ["missing"]
+    assert handler.max_in_flight == 3  # in flight together, never more than per_host from one host
+
+
+def test_rejects_and_retries_under_concurrency_match_one_at_a_time(tmp_path, server):
+    base, handler = server
+    half = len(handler.body) // 2
+    kinds = ["missing", "flaky", "truncated", "cut-once", "good"]
+    rows = [{"id": f"{kind}_{k}", "url": f"{base}/{kind}.mp4?copy={k}"} for k in range(3) for kind in kinds]
+    (tmp_path / "parallel").mkdir()
+    videos, rejects = run_ingest(tmp_path / "parallel", rows, {**PARAMS, "concurrency": 15, "per_host": 15})
+    assert handler.max_in_flight > 1
+    requests = dict(handler.requests)
+    for k in range(3):  # each URL retried and resumed as if it were alone
+        assert len(requests[f"missing?copy={k}"]) == 1
+        assert len(requests[f"flaky?copy={k}"]) == 3
+        assert len(requests[f"truncated?copy={k}"]) == 3
+        assert requests[f"cut-once?copy={k}"] == [None, f"bytes={half}-"]
+        assert requests[f"good?copy={k}"] == [None]
+    assert videos["id"].tolist() == [f"{kind}_{k}" for k in range(3) for kind in ("flaky", "cut-once", "good")]
+    for row in videos.itertuples():
+        assert (tmp_path / "parallel" / "raw" / f"{row.id}.mp4").read_bytes() == handler.body
+    why = reasons(rejects)
+    assert list(why) == [f"{kind}_{k}" for k in range(3) for kind in ("missing", "truncated")]
+    assert all(why[f"missing_{k}"] == "HTTP 404 Not Found" for k in range(3))
+    assert all(why[f"truncated_{k}"].startswith("download failed after 3 attempts: truncated body") for k in range(3))
+
+    # one download at a time gives the same tables, but for the raw folder's name
+    handler.requests.clear()
+    (tmp_path / "sequential").mkdir()
+    videos_one, rejects_one = run_ingest(tmp_path / "sequential", rows, {**PARAMS, "concurrency": 1})
+    assert handler.requests == requests
+    assert rejects_one.equals(rejects)
+    for column in ("raw_path", "path"):
+        videos_one[column] = videos_one[column].str.replace("/sequential/", "/parallel/")
+    assert videos_one.equals(videos)
+
+
+@pytest.mark.parametrize("mode", ["link", "copy", "in_place"])
+def test_local_sources_are_linked_copied_or_read_in_place(tmp_path, bad_videos, mode):
+    source = tmp_path / "corpus" / "clip.mp4"
+    source.parent.mkdir()
+    source.write_bytes(bad_videos["good"].read_bytes())
+    rows = [{"id": "path", "url": str(source)}, {"id": "file_url", "url": f"file://{source}"}]
+    videos, rejects = run_ingest(tmp_path, rows, {**PARAMS, "local_sources": mode})
+    assert rejects.empty and videos["num_frames"].tolist() == [12, 12]
+    raw = tmp_path / "raw"
+    if mode == "in_place":
+        assert videos["raw_path"].tolist() == videos["path"].tolist() == [str(source)] * 2
+        assert list(raw.iterdir()) == []
+        return
+    assert videos["raw_path"].tolist() == [str(raw / "path.mp4"), str(raw / "file_url.mp4")]
+    assert sorted(p.name for p in raw.iterdir()) == ["file_url.mp4", "path.mp4"]  # no leftovers
+    for name in ("path.mp4", "file_url.mp4"):
+        assert (raw / name).read_bytes() == source.read_bytes()
+        # a hard link is the source's own inode: no second copy of the bytes on disk
+        assert os.path.samefile(raw / name, source) == (mode == "link")
+    assert source.stat().st_nlink == (3 if mode == "link" else 1)
+
+
+def test_a_source_on_another_filesystem_is_read_in_place_instead_of_linked(tmp_path, bad_videos):
+    other = Path("/dev/shm")  # tmpfs: no hard link reaches it from tmp_path's filesystem
+    if not other.is_dir() or other.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on a filesystem of its own")
+    with tempfile.TemporaryDirectory(dir=other) as folder:
+        source = Path(folder) / "clip.mp4"
+        source.write_bytes(bad_videos["good"].read_bytes())
+        videos, rejects = run_ingest(tmp_path, [{"id": "v", "url": str(source)}], {**PARAMS, "local_sources": "link"})
+        assert rejects.empty and videos["raw_path"].tolist() == [str(source)]
+        assert list((tmp_path / "raw").iterdir()) == []
+
+
+def test_a_checksum_mismatch_never_deletes_a_source_read_in_place(tmp_path, bad_videos):
+    source = tmp_path / "clip.mp4"
+    source.write_bytes(bad_videos["good"].read_bytes())
+    for mode in ("in_place", "link"):
+        videos, rejects = run_ingest(tmp_path, [{"id": "v", "url": str(source), "sha256": "0" * 64}], {**PARAMS, "local_sources": mode})
+        assert videos.empty and reasons(rejects)["v"].startswith("sha256 mismatch")
+        assert source.read_bytes() == bad_videos["good"].read_bytes()
+        assert list((tmp_path / "raw").iterdir()) == []  # the link is gone, the source is not
+
+
+def test_a_bad_local_sources_value_names_the_key(tmp_path, bad_videos):
+    with pytest.raises(ValueError, match="ingest.local_sources must be one of link, in_place, copy, got 'symlink'"):
+        run_ingest(tmp_path, [{"id": "v", "url": str(bad_videos["good"])}], {**PARAMS, "local_sources": "symlink"})

@@ -1,43 +1,58 @@
-"""Ingest one shard: fetch every source video into raw_dir, probe it, reject what is unusable.
+"""Ingest one shard: fetch every source video, probe it, reject what is unusable.
 
-A file appears in raw_dir only once it is complete (downloaded to `<name>.part`, then
-renamed), so a finished file is never fetched again and an interrupted download resumes
-with an HTTP Range request where the server allows it. One bad video becomes a row in the
-rejects table; the rest of the shard carries on.
+Downloads run `concurrency` at a time (at most `per_host` per host); the tables keep the
+shard's order whatever order they finish in. A downloaded file appears in raw_dir only once
+it is complete (downloaded to `<name>.part`, then renamed), so a finished file is never
+fetched again. Failed requests (connection errors, timeouts, 429 and 5xx) are retried by
+urllib3's `Retry` on the requests session; a body cut mid-stream, which urllib3 does not
+retry, is resumed with an HTTP Range request where the server allows it. Local sources are
+hard-linked into raw_dir, read in place or copied (`local_sources`). One bad video becomes a
+row in the rejects table; the rest of the shard carries on.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
-import time
+import threading
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import nullcontext
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pandas as pd
 import requests
-import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import HTTPError, MaxRetryError, ProtocolError
+from urllib3.util.retry import Retry
 
+from soraflow.core.progress import ShardProgress
 from soraflow.data import table
 from soraflow.data.manifest import is_remote, resolve_url
 from soraflow.data.probe import ProbeError, probe
-from soraflow.core.progress import progress
 
 DEFAULT_MAX_SIDE = 4096  # larger frames are almost always broken metadata or unusable for training
 DEFAULT_BACKOFF_S = 1.0
+DEFAULT_CONCURRENCY = 16
+DEFAULT_PER_HOST = 8
+DEFAULT_LOCAL_SOURCES = "link"
+LOCAL_SOURCES = ("link", "in_place", "copy")
 # pages, not files: their video is fetched with yt-dlp (the optional `video-sites` extra)
 DEFAULT_VIDEO_SITES = ("youtube.com", "youtu.be", "vimeo.com", "dailymotion.com", "bilibili.com", "tiktok.com")
+RETRY_STATUSES = frozenset({429, *range(500, 600)})
 CHUNK_BYTES = 1 << 20
 EXTENSION_PATTERN = re.compile(r"^\.[A-Za-z0-9]{1,5}$")
 
 
 class FetchError(Exception):
-    """The video could not be fetched; not worth retrying."""
+    """The video could not be fetched."""
 
 
-class TransientFetchError(FetchError):
-    """A failure another attempt may not hit (timeout, 5xx, dropped connection)."""
+class BodyCut(Exception):
+    """The body stopped before its end (or a 416 voided our partial file): resume and try again."""
 
 
 class UnusableVideo(Exception):
@@ -58,14 +73,35 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _copy_local(source: Path, dest: Path, max_bytes: int) -> None:
-    if not source.is_file():
-        raise FetchError(f"source file not found: {source}")
-    if source.stat().st_size > max_bytes:
-        raise FetchError(f"{source} is {source.stat().st_size} bytes, more than max_bytes {max_bytes}")
-    tmp = dest.with_name(dest.name + ".part")
-    shutil.copyfile(source, tmp)
-    tmp.replace(dest)
+def http_retry(params: dict) -> Retry:
+    """The retry policy of every request: `retries` more tries after a connection error, a
+    timeout, a 429 or a 5xx, waiting urllib3's exponential backoff (the first retry at once,
+    then backoff_s x 2, x 4, ...; a server's Retry-After is honoured)."""
+    return Retry(
+        total=int(params["retries"]),
+        status_forcelist=RETRY_STATUSES,
+        allowed_methods={"GET"},
+        backoff_factor=float(params.get("backoff_s", DEFAULT_BACKOFF_S)),
+        raise_on_status=False,  # the last error response comes back, so the reject names its status
+    )
+
+
+def http_session(params: dict) -> requests.Session:
+    """One session for the shard's downloads: urllib3's pools are thread-safe, and with a
+    connection per worker kept per host none is opened only to be discarded."""
+    session = requests.Session()
+    adapter = HTTPAdapter(
+        max_retries=http_retry(params), pool_maxsize=int(params.get("concurrency", DEFAULT_CONCURRENCY))
+    )
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def _failure(error: BaseException) -> str:
+    """What went wrong, without requests' wrappers (urllib3's own error when its retries ran out)."""
+    reason = error.args[0].reason if error.args and isinstance(error.args[0], MaxRetryError) else error
+    return f"{type(reason).__name__}: {reason}"
 
 
 def _resume_offset(response: requests.Response, offset: int) -> int:
@@ -77,56 +113,67 @@ def _resume_offset(response: requests.Response, offset: int) -> int:
     return 0
 
 
-def _download_once(url: str, part: Path, timeout_s: float, max_bytes: int) -> None:
-    """One attempt: (re)start or resume `part`; returns once it holds the whole body."""
+def _download_once(session: requests.Session, url: str, part: Path, params: dict) -> None:
+    """One request (urllib3 retries it as `http_retry` says): (re)start or resume `part`;
+    returns once it holds the whole body, raises BodyCut when the body stops short."""
+    max_bytes, retries = int(params["max_bytes"]), int(params["retries"])
     offset = part.stat().st_size if part.exists() else 0
     # byte offsets only mean something in the undecoded body
     headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={offset}-"} if offset else {})}
     try:
-        with requests.get(url, headers=headers, stream=True, timeout=timeout_s) as response:
-            status = response.status_code
-            if status == 416:  # our partial file does not fit the server's any more
-                part.unlink()
-                raise TransientFetchError(f"HTTP 416 resuming at byte {offset}; starting over")
-            if status == 429 or status >= 500:
-                raise TransientFetchError(f"HTTP {status} {response.reason}")
-            if status not in (200, 206):
-                raise FetchError(f"HTTP {status} {response.reason}")
-            start = _resume_offset(response, offset)
-            length = response.headers.get("Content-Length")
-            expected = start + int(length) if length and length.isdigit() else None
-            if expected is not None and expected > max_bytes:
-                raise FetchError(f"{expected} bytes, more than max_bytes {max_bytes}")
-            received = start
-            # keep what arrived before a dropped connection (urllib3 would discard it), so the
-            # next attempt can resume from there; the length check below catches the truncation
-            response.raw.enforce_content_length = False
+        response = session.get(url, headers=headers, stream=True, timeout=float(params["timeout_s"]))
+    except requests.RequestException as error:
+        if error.args and isinstance(error.args[0], MaxRetryError):  # urllib3's retries ran out
+            raise FetchError(f"download failed after {retries + 1} attempts: {_failure(error)}") from None
+        raise FetchError(_failure(error)) from None
+    with response:
+        status = response.status_code
+        if status == 416:  # our partial file does not fit the server's any more
+            part.unlink()
+            raise BodyCut(f"HTTP 416 resuming at byte {offset}; starting over")
+        if status in RETRY_STATUSES:
+            tries = len(response.raw.retries.history) + 1
+            raise FetchError(f"download failed after {tries} attempts: HTTP {status} {response.reason}")
+        if status not in (200, 206):
+            raise FetchError(f"HTTP {status} {response.reason}")
+        start = _resume_offset(response, offset)
+        length = response.headers.get("Content-Length")
+        expected = start + int(length) if length and length.isdigit() else None
+        if expected is not None and expected > max_bytes:
+            raise FetchError(f"{expected} bytes, more than max_bytes {max_bytes}")
+        received = start
+        # keep what arrived before a dropped connection (urllib3 would discard it), so the
+        # next attempt can resume from there; the length check below catches the truncation
+        response.raw.enforce_content_length = False
+        try:
             with open(part, "ab" if start else "wb") as handle:
                 for chunk in response.raw.stream(CHUNK_BYTES, decode_content=False):
                     handle.write(chunk)
                     received += len(chunk)
                     if received > max_bytes:
                         raise FetchError(f"more than max_bytes {max_bytes} bytes")
-    except (requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError) as error:
-        raise TransientFetchError(f"{type(error).__name__}: {error}") from None
+        except HTTPError as error:  # dropped or stalled mid-body
+            raise BodyCut(_failure(error)) from None
     if expected is not None and received < expected:
-        raise TransientFetchError(f"truncated body: got {received} of {expected} bytes")
+        raise BodyCut(f"truncated body: got {received} of {expected} bytes")
 
 
-def _download(url: str, dest: Path, params: dict) -> None:
-    """Download with retries and exponential backoff, resuming the partial file between attempts."""
+def _download(session: requests.Session, url: str, dest: Path, params: dict) -> None:
+    """Download to dest, resuming the partial file after a cut body, with the same retry
+    budget and backoff as the requests' own retries."""
     part = dest.with_name(dest.name + ".part")
-    attempts = int(params["retries"]) + 1
-    backoff_s = float(params.get("backoff_s", DEFAULT_BACKOFF_S))
-    for attempt in range(attempts):
+    resumes = http_retry(params)
+    while True:
         try:
-            _download_once(url, part, float(params["timeout_s"]), int(params["max_bytes"]))
+            _download_once(session, url, part, params)
             part.replace(dest)
             return
-        except TransientFetchError as error:
-            if attempt == attempts - 1:
-                raise FetchError(f"download failed after {attempts} attempts: {error}") from None
-            time.sleep(backoff_s * 2**attempt)
+        except BodyCut as cut:
+            try:
+                resumes = resumes.increment(method="GET", url=url, error=ProtocolError(str(cut)))
+            except MaxRetryError:
+                raise FetchError(f"download failed after {len(resumes.history) + 1} attempts: {cut}") from None
+            resumes.sleep()
         except FetchError:
             part.unlink(missing_ok=True)
             raise
@@ -167,27 +214,82 @@ def _download_video_site(url: str, dest: Path, params: dict) -> None:
     part.replace(dest)
 
 
-def fetch(url: str, dest: Path, params: dict, sha256: str | None = None) -> Path:
-    """Put the video at `url` at `dest`, unless a complete copy with the right checksum is there."""
-    if dest.exists() and (not sha256 or sha256_of(dest) == sha256):
-        return dest
-    dest.unlink(missing_ok=True)
-    if is_remote(url) and is_video_site(url, params):
-        _download_video_site(url, dest, params)
-    elif is_remote(url):
-        _download(url, dest, params)
-    else:
+def _local_source(url: str, max_bytes: int) -> Path:
+    try:
+        source = Path(resolve_url(url))
+    except ValueError as error:
+        raise FetchError(str(error)) from None
+    if not source.is_file():
+        raise FetchError(f"source file not found: {source}")
+    if source.stat().st_size > max_bytes:
+        raise FetchError(f"{source} is {source.stat().st_size} bytes, more than max_bytes {max_bytes}")
+    return source
+
+
+def _place_local(source: Path, dest: Path, mode: str) -> Path:
+    """Where the shard reads a local source: a hard link at dest (costs no space; the source
+    on another filesystem or one without links is read in place), the source itself, or a copy."""
+    if mode == "in_place":
+        return source
+    tmp = dest.with_name(dest.name + ".part")
+    tmp.unlink(missing_ok=True)
+    if mode == "link":
         try:
-            source = Path(resolve_url(url))
-        except ValueError as error:
-            raise FetchError(str(error)) from None
-        _copy_local(source, dest, int(params["max_bytes"]))
-    if sha256:
-        actual = sha256_of(dest)
-        if actual != sha256:
-            dest.unlink()
-            raise FetchError(f"sha256 mismatch: manifest says {sha256}, file has {actual}")
+            os.link(source, tmp)
+        except OSError:  # another device, no hard links there, or not allowed
+            return source
+    else:
+        shutil.copyfile(source, tmp)
+    tmp.replace(dest)
     return dest
+
+
+class HostSlots:
+    """At most `per_host` fetches in flight to any one host (politeness: a shard often lists
+    thousands of URLs of one server). Local files take no slot."""
+
+    def __init__(self, per_host: int):
+        self.lock = threading.Lock()
+        self.slots: dict[str, threading.Semaphore] = defaultdict(lambda: threading.Semaphore(per_host))
+
+    def __call__(self, url: str):
+        if not is_remote(url):
+            return nullcontext()
+        with self.lock:
+            return self.slots[(urlsplit(url).hostname or "").lower()]
+
+
+def local_sources_mode(params: dict) -> str:
+    mode = params.get("local_sources", DEFAULT_LOCAL_SOURCES)
+    if mode not in LOCAL_SOURCES:
+        raise ValueError(f"ingest.local_sources must be one of {', '.join(LOCAL_SOURCES)}, got {mode!r}")
+    return mode
+
+
+def fetch(url: str, dest: Path, params: dict, session: requests.Session, sha256: str | None = None) -> Path:
+    """Make the video at `url` readable at `dest` (or, for a local source read in place, at the
+    source itself; the path is returned), unless a complete copy with the right checksum is there."""
+    mode = local_sources_mode(params)
+    remote = is_remote(url)
+    if remote or mode != "in_place":
+        if dest.exists() and (not sha256 or sha256_of(dest) == sha256):
+            return dest
+        dest.unlink(missing_ok=True)
+    if remote and is_video_site(url, params):
+        path = dest
+        _download_video_site(url, dest, params)
+    elif remote:
+        path = dest
+        _download(session, url, dest, params)
+    else:
+        path = _place_local(_local_source(url, int(params["max_bytes"])), dest, mode)
+    if sha256:
+        actual = sha256_of(path)
+        if actual != sha256:
+            if path == dest:  # never a source file
+                dest.unlink()
+            raise FetchError(f"sha256 mismatch: manifest says {sha256}, file has {actual}")
+    return path
 
 
 def check_usable(info: dict, max_side: int) -> None:
@@ -203,47 +305,70 @@ def check_usable(info: dict, max_side: int) -> None:
         raise UnusableVideo(f"frame {info['width']}x{info['height']} is larger than max_side {max_side}")
 
 
+def ingest_video(
+    record: dict, raw_dir: Path, params: dict, session: requests.Session, slots: HostSlots
+) -> tuple[dict | None, dict | None, int]:
+    """(video row, None) or (None, reject row) for one manifest row, and the bytes of its file."""
+    url, sha256 = record["url"], record.get("sha256")
+    try:
+        with slots(url):
+            path = fetch(url, raw_dir / raw_name(record["id"], url), params, session, sha256 if isinstance(sha256, str) else None)
+        info = probe(path)
+        check_usable(info, int(params.get("max_side", DEFAULT_MAX_SIDE)))
+    except (FetchError, ProbeError, UnusableVideo) as error:
+        return None, {"id": record["id"], "url": url, "stage": "ingest", "reason": str(error)}, 0
+    duration_s = info["duration_s"] or info["num_frames"] / info["fps"]
+    video = {
+        **record,
+        "raw_path": str(path),
+        "path": str(path),
+        "codec": info["codec"],
+        "rotation": info["rotation"],
+        "fps": info["fps"],
+        "num_frames": info["num_frames"],
+        "width": info["width"],
+        "height": info["height"],
+        "aspect_ratio": info["height"] / info["width"],
+        "resolution": info["height"] * info["width"],
+        "duration_s": duration_s,
+        "start_frame": 0,
+        "end_frame": info["num_frames"],
+        "start_s": 0.0,
+        "end_s": duration_s,
+    }
+    return video, None, path.stat().st_size
+
+
 def ingest_shard(
     shard_table: str | Path, raw_dir: str | Path, out_table: str | Path, rejects_path: str | Path, params: dict
 ) -> None:
-    """Fetch and probe every video of a shard; write the video table and the rejects table.
+    """Fetch and probe every video of a shard; write the video table and the rejects table,
+    both in the shard's order.
 
-    params: timeout_s, retries, max_bytes; optional max_side (default 4096) and backoff_s.
+    params: timeout_s, retries, max_bytes; optional max_side (4096), backoff_s (1.0),
+    video_sites, concurrency (16), per_host (8), local_sources (link | in_place | copy).
     """
+    local_sources_mode(params)  # a bad value is a config error, not a reject per local video
     raw_dir = Path(raw_dir)
     raw_dir.mkdir(parents=True, exist_ok=True)
-    max_side = int(params.get("max_side", DEFAULT_MAX_SIDE))
-    videos, rejects = [], []
-    for record in progress(table.read(shard_table).to_dict("records"), desc="ingest"):
-        dest = raw_dir / raw_name(record["id"], record["url"])
-        sha256 = record.get("sha256")
+    records = table.read(shard_table).to_dict("records")
+    slots = HostSlots(int(params.get("per_host", DEFAULT_PER_HOST)))
+    workers = max(1, min(int(params.get("concurrency", DEFAULT_CONCURRENCY)), len(records)))
+    with (
+        http_session(params) as session,
+        ThreadPoolExecutor(workers, thread_name_prefix="ingest") as pool,
+        ShardProgress(len(records), "ingest") as bar,
+    ):
+        futures = [pool.submit(ingest_video, record, raw_dir, params, session, slots) for record in records]
         try:
-            fetch(record["url"], dest, params, sha256 if isinstance(sha256, str) and sha256 else None)
-            info = probe(dest)
-            check_usable(info, max_side)
-        except (FetchError, ProbeError, UnusableVideo) as error:
-            rejects.append({"id": record["id"], "url": record["url"], "stage": "ingest", "reason": str(error)})
-            continue
-        duration_s = info["duration_s"] or info["num_frames"] / info["fps"]
-        videos.append(
-            {
-                **record,
-                "raw_path": str(dest),
-                "path": str(dest),
-                "codec": info["codec"],
-                "rotation": info["rotation"],
-                "fps": info["fps"],
-                "num_frames": info["num_frames"],
-                "width": info["width"],
-                "height": info["height"],
-                "aspect_ratio": info["height"] / info["width"],
-                "resolution": info["height"] * info["width"],
-                "duration_s": duration_s,
-                "start_frame": 0,
-                "end_frame": info["num_frames"],
-                "start_s": 0.0,
-                "end_s": duration_s,
-            }
-        )
+            for future in as_completed(futures):
+                bar.advance(nbytes=future.result()[2])
+        except BaseException:  # an unexpected error (disk full, ...) fails the job now, not after the shard
+            for future in futures:
+                future.cancel()
+            raise
+        results = [future.result() for future in futures]
+    videos = [video for video, _, _ in results if video]
+    rejects = [reject for _, reject, _ in results if reject]
     table.write(pd.DataFrame(videos) if videos else table.empty(), out_table)
     table.write_rejects(rejects, rejects_path)
