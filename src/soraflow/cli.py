@@ -39,7 +39,7 @@ def cmd_shard(args) -> None:
 def cmd_export(args) -> None:
     from soraflow.data.export import export_shards
 
-    counts = export_shards(args.shards_dir, args.num_shards, args.out, args.csv, args.rejects)
+    counts = export_shards(args.shards_dir, args.num_shards, args.out, args.csv_v1_0, args.csv_v1_1, args.rejects)
     print(f"export: {counts}")
 
 
@@ -225,11 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards-dir", required=True, help="the workflow's shard folder (data/shards)")
     p.add_argument("--num-shards", type=int, required=True)
 
-    p = command("export", cmd_export, "all shards' captioned clips as one table and Open-Sora's CSV, all rejects")
+    p = command("export", cmd_export, "all shards' captioned clips as one table and Open-Sora's CSVs, all rejects")
     p.add_argument("--shards-dir", required=True, help="the workflow's shard folder (data/shards)")
     p.add_argument("--num-shards", type=int, required=True)
     p.add_argument("--out", required=True, help="clip table (parquet)")
-    p.add_argument("--csv", required=True, help="Open-Sora CSV")
+    p.add_argument("--opensora-v1.0-csv", dest="csv_v1_0", required=True,
+                   help="Open-Sora 1.0's CSV: path,text,num_frames, no header")
+    p.add_argument("--opensora-v1.1-csv", dest="csv_v1_1", required=True,
+                   help="Open-Sora 1.1+'s CSV: a header, path,text,num_frames,width,height,aspect_ratio,fps,resolution")
     p.add_argument("--rejects", required=True, help="rejects table (parquet)")
 
     p = with_params(command("ingest", cmd_ingest, "download and probe the videos of a shard table"))
