@@ -101,7 +101,9 @@ def _split(config: dict, step: str, stage: str | None, operational: bool) -> dic
             for key, value in values.items()
             if _wanted(declared_steps(f"{path}.{key}"), step, operational)
         }
-    return next(iter(out.values()), {}) if len(STEP_SECTIONS[step]) == 1 else out
+    if len(STEP_SECTIONS[step]) == 1:
+        return next(iter(out.values()), {})
+    return {name: values for name, values in out.items() if values or not operational}
 
 
 def _wanted(steps: list[str], step: str, operational: bool) -> bool:
