@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from soraflow.models.stdit import STDiT, build_model, count_parameters, load_pixart_checkpoint
+from soraflow.models.stdit import STDiT, build_model, count_parameters, load_pretrained
 
 LATENT = (4, 8, 8)  # T, H, W: 4 frames of 4x4 tokens with patch (1, 2, 2)
 CAPTION_LEN, CAPTION_DIM = 32, 384
@@ -132,13 +132,12 @@ def test_load_pixart_checkpoint(tmp_path):
     torch.save(checkpoint, tmp_path / "PixArt-tiny.pth")
 
     video_model = tiny()
-    missing, unexpected = load_pixart_checkpoint(video_model, tmp_path / "PixArt-tiny.pth")
-    assert unexpected == []
-    assert sorted(missing) == sorted(k for k in video_model.state_dict() if ".attn_temp." in k)
-    assert len(missing) == 4 * len(video_model.blocks)
+    left_at_init = load_pretrained(video_model, tmp_path / "PixArt-tiny.pth")
+    assert left_at_init == sorted(k for k in video_model.state_dict() if ".attn_temp." in k)
+    assert len(left_at_init) == 4 * len(video_model.blocks)
     assert torch.equal(video_model.y_embedder.y_embedding, image_model.y_embedder.y_embedding)
 
-    assert load_pixart_checkpoint(tiny(), checkpoint["state_dict"]) == (missing, [])  # unwrapped dict too
+    assert load_pretrained(tiny(), checkpoint["state_dict"]) == left_at_init  # unwrapped dict too
     x, t, y, mask = inputs(frames=1)
     with torch.no_grad():
         torch.testing.assert_close(video_model(x, t, y, mask), image_model(x, t, y, mask))

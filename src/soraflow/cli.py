@@ -175,9 +175,14 @@ def cmd_train(args) -> None:
 
 def cmd_sample(args) -> None:
     from soraflow.inference.sample import sample_prompts, sample_training_captions
+    from soraflow.training.checkpoint import is_torch_checkpoint
 
+    pth = is_torch_checkpoint(args.ckpt)
     if args.params is None:
-        args.params = {key: _config_section(args, key) for key in ("sample", "text_encoder", "vae", "diffusion")}
+        sections = ("sample", "text_encoder", "vae", "diffusion") + (("stdit",) if pth else ())
+        args.params = {key: _config_section(args, key) for key in sections}
+    if pth:
+        args.params = _pth_settings(args, args.params)
     if args.from_captions:
         if not args.index or len(args.comparison) != 2:
             raise SystemExit("--from-captions needs --index (the stage's training index) and --comparison PNG CSV")
@@ -185,6 +190,26 @@ def cmd_sample(args) -> None:
     prompts = args.prompt or args.params["sample"]["prompts"]
     outputs = args.out or [str(Path(args.out_dir) / f"sample_{k:02d}.mp4") for k in range(len(prompts))]
     sample_prompts(args.ckpt, prompts, outputs, args.params)
+
+
+def _pth_settings(args, params: dict) -> dict:
+    """A .pth (PixArt-α, Open-Sora 1.0) holds weights only: the STDiT settings come from the
+    config's stdit section with the flags over it, the video size from the flags."""
+    flags = {"preset": args.preset, "space_scale": args.space_scale, "time_scale": args.time_scale}
+    stdit = {**params.get("stdit", {}), **{k: v for k, v in flags.items() if v is not None}}
+    if args.num_frames is None or args.resolution is None or "preset" not in stdit:
+        raise SystemExit(
+            f"{args.ckpt} holds weights only: give --num-frames and --resolution, and the STDiT settings "
+            "(--preset, --space-scale, or a --config with a stdit section); "
+            "OpenSora-v1-HQ-16x512x512.pth: --num-frames 16 --resolution 512 --preset STDiT-XL/2 --space-scale 1.0"
+        )
+    return {**params, "stdit": stdit, "size": {"num_frames": args.num_frames, "resolution": args.resolution}}
+
+
+def cmd_export_checkpoint(args) -> None:
+    from soraflow.training.checkpoint import export_opensora
+
+    print(export_opensora(args.ckpt, args.out, use_ema=args.weights == "ema"))
 
 
 def cmd_report_figures(args) -> None:
@@ -293,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=1, help="nodes; >1 starts srun + torchrun inside a Slurm job")
 
     p = with_config(command("sample", cmd_sample, "sample one video per prompt from a checkpoint"))
-    p.add_argument("--ckpt", required=True, help="a stage checkpoint (results/checkpoints/STAGE.safetensors)")
+    p.add_argument("--ckpt", required=True,
+                   help="a stage checkpoint (results/checkpoints/STAGE.safetensors), or a PixArt-α or Open-Sora 1.0 .pth")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable; default: the config's prompts)")
     p.add_argument("--out", nargs="+", help="output mp4 paths, one per prompt")
     p.add_argument("--out-dir", default="samples", help="where samples go without --out (default: samples/)")
@@ -302,6 +328,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also sample this many training clips' captions, one output path each")
     p.add_argument("--comparison", nargs="*", default=[], metavar="PNG CSV",
                    help="figure and table setting each --from-captions sample beside its training clip")
+    pth = p.add_argument_group("a .pth checkpoint", "it holds weights only; these and the config's stdit section say the rest")
+    pth.add_argument("--num-frames", type=int, help="frames per video (16 for Open-Sora 1.0's models)")
+    pth.add_argument("--resolution", type=int, help="square video size in pixels (256 or 512 for Open-Sora 1.0's)")
+    pth.add_argument("--preset", help="STDiT preset (STDiT-XL/2 for Open-Sora 1.0's), over the config's")
+    pth.add_argument("--space-scale", type=float, help="0.5 for Open-Sora 1.0's 256 px models, 1.0 for 512 px")
+    pth.add_argument("--time-scale", type=float, help="1.0 for Open-Sora 1.0's 16-frame models")
+
+    p = command("export-checkpoint", cmd_export_checkpoint,
+                "write a stage checkpoint as a .pth Open-Sora 1.0 loads, and print the settings its config needs")
+    p.add_argument("ckpt", help="a stage checkpoint (results/checkpoints/STAGE.safetensors)")
+    p.add_argument("--out", required=True, help="the .pth to write")
+    p.add_argument("--format", choices=["opensora"], required=True, help="whose layout: opensora (Open-Sora 1.0's STDiT)")
+    p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="EMA (default) or raw weights")
 
     p = command("report-figures", cmd_report_figures, "dataset plots, clip gallery and loss curves for the report")
     p.add_argument("--clips", required=True, help="the exported clip table")

@@ -12,23 +12,39 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from soraflow.models import diffusion
-from soraflow.data import video
 from soraflow.core.atomic import atomic_path
-from soraflow.training.dataset import LatentDataset
-from soraflow.models.encoders import TextEncoder, load_autoencoder
+from soraflow.data import video
 from soraflow.inference.comparison import plot_comparison
-from soraflow.training.checkpoint import load_for_sampling
+from soraflow.models import diffusion
+from soraflow.models.encoders import TextEncoder, load_autoencoder
+from soraflow.training.checkpoint import is_torch_checkpoint, load_for_sampling
+from soraflow.training.dataset import LatentDataset
+
 
 class Sampler:
-    """A stage checkpoint with the autoencoder that decodes its latents."""
+    """A stage checkpoint (or a PixArt-α / Open-Sora 1.0 .pth) with the autoencoder that decodes its latents."""
 
     def __init__(self, checkpoint, params: dict):
         self.params = params
-        self.model, (self.frames, self.height, self.width) = load_for_sampling(
-            checkpoint, use_ema=params["sample"].get("use_ema", True)
-        )
         self.autoencoder = load_autoencoder(params["vae"])
+        pth_settings = self.pth_settings(checkpoint, params) if is_torch_checkpoint(checkpoint) else {}
+        self.model, (self.frames, self.height, self.width) = load_for_sampling(
+            checkpoint, use_ema=params["sample"].get("use_ema", True), **pth_settings
+        )
+
+    def pth_settings(self, checkpoint, params: dict) -> dict:
+        """A .pth holds weights only: the STDiT settings come from params["stdit"], the video size
+        from params["size"] (num_frames, resolution in pixels), the latent channels from the autoencoder."""
+        if "stdit" not in params or "size" not in params:
+            raise ValueError(f"{checkpoint}: a .pth holds weights only; params need 'stdit' and 'size'")
+        frames, resolution = params["size"]["num_frames"], params["size"]["resolution"]
+        factor = self.autoencoder.downsample
+        if resolution % factor:
+            raise ValueError(f"resolution {resolution} is not a multiple of the autoencoder's factor {factor}")
+        return {
+            "model_config": {**params["stdit"], "in_channels": self.autoencoder.latent_channels},
+            "input_size": (frames, resolution // factor, resolution // factor),
+        }
 
     def generate(self, y: torch.Tensor, mask: torch.Tensor, seed: int) -> torch.Tensor:
         """One caption's features [1, L, C] and mask [1, L] -> pixels [T, 3, H, W] in [-1, 1]."""
