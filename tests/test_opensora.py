@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from soraflow.models.stdit import build_model, load_pretrained, opensora_state_d
 from soraflow.training.checkpoint import export_opensora, load_checkpoint_file, save_checkpoint_file
 from soraflow.training.loop import train
 
+REPO = Path(__file__).resolve().parents[1]
 # STDiT-tiny as Open-Sora's STDiT class would be configured for it, on test_train's latents
 # [4, 2, 8, 8] (2 frames of 4x4 tokens) with 32 MiniLM tokens of width 384
 TINY = dict(depth=2, hidden=64, caption_channels=384, tokens=32, frames=2, spatial=16)
@@ -261,6 +263,19 @@ def test_sample_runs_from_an_opensora_pth(tmp_path):
     # space_scale is the model's: 1.0 (Open-Sora's 512 px setting) places tokens differently
     other_scale = sample(tmp_path / "OpenSora-tiny.pth", tmp_path / "scale1.mp4", *size, "--space-scale", "1.0")
     assert not torch.equal(other_scale, from_pth)
+
+
+def test_sample_takes_a_pth_s_settings_from_config_files_laid_over_each_other(tmp_path):
+    """--config workflow_config.yaml --config PRESET: the preset's keys win, as with snakemake
+    --configfile. The default config's STDiT-demo would not fit these weights; the preset's
+    STDiT-tiny does."""
+    torch.save(opensora_weights(opensora_stdit_shapes(**TINY, in_channels=12)), tmp_path / "OpenSora-tiny.pth")
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("stdit: {preset: STDiT-tiny, space_scale: 0.5}\ndiffusion: {sample_steps: 2}\n")
+    main(["sample", "--ckpt", str(tmp_path / "OpenSora-tiny.pth"), "--prompt", "a red square", "--out",
+          str(tmp_path / "x.mp4"), "--config", str(REPO / "workflow_config.yaml"), "--config", str(preset),
+          "--num-frames", "2", "--resolution", "16"])  # fmt: skip
+    assert tuple(video.read_frames(tmp_path / "x.mp4").shape) == (2, 16, 16, 3)
 
 
 def test_sample_from_a_pth_without_its_size_names_the_flags(tmp_path):

@@ -50,26 +50,30 @@ def cmd_ingest(args) -> None:
 
 
 def _config_section(args, section: str) -> dict:
-    """--params if given, else the section of --config (workflow_config.yaml by default)."""
+    """--params if given, else the section of the --config files (workflow_config.yaml by default)."""
     return args.params if args.params is not None else _load_config_section(args.config, section)
 
 
-def _load_config_section(config_path: str, section: str) -> dict:
-    """A section of a workflow config file, validated and with the schema's defaults."""
-    path = Path(config_path)
-    if not path.exists():
-        raise SystemExit(f"no --params given and config file {path} not found: pass --params or --config")
+def _load_config_section(config_paths: list[str] | None, section: str) -> dict:
+    """A section of workflow config files, each over the ones before it key by key (as
+    snakemake --configfile PRESET over workflow_config.yaml), validated and with the schema's defaults."""
     import yaml
 
-    from soraflow.workflow.settings import with_defaults
+    from soraflow.workflow.settings import merged, with_defaults
 
+    config_paths = config_paths or ["workflow_config.yaml"]
+    config: dict = {}
+    for path in map(Path, config_paths):
+        if not path.exists():
+            raise SystemExit(f"no --params given and config file {path} not found: pass --params or --config")
+        config = merged(config, yaml.safe_load(path.read_text()) or {})
     try:
-        return with_defaults(yaml.safe_load(path.read_text()), source=str(path))[section]
+        return with_defaults(config, source=" over ".join(reversed(config_paths)))[section]
     except ValueError as error:
         raise SystemExit(str(error)) from None
 
 
-def _clip_table(inputs: list[str], work_dir: Path, config_path: str) -> str:
+def _clip_table(inputs: list[str], work_dir: Path, config_paths: list[str] | None) -> str:
     """A clip table as given, or one made from video files (copied and probed like the ingest rule)."""
     if len(inputs) == 1 and inputs[0].endswith(".parquet"):
         return inputs[0]
@@ -84,7 +88,7 @@ def _clip_table(inputs: list[str], work_dir: Path, config_path: str) -> str:
     manifest = work_dir / "videos_manifest.parquet"
     table.write(pd.DataFrame({"id": ids, "video_id": ids, "url": [str(Path(p).resolve()) for p in inputs]}), manifest)
     videos = work_dir / "videos.parquet"
-    ingest_params = _load_config_section(config_path, "ingest")
+    ingest_params = _load_config_section(config_paths, "ingest")
     ingest_shard(manifest, work_dir / "raw", videos, work_dir / "rejects_ingest.parquet", ingest_params)
     return str(videos)
 
@@ -200,7 +204,7 @@ def _pth_settings(args, params: dict) -> dict:
     if args.num_frames is None or args.resolution is None or "preset" not in stdit:
         raise SystemExit(
             f"{args.ckpt} holds weights only: give --num-frames and --resolution, and the STDiT settings "
-            "(--preset, --space-scale, or a --config with a stdit section); "
+            "(--preset, --space-scale, or --config files with a stdit section); "
             "OpenSora-v1-HQ-16x512x512.pth: --num-frames 16 --resolution 512 --preset STDiT-XL/2 --space-scale 1.0"
         )
     return {**params, "stdit": stdit, "size": {"num_frames": args.num_frames, "resolution": args.resolution}}
@@ -269,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     def with_config(p):
         p.add_argument("--params", type=_params, help="the step's settings as JSON (default: from --config)")
         p.add_argument("--operational", type=_params, default={}, help="with --params: its operational settings as JSON")
-        p.add_argument("--config", default="workflow_config.yaml", help="workflow config to take settings from")
+        p.add_argument("--config", action="append", metavar="YAML",
+                       help="workflow config to take settings from (default: workflow_config.yaml); repeat it to "
+                            "lay a preset over it key by key, as snakemake --configfile does")
         return p
 
     p = with_config(command("split", cmd_split, "cut videos (files, or a clip table) into scene clips"))
