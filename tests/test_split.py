@@ -1,3 +1,7 @@
+import hashlib
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -35,6 +39,10 @@ def run_split(tmp_path, videos: dict, **overrides):
     out, rejects = tmp_path / "clips.parquet", tmp_path / "split_rejects.parquet"
     split_shard(ingest(tmp_path, videos), tmp_path / "clips", out, rejects, {**PARAMS, **overrides})
     return table.read(out), table.read(rejects)
+
+
+def sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def assert_clips_decode_as_tabled(clips: pd.DataFrame):
@@ -151,8 +159,11 @@ def test_target_fps_and_shorter_side(tmp_path, synthetic_cut_video):
 
 def test_a_broken_video_is_rejected_and_the_rest_continue(tmp_path, synthetic_cut_video, bad_videos):
     videos = ingest(tmp_path, {"cuts": synthetic_cut_video["path"], "good": bad_videos["good"]})
-    # the raw file of one video disappears between ingest and split
-    (tmp_path / "raw" / "good.mp4").write_bytes(b"not a video any more")
+    # the raw file of one video is replaced between ingest and split (replaced, not written
+    # through: it is a hard link to the fixture's file)
+    broken = tmp_path / "raw" / "good.mp4"
+    broken.unlink()
+    broken.write_bytes(b"not a video any more")
     out, rejects_path = tmp_path / "clips.parquet", tmp_path / "rejects.parquet"
     split_shard(videos, tmp_path / "clips", out, rejects_path, PARAMS)
     assert table.read(out)["video_id"].unique().tolist() == ["cuts"]
@@ -202,3 +213,52 @@ def test_a_detector_error_stops_the_decoding_thread(synthetic_cut_video, monkeyp
     with pytest.raises(RuntimeError, match="detector broke"):
         detect_scenes(synthetic_cut_video["path"], PARAMS)
     assert threading.active_count() == before
+
+
+def test_videos_split_at_once_give_the_table_and_clips_of_one_at_a_time(
+    tmp_path, synthetic_cut_video, vfr_video, rotated_video, bad_videos, capfd
+):
+    sources = {"cuts": synthetic_cut_video["path"], "vfr": vfr_video["path"], "broken": bad_videos["good"],
+               "phone": rotated_video["path"], "good": bad_videos["good"]}  # fmt: skip
+    videos = ingest(tmp_path, sources)
+    broken = tmp_path / "raw" / "broken.mp4"
+    broken.unlink()  # a reject among them (replaced, not written through the fixture's hard link)
+    broken.write_bytes(b"not a video any more")
+    runs = {}
+    # one worker on one thread; five workers (one per video) with two decoder threads each
+    for threads in (1, 10):
+        out = tmp_path / f"threads{threads}"
+        split_shard(videos, out / "clips", out / "clips.parquet", out / "rejects.parquet", {**PARAMS, "threads": threads})
+        runs[threads] = table.read(out / "clips.parquet"), table.read(out / "rejects.parquet")
+    (one, one_rejects), (many, many_rejects) = runs[1], runs[10]
+    assert one["video_id"].unique().tolist() == ["cuts", "vfr", "phone", "good"]
+    assert one_rejects["id"].tolist() == ["broken"] and many_rejects.equals(one_rejects)
+    assert many.drop(columns="path").equals(one.drop(columns="path"))
+    # x264 runs on one thread whatever the job's threads: the clips are the same bytes
+    assert [sha256(p) for p in many["path"]] == [sha256(p) for p in one["path"]]
+    assert many["path"].tolist() == [str(tmp_path / "threads10" / "clips" / f"{i}.mp4") for i in one["id"]]
+    # the job's progress line: videos, clips and bytes per second, and an ETA
+    last = capfd.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("split: 100% 5/5 videos [") and "ETA 00:00" in last
+    assert "videos/s" in last and "clips/s" in last and "B/s" in last
+
+
+@pytest.mark.parametrize("local_sources", ["link", "copy", "in_place"])
+def test_drop_raw_deletes_raw_files_once_split_never_a_source(tmp_path, synthetic_cut_video, local_sources):
+    source = tmp_path / "corpus" / "cuts.mp4"
+    source.parent.mkdir()
+    shutil.copyfile(synthetic_cut_video["path"], source)
+    shard = tmp_path / "shard.parquet"
+    table.write(pd.DataFrame({"id": ["cuts"], "video_id": ["cuts"], "url": [str(source)]}), shard)
+    videos, raw = tmp_path / "videos.parquet", tmp_path / "raw"
+    params = {"timeout_s": 5, "retries": 0, "max_bytes": 10**8, "local_sources": local_sources}
+    ingest_shard(shard, raw, videos, tmp_path / "ingest_rejects.parquet", params)
+    out = tmp_path / "clips.parquet"
+    split_shard(videos, tmp_path / "clips", out, tmp_path / "rejects.parquet", PARAMS, drop_raw_in=raw)
+    assert len(table.read(out)) == 3 and all(Path(p).exists() for p in table.read(out)["path"])
+    assert list(raw.iterdir()) == []
+    assert source.read_bytes() == synthetic_cut_video["path"].read_bytes()
+    if local_sources != "in_place":
+        # splitting again without the raw file is an error naming why, not a reject
+        with pytest.raises(FileNotFoundError, match="ingest.keep_raw false"):
+            split_shard(videos, tmp_path / "clips", out, tmp_path / "rejects.parquet", PARAMS)

@@ -6,25 +6,31 @@ is wrong for variable-frame-rate video, and Open-Sora's seconds-based cut lost u
 a second per boundary (bug #567). Everything here is in frame indices; seconds are only
 reported. Each clip is cut by frame number (decode-accurate `trim`), re-encoded upright,
 then decoded again to check it has exactly the frames the table says.
+
+A shard's videos are split `threads` at a time, each by its own worker thread: the heavy
+work (decoding, scaling, encoding) runs in FFmpeg, in PyAV's C code or ffmpeg processes,
+outside the GIL. The clip table keeps the shard's order whatever order videos finish in.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import queue
 import subprocess
 import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from fractions import Fraction
 from pathlib import Path
 
 import av
-from av.video.reformatter import VideoReformatter
 import numpy as np
 import pandas as pd
+from av.video.reformatter import VideoReformatter
 from scenedetect import AdaptiveDetector, ContentDetector, FrameTimecode
 
+from soraflow.core.progress import ShardProgress
 from soraflow.data import table
-from soraflow.core.progress import progress
 from soraflow.data.video import count_frames
 
 DETECT_WIDTH = 256  # PySceneDetect's own default working width
@@ -44,7 +50,7 @@ def _detector(params: dict):
     raise ValueError(f"split.detector must be 'content' or 'adaptive', got {params['detector']!r}")
 
 
-def _decode_for_detection(path: str | Path, out: queue.Queue, stop: threading.Event) -> None:
+def _decode_for_detection(path: str | Path, out: queue.Queue, stop: threading.Event, threads: int) -> None:
     """Producer thread: the stream's average rate, (image, timestamp) per frame in decode
     order, then None; or the error that stopped decoding. FFmpeg decodes and scales without
     holding the GIL, so this overlaps with the detector (PySceneDetect's detect() decodes in
@@ -54,6 +60,7 @@ def _decode_for_detection(path: str | Path, out: queue.Queue, stop: threading.Ev
             stream = container.streams.video[0]
             # frame + slice threads: 2-3x faster decoding, frames still come in decode order
             stream.codec_context.thread_type = "AUTO"
+            stream.codec_context.thread_count = threads
             rate = Fraction(stream.average_rate or 25)
             out.put(rate)
             scaler = VideoReformatter()  # one swscale context for the whole video
@@ -69,14 +76,15 @@ def _decode_for_detection(path: str | Path, out: queue.Queue, stop: threading.Ev
         out.put(error)
 
 
-def detect_scenes(path: str | Path, params: dict) -> tuple[list[tuple[int, int]], list[float]]:
-    """Scenes as [start, end) decode-order frame indices, and every frame's timestamp in seconds."""
+def detect_scenes(path: str | Path, params: dict, threads: int = 0) -> tuple[list[tuple[int, int]], list[float]]:
+    """Scenes as [start, end) decode-order frame indices, and every frame's timestamp in seconds.
+    The decoder uses `threads` threads (0: one per core)."""
     detector = _detector(params)
     cuts: list[FrameTimecode] = []
     timestamps: list[float] = []
     frames: queue.Queue = queue.Queue(maxsize=64)
     stop = threading.Event()
-    producer = threading.Thread(target=_decode_for_detection, args=(path, frames, stop), daemon=True)
+    producer = threading.Thread(target=_decode_for_detection, args=(path, frames, stop, threads), daemon=True)
     producer.start()
     # the detector only uses the rate to turn min_scene_len into frames; any rate works
     rate = Fraction(25)
@@ -149,7 +157,12 @@ def output_size(width: int, height: int, shorter_side: int | None) -> tuple[int,
     return max(2, width - width % 2), max(2, height - height % 2)
 
 
-def _cut_command(source: Path, clips: list[tuple[int, int, float, Path]], size: tuple[int, int], fps: float | None) -> list[str]:
+def _cut_command(
+    source: Path, clips: list[tuple[int, int, float, Path]], size: tuple[int, int], fps: float | None, threads: int
+) -> list[str]:
+    """Decoding and filtering take `threads` threads; each x264 encoder one, because x264's
+    output depends on its thread count: a clip's bytes never depend on the job's threads or
+    the machine's cores."""
     # ffmpeg autorotates by default: frames reach the graph upright, outputs carry no rotation
     chains, outputs = [], []
     for k, (start, end, duration_s, out_path) in enumerate(clips):
@@ -161,17 +174,22 @@ def _cut_command(source: Path, clips: list[tuple[int, int, float, Path]], size: 
         chains.append(f"[in{k}]{','.join(steps)}[out{k}]")
         outputs += [
             "-map", f"[out{k}]", "-an", "-fps_mode", "passthrough",
-            "-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-f", "mp4", str(out_path),
+            "-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-threads", "1", "-f", "mp4", str(out_path),
         ]  # fmt: skip
     splitter = f"[0:v]split={len(clips)}" + "".join(f"[in{k}]" for k in range(len(clips)))
     graph = ";".join([splitter, *chains])
-    return ["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(source), "-filter_complex", graph, *outputs]
+    return [
+        "ffmpeg", "-nostdin", "-v", "error", "-y", "-threads", str(threads), "-i", str(source),
+        "-filter_complex_threads", str(threads), "-filter_complex", graph, *outputs,
+    ]  # fmt: skip
 
 
-def _cut(source: Path, clips: list[tuple[int, int, float, Path]], size: tuple[int, int], fps: float | None) -> None:
+def _cut(
+    source: Path, clips: list[tuple[int, int, float, Path]], size: tuple[int, int], fps: float | None, threads: int
+) -> None:
     for first in range(0, len(clips), CLIPS_PER_FFMPEG):
         batch = clips[first : first + CLIPS_PER_FFMPEG]
-        result = subprocess.run(_cut_command(source, batch, size, fps), capture_output=True, text=True)
+        result = subprocess.run(_cut_command(source, batch, size, fps, threads), capture_output=True, text=True)
         if result.returncode != 0:
             raise SplitError(f"ffmpeg failed cutting {source}: {result.stderr.strip()[-500:]}")
 
@@ -185,13 +203,19 @@ def short_scene_id(video_id: str, start: int, end: int) -> str:
     return f"{video_id}_frames-{start:06d}-{end:06d}"
 
 
-def split_video(video: dict, clip_dir: Path, params: dict) -> tuple[list[dict], list[dict]]:
-    """Clip rows and clip-level rejects for one source video (a row of the ingest table).
+def split_video(video: dict, clip_dir: Path, params: dict, threads: int = 0) -> tuple[list[dict], list[dict]]:
+    """Clip rows and clip-level rejects for one source video (a row of the ingest table),
+    decoding and filtering with `threads` threads (0: one per core).
 
     Scenes shorter than min_seconds are rejects (id from short_scene_id); a video left with
     no clip is a reject too."""
     source = Path(video["raw_path"])
-    scenes, timestamps = detect_scenes(source, params)
+    if not source.exists():  # not a bad video: the file is gone, and the job says so
+        raise FileNotFoundError(
+            f"{source}, the source of {video['id']}, is gone (ingest.keep_raw false drops a shard's "
+            "downloads once it is split; run its ingest again)"
+        )
+    scenes, timestamps = detect_scenes(source, params, threads)
     times = frame_times(timestamps)
     min_seconds = float(params["min_seconds"])
     dropped: list[tuple[int, int]] = []
@@ -211,10 +235,11 @@ def split_video(video: dict, clip_dir: Path, params: dict) -> tuple[list[dict], 
         for k, (a, b) in enumerate(clips)
     ]
     try:
-        _cut(source, planned, (width, height), target_fps)
+        _cut(source, planned, (width, height), target_fps, threads)
         rows, rejects = [], short
         for start, end, duration_s, tmp in planned:
             clip_id = tmp.name.removesuffix(".tmp.mp4")
+            # one thread whatever PyAV's default: x264 wrote a single slice (threads 1)
             decoded = count_frames(tmp)
             # at a new rate the clip has a frame at every 1/fps before its end
             expected = math.ceil(round(duration_s * float(target_fps), 6)) if target_fps else end - start
@@ -249,29 +274,63 @@ def split_video(video: dict, clip_dir: Path, params: dict) -> tuple[list[dict], 
     return rows, rejects
 
 
+def _split_or_reject(video: dict, clip_dir: Path, params: dict, threads: int) -> tuple[list[dict], list[dict]]:
+    """split_video, with a video that cannot be split as a reject of its own."""
+    try:
+        rows, rejects = split_video(video, clip_dir, params, threads)
+    except (SplitError, av.FFmpegError) as error:
+        return [], [{"id": video["id"], "url": video["url"], "stage": "split", "reason": str(error)}]
+    if not rows and not any(r["id"] == video["id"] for r in rejects):
+        rejects.append({"id": video["id"], "url": video["url"], "stage": "split", "reason": "no clip survived"})
+    return rows, rejects
+
+
+def drop_raw_files(videos: list[dict], raw_dir: str | Path) -> None:
+    """Delete the videos' raw files that lie in raw_dir (downloads, copies, hard links); a
+    local source read in place lies elsewhere and is never touched."""
+    raw_dir = os.path.abspath(raw_dir)
+    for video in videos:
+        path = os.path.abspath(video["raw_path"])
+        if os.path.dirname(path) == raw_dir:
+            Path(path).unlink(missing_ok=True)
+
+
 def split_shard(
-    table_path: str | Path, clip_dir: str | Path, out_table: str | Path, rejects_path: str | Path, params: dict
+    table_path: str | Path,
+    clip_dir: str | Path,
+    out_table: str | Path,
+    rejects_path: str | Path,
+    params: dict,
+    drop_raw_in: str | Path | None = None,
 ) -> None:
     """Scene-split every video of an ingest table; write the clip table and the rejects table.
 
     params: detector (content|adaptive), threshold (ContentDetector's threshold, ~27, or
     AdaptiveDetector's adaptive_threshold, ~3), min_scene_frames, min_seconds, max_seconds,
-    fps (None keeps the source rate), shorter_side (None keeps the size; never upscales).
+    fps (None keeps the source rate), shorter_side (None keeps the size; never upscales);
+    threads (1): videos split at once, each worker's decoders sharing the job's threads.
     Scores (motion, aesthetics) are the score step's (soraflow.scoring.shard).
+    With drop_raw_in, the videos' raw files in that folder are deleted once both tables are written.
     """
     _detector(params)  # a bad detector name is a config error, not a per-video reject
     clip_dir = Path(clip_dir)
     clip_dir.mkdir(parents=True, exist_ok=True)
-    clips, rejects = [], []
-    for video in progress(table.read(table_path).to_dict("records"), desc="split"):
+    videos = table.read(table_path).to_dict("records")
+    threads = int(params.get("threads", 1))
+    workers = max(1, min(threads, len(videos)))
+    with ThreadPoolExecutor(workers, thread_name_prefix="split") as pool, ShardProgress(len(videos), "split") as bar:
+        futures = {pool.submit(_split_or_reject, video, clip_dir, params, max(1, threads // workers)): video for video in videos}
         try:
-            rows, clip_rejects = split_video(video, clip_dir, params)
-        except (SplitError, av.FFmpegError) as error:
-            rejects.append({"id": video["id"], "url": video["url"], "stage": "split", "reason": str(error)})
-            continue
-        clips += rows
-        rejects += clip_rejects
-        if not rows and not any(r["id"] == video["id"] for r in clip_rejects):
-            rejects.append({"id": video["id"], "url": video["url"], "stage": "split", "reason": "no clip survived"})
+            for future in as_completed(futures):
+                bar.advance(clips=len(future.result()[0]), nbytes=Path(futures[future]["raw_path"]).stat().st_size)
+        except BaseException:  # an unexpected error fails the job now, not after the shard
+            for future in futures:
+                future.cancel()
+            raise
+        results = [future.result() for future in futures]
+    clips = [row for rows, _ in results for row in rows]
+    rejects = [row for _, video_rejects in results for row in video_rejects]
     table.write(pd.DataFrame(clips) if clips else table.empty(), out_table)
     table.write_rejects(rejects, rejects_path)
+    if drop_raw_in is not None:
+        drop_raw_files(videos, drop_raw_in)
