@@ -33,12 +33,23 @@ rule shard:
         " --shards-dir {params.shards_dir} --num-shards {params.num_shards} > {log} 2>&1"
 
 
+# Raw files (downloads, hard links, copies under data/raw/) are not declared outputs: Snakemake
+# deletes a job's declared outputs before re-running it, and a re-run ingest skips what is
+# complete and resumes what is partial. The ingest table names them (raw_path).
+# ingest.keep_raw false: the split deletes its shard's raw files once its tables are written,
+# and the ingest table is temp(), so Snakemake deletes it then too: nothing re-runs for the
+# missing files, and a split that must run again (a split setting changed) runs its ingest
+# first, which fetches them again. Switching keep_raw re-runs nothing.
+KEEP_RAW = config["ingest"]["keep_raw"]
+DROP_RAW = "" if KEEP_RAW else f"--drop-raw {L.raw_dir()}"
+
+
 rule ingest:
     input:
         table=L.shard_file("manifest"),
         demo=L.demo_videos(),
     output:
-        table=L.shard_file("videos"),
+        table=L.shard_file("videos") if KEEP_RAW else temp(L.shard_file("videos")),
         rejects=L.shard_file("rejects_ingest"),
     params:
         raw_dir=L.raw_dir(),
@@ -61,13 +72,16 @@ rule split:
         clips=directory(L.clip_dir()),
     params:
         cfg=L.params("split"),
+    # videos split at once; each one's ffmpeg and PyAV decoders share them
+    threads: config["split"]["threads"]
     log:
         "logs/split/{shard}.log",
     conda:
         "../envs/soraflow.yaml"
     shell:
         "soraflow split {input.table} --clip-dir {output.clips} --out {output.table}"
-        " --rejects {output.rejects} --params {params.cfg:q} > {log} 2>&1"
+        " --rejects {output.rejects} --params {params.cfg:q} --operational {OPS[split]:q}"
+        " --threads {threads} {DROP_RAW} > {log} 2>&1"
 
 
 # Scores the stage filters compare; joined at each stage's index, so a scorer change never

@@ -98,9 +98,12 @@ def cmd_split(args) -> None:
 
     out_dir = Path(args.out_dir)
     params = _config_section(args, "split")
+    if args.threads is not None:  # the job's threads, as Snakemake gives them
+        params = {**params, "threads": args.threads}
     clips = _clip_table(args.inputs, out_dir, args.config)
     out = args.out or str(out_dir / "clips.parquet")
-    split_shard(clips, args.clip_dir or str(out_dir), out, args.rejects or str(out_dir / "rejects_split.parquet"), params)
+    rejects = args.rejects or str(out_dir / "rejects_split.parquet")
+    split_shard(clips, args.clip_dir or str(out_dir), out, rejects, params, drop_raw_in=args.drop_raw)
     print(f"clip table: {out}")
 
 
@@ -284,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-dir", help="clip folder (default: --out-dir)")
     p.add_argument("--out", help="clip table (default: OUT_DIR/clips.parquet)")
     p.add_argument("--rejects", help="rejects table (default: OUT_DIR/rejects_split.parquet)")
+    p.add_argument("--threads", type=int, help="videos split at once (default: the settings' threads)")
+    p.add_argument("--drop-raw", metavar="RAW_DIR",
+                   help="delete the videos' raw files that lie in RAW_DIR once both tables are written")
 
     p = with_params(command("score", cmd_score, "motion and aesthetic scores of a clip table"))
     p.add_argument("table")
