@@ -39,7 +39,8 @@ rule shard:
 # ingest.keep_raw false: the split deletes its shard's raw files once its tables are written,
 # and the ingest table is temp(), so Snakemake deletes it then too: nothing re-runs for the
 # missing files, and a split that must run again (a split setting changed) runs its ingest
-# first, which fetches them again. Switching keep_raw re-runs nothing.
+# first, which fetches them again. Switching keep_raw re-runs nothing (the split gets it as a
+# resource, which Snakemake never compares).
 KEEP_RAW = config["ingest"]["keep_raw"]
 DROP_RAW = "" if KEEP_RAW else f"--drop-raw {L.raw_dir()}"
 
@@ -74,6 +75,8 @@ rule split:
         cfg=L.params("split"),
     # videos split at once; each one's ffmpeg and PyAV decoders share them
     threads: config["split"]["threads"]
+    resources:
+        drop_raw=DROP_RAW,
     log:
         "logs/split/{shard}.log",
     conda:
@@ -81,7 +84,7 @@ rule split:
     shell:
         "soraflow split {input.table} --clip-dir {output.clips} --out {output.table}"
         " --rejects {output.rejects} --params {params.cfg:q} --operational {OPS[split]:q}"
-        " --threads {threads} {DROP_RAW} > {log} 2>&1"
+        " --threads {threads} {resources.drop_raw} > {log} 2>&1"
 
 
 # Scores the stage filters compare; joined at each stage's index, so a scorer change never
