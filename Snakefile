@@ -29,6 +29,14 @@ wildcard_constraints:
     stage="|".join(L.stages),
 
 
+# Before any job is submitted (never in a dry run): the plan's table (soraflow plan prints the
+# same), and a stop naming any stage or model that does not fit the planned GPU (plan.gpu).
+onstart:
+    from soraflow.workflow.plan import check
+
+    print(check(config))
+
+
 include: "rules/data.smk"
 include: "rules/models.smk"
 include: "rules/caption.smk"

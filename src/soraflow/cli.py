@@ -226,6 +226,27 @@ def cmd_report_figures(args) -> None:
     make_figures(args.clips, args.rejects, losses, args.out_dir)
 
 
+def cmd_plan(args) -> None:
+    import yaml
+    from snakemake.cli import parse_config
+    from snakemake.utils import update_config
+
+    from soraflow.workflow.plan import check
+    from soraflow.workflow.settings import stages_as_listed, with_defaults
+
+    # as the Snakefile assembles it: defaults, then --configfile files key by key (their stages
+    # whole), then --config
+    config = yaml.safe_load(Path(args.defaults).read_text())
+    for path in args.configfile:
+        update_config(config, yaml.safe_load(Path(path).read_text()) or {})
+    update_config(config, parse_config(args.config))
+    stages_as_listed(config, args.configfile)
+    try:
+        print(check(with_defaults(config, source=" + ".join([args.defaults, *args.configfile]))))
+    except ValueError as error:  # an invalid config, or one that does not fit (PlanError)
+        raise SystemExit(str(error)) from None
+
+
 def cmd_inspect(args) -> None:
     from soraflow.data.stats import inspect_tables
 
@@ -359,6 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rejects", required=True, help="the exported rejects table")
     p.add_argument("--loss", nargs="+", default=[], metavar="STAGE=CSV", help="loss logs by stage")
     p.add_argument("--out-dir", required=True)
+
+    p = command("plan", cmd_plan, "tokens, FLOPs, memory per GPU, cache sizes and GPU-hours of every stage of a "
+                "config; exits non-zero naming what does not fit the planned GPU (plan.gpu)")
+    p.add_argument("--configfile", nargs="+", default=[], metavar="FILE", help="config files over the defaults, as snakemake's")
+    p.add_argument("--config", nargs="+", default=[], metavar="KEY=VALUE", help="values over those, as snakemake's")
+    p.add_argument("--defaults", default="workflow_config.yaml", help="the default config (default: workflow_config.yaml)")
 
     p = command("inspect", cmd_inspect, "summarise the clip tables and rejects of a workflow run")
     p.add_argument("--root", default="data", help="the workflow's data.root (default: data)")

@@ -102,20 +102,18 @@ class TextEncoder:
         self.hidden_size = config.hidden_size
 
     @torch.no_grad()
+    def encode_batch(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """texts -> (features [n, max_length, C] float32, mask [n, max_length] int64), in one forward."""
+        tokens = self.tokenizer(
+            texts, max_length=self.max_length, padding="max_length", truncation=True, return_tensors="pt"
+        ).to(self.device)
+        out = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+        return out.last_hidden_state.float().cpu(), tokens.attention_mask.cpu().long()
+
     def encode(self, texts: list[str], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
         """texts -> (features [N, max_length, C] float32, mask [N, max_length] int64)."""
-        features, masks = [], []
-        for start in progress(range(0, len(texts), batch_size), desc="encode text"):
-            tokens = self.tokenizer(
-                texts[start : start + batch_size],
-                max_length=self.max_length,
-                padding="max_length",
-                truncation=True,
-                return_tensors="pt",
-            ).to(self.device)
-            out = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
-            features.append(out.last_hidden_state.float().cpu())
-            masks.append(tokens.attention_mask.cpu().long())
-        if not features:
+        if not texts:
             return torch.zeros(0, self.max_length, self.hidden_size), torch.zeros(0, self.max_length, dtype=torch.long)
+        starts = progress(range(0, len(texts), batch_size), desc="encode text")
+        features, masks = zip(*(self.encode_batch(texts[start : start + batch_size]) for start in starts))
         return torch.cat(features), torch.cat(masks)

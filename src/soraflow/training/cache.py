@@ -1,17 +1,30 @@
-"""The cache of pre-encoded training inputs: VAE latents and text features, one safetensors
-file per shard (written by soraflow.training.encode, read row by row by training).
+"""The cache of pre-encoded training inputs: VAE latents per stage and text features.
 
 Open-Sora 1.0 ran the VAE and T5 on every training step; caching them once makes
-training steps several times cheaper (their #393). Latents are keyed by the
-autoencoder and the stage's frame sampling; text features by the text encoder and the
-captions, so changing one re-encodes only its own cache (Snakemake sees the params).
-Each file stores its clip ids and its cache key as metadata (`read_ids`, `read_key`), so
-any cache file says which clips and which settings it holds.
+training steps several times cheaper (their #393). A shard's cache is
+
+    {name}.json        the index (the encode rule's output): the cache key (settings), and
+                       for every clip its id, per-clip key, chunk file and row
+    {name}/*.safetensors  chunk files of at most CHUNK_BYTES each, written as they fill
+
+so an encode job holds one chunk in memory, never the shard. Each chunk names its
+settings key, clip ids and per-clip keys in its metadata. A per-clip key is the hash of
+the settings and of what the clip's row is made from (its frames, or its caption): a
+job reuses every row of an earlier chunk whose key it still wants and encodes only the
+clips it is missing, so a filter change, a retried job or new captions for a few clips
+re-encode only those clips. Chunks of other settings are removed when a job finishes;
+chunks of the same settings stay (a filter loosened again finds its clips there).
+
+Latents and text features are stored in `cache.dtype` (bf16 by default, half of fp32;
+LatentDataset reads them back as float32); the text mask is stored as each caption's
+token count (`lengths`), as tokenizers pad on the right.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -21,35 +34,157 @@ from safetensors.torch import save_file
 from soraflow.core.atomic import atomic_path
 from soraflow.data.manifest import shard_ids
 
+CHUNK_BYTES = 64 * 2**20  # rows buffered before a chunk file is written
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
-def write_cache(tensors: dict[str, torch.Tensor], ids: list[str], key: dict, path: str | Path) -> None:
-    metadata = {"ids": json.dumps(ids), "cache_key": json.dumps(key, sort_keys=True)}
+
+def digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_cache(tensors: dict[str, torch.Tensor], ids: list[str], key: dict, path: str | Path,
+                clip_keys: list[str] | None = None) -> None:
+    """One chunk file: row i of every tensor belongs to clip ids[i]."""
+    metadata = {"ids": json.dumps(ids), "cache_key": json.dumps(key, sort_keys=True),
+                "clip_keys": json.dumps(clip_keys or [])}
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
+def text_tensors(features: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Text features [N, L, C] and their right-padded mask [N, L] as cache rows: features in
+    `dtype`, the mask as token counts [N] (int32)."""
+    lengths = mask.sum(dim=1)
+    if not torch.equal(mask.bool(), torch.arange(mask.shape[1]) < lengths[:, None]):
+        raise ValueError("the text encoder's tokenizer does not pad on the right: masks cannot be stored as lengths")
+    return {"y": features.to(dtype), "lengths": lengths.to(torch.int32)}
+
+
+def mask_from_length(length: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    return torch.arange(num_tokens) < length
+
+
 def shard_cache_paths(directory: str | Path, num_shards: int) -> list[Path]:
-    """`{directory}/{shard}.safetensors` for every shard, as workflow.Layout names cache files."""
-    return [Path(directory) / f"{shard}.safetensors" for shard in shard_ids(num_shards)]
+    """`{directory}/{shard}.json` for every shard, as workflow.Layout names cache indexes."""
+    return [Path(directory) / f"{shard}.json" for shard in shard_ids(num_shards)]
+
+
+def chunk_dir(index_path: str | Path) -> Path:
+    """The folder beside an index that holds its chunk files."""
+    path = Path(index_path)
+    return path.with_name(path.name.removesuffix(".json"))
+
+
+def read_index(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
 
 
 def read_ids(path: str | Path) -> list[str]:
-    with safe_open(str(path), "pt") as f:
-        return json.loads(f.metadata()["ids"])
+    return read_index(path)["ids"]
 
 
 def read_key(path: str | Path) -> dict:
+    return read_index(path)["cache_key"]
+
+
+def chunk_key(path: str | Path) -> dict:
+    """The settings a chunk file's rows were encoded with."""
     with safe_open(str(path), "pt") as f:
         return json.loads(f.metadata()["cache_key"])
 
 
+def locate(path: str | Path) -> dict[str, tuple[str, int]]:
+    """clip id -> (chunk file, row) of every clip an index holds."""
+    index = read_index(path)
+    folder = chunk_dir(path)
+    return {i: (str(folder / chunk), row) for i, chunk, row in zip(index["ids"], index["chunks"], index["rows"])}
+
+
+class ChunkStore:
+    """Rows of one shard's cache, written chunk by chunk into the folder beside `index_path`.
+
+        store = ChunkStore(index_path, settings)
+        missing = store.missing(clip_keys)        # the keys no chunk of these settings holds
+        store.add(ids, clip_keys, {"latents": ...})  # as batches are encoded
+        store.finish(ids, clip_keys)              # write the index; remove other settings' chunks
+    """
+
+    def __init__(self, index_path: str | Path, settings: dict):
+        self.index_path = Path(index_path)
+        self.folder = chunk_dir(index_path)
+        self.settings = settings
+        self.prefix = digest(settings)[:16]
+        self.found: dict[str, tuple[str, int]] = {}  # clip key -> (chunk name, row)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for partial in self.folder.glob("*.tmp"):
+            partial.unlink()  # a chunk a killed job was writing (one job per store runs at a time)
+        for chunk in sorted(self.folder.glob(f"{self.prefix}-*.safetensors")):
+            with safe_open(str(chunk), "pt") as f:
+                keys = json.loads(f.metadata()["clip_keys"])
+            self.found.update({key: (chunk.name, row) for row, key in enumerate(keys)})
+        self.pending: list[tuple[list[str], list[str], dict[str, torch.Tensor]]] = []
+        self.pending_rows = 0
+        self.rows_per_chunk: int | None = None
+
+    def missing(self, clip_keys: list[str]) -> list[int]:
+        """Positions of the keys that no chunk holds yet."""
+        return [i for i, key in enumerate(clip_keys) if key not in self.found]
+
+    def add(self, ids: list[str], clip_keys: list[str], tensors: dict[str, torch.Tensor]) -> None:
+        """Rows of a batch (tensors [n, ...], on the CPU); a chunk is written whenever enough are held."""
+        if self.rows_per_chunk is None:
+            row_bytes = sum(t[0].numel() * t.element_size() for t in tensors.values())
+            self.rows_per_chunk = max(1, CHUNK_BYTES // max(row_bytes, 1))
+        self.pending.append((list(ids), list(clip_keys), tensors))
+        self.pending_rows += len(ids)
+        while self.pending_rows >= self.rows_per_chunk:
+            self._write(self.rows_per_chunk)
+
+    def _write(self, count: int) -> None:
+        """Write the first `count` pending rows as one chunk."""
+        ids, keys, parts = [], [], []
+        while len(ids) < count:
+            batch_ids, batch_keys, tensors = self.pending.pop(0)
+            take = count - len(ids)
+            ids += batch_ids[:take]
+            keys += batch_keys[:take]
+            parts.append({name: t[:take] for name, t in tensors.items()})
+            if take < len(batch_ids):  # the rest of the batch waits for the next chunk
+                self.pending.insert(0, (batch_ids[take:], batch_keys[take:], {n: t[take:] for n, t in tensors.items()}))
+        self.pending_rows -= count
+        name = f"{self.prefix}-{digest(keys)[:16]}.safetensors"
+        tensors = {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
+        write_cache(tensors, ids, self.settings, self.folder / name, clip_keys=keys)
+        self.found.update({key: (name, row) for row, key in enumerate(keys)})
+
+    def finish(self, ids: list[str], clip_keys: list[str]) -> None:
+        """Write the last chunk and the index over `ids` (each must have been added or found)."""
+        if self.pending_rows:
+            self._write(self.pending_rows)
+        absent = [i for i, key in zip(ids, clip_keys) if key not in self.found]
+        if absent:
+            raise RuntimeError(f"{self.index_path}: clips never encoded: {absent[:5]}")
+        where = [self.found[key] for key in clip_keys]
+        index = {"cache_key": self.settings, "ids": list(ids), "clip_keys": list(clip_keys),
+                 "chunks": [chunk for chunk, _ in where], "rows": [row for _, row in where]}
+        with atomic_path(self.index_path) as tmp:
+            tmp.write_text(json.dumps(index))
+        for stale in self.folder.glob("*.safetensors"):
+            if not stale.name.startswith(self.prefix + "-"):
+                stale.unlink()  # other settings: never read by this index
+
+
 class CachedRows:
-    """Random access to rows of shard cache files, without loading whole shards."""
+    """Random access to rows of chunk files, without loading whole chunks. Handles are
+    opened per process, so DataLoader workers forked from a reader open their own."""
 
     def __init__(self):
         self._handles: dict[str, object] = {}
+        self._pid = os.getpid()
 
     def get(self, path: str, name: str, index: int) -> torch.Tensor:
+        if self._pid != os.getpid():
+            self._handles, self._pid = {}, os.getpid()
         if path not in self._handles:
             self._handles[path] = safe_open(path, "pt")
         return self._handles[path].get_slice(name)[index]

@@ -1,15 +1,27 @@
-"""A stage's training set: captioned clips that pass the stage's filters and have cached inputs.
+"""A stage's training set: captioned clips that pass the stage's filters and have cached inputs,
+and the samples training draws from it.
 
 The index is the clip table itself, with each row pointing at its latent and text
-feature rows in the shard caches. Filters are applied here, not at detection time, so
-changing a threshold rebuilds only this index and the training after it.
+feature rows in the shard caches. Filters are applied when the stage's latents are
+encoded (only kept clips are encoded) and again here, where the rejects are recorded;
+never at detection time, so changing a threshold re-runs no scoring.
+
+Training reads through a DataLoader: `StepBatches` yields, step by step, this rank's
+share of the step's global batch, and `TrainingSamples` reads each sample and draws its
+noise, timestep and caption drop from a generator seeded by (seed, step, position in the
+global batch). The step number is thus the whole data position: a resumed run, or a run
+on another number of processes, sees exactly the same samples, and each rank draws only
+its own.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterator
+
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from soraflow.data import table
 from soraflow.scoring.filters import apply_filters, join_scores
@@ -18,31 +30,35 @@ from soraflow.training import cache
 
 def build_stage_index(captioned_tables, scored_tables, latent_files, text_files, filters: dict, out_path,
                       rejects_path) -> None:
-    """Join shards' captioned clips with their scores and caches (matched by shard order), then filter."""
+    """Join shards' captioned clips with their scores and cache indexes (matched by shard order),
+    then filter. Every kept clip must have cached latents and text features: the encode jobs
+    applied the same filters to the same clips, so a missing row means a cache from other settings."""
     if not (len(captioned_tables) == len(scored_tables) == len(latent_files) == len(text_files)):
         raise ValueError("build_stage_index: one captioned table, scored table, latent cache and text cache per shard")
-    frames = []
+    kept_frames, rejects = [], []
     for table_path, scored_path, latent_path, text_path in zip(captioned_tables, scored_tables, latent_files, text_files):
-        clips = join_scores(table.read(table_path), table.read(scored_path))
-        latent_rows = {clip_id: i for i, clip_id in enumerate(cache.read_ids(latent_path))}
-        text_rows = {clip_id: i for i, clip_id in enumerate(cache.read_ids(text_path))}
-        # a clip rejected by the captioner has text features but no row here, and vice versa
-        clips = clips[clips["id"].isin(latent_rows) & clips["id"].isin(text_rows)].copy()
-        clips["latent_path"] = str(latent_path)
-        clips["latent_index"] = clips["id"].map(latent_rows)
-        clips["text_emb_path"] = str(text_path)
-        clips["text_emb_index"] = clips["id"].map(text_rows)
-        frames.append(clips)
-    clips = pd.concat(frames, ignore_index=True) if frames else table.empty()
-    kept, rejects = apply_filters(clips, filters)
+        kept, shard_rejects = apply_filters(join_scores(table.read(table_path), table.read(scored_path)), filters)
+        rejects += shard_rejects
+        for cache_path, path_column, row_column in ((latent_path, "latent_path", "latent_index"),
+                                                    (text_path, "text_emb_path", "text_emb_index")):
+            where = cache.locate(cache_path)
+            absent = sorted(set(kept["id"]) - set(where))
+            if absent:
+                raise ValueError(f"{cache_path}: no cached rows for {len(absent)} clips that pass the stage filters "
+                                 f"(first: {absent[:3]}); it was built from other clips or filters: re-run its encode step")
+            kept[path_column] = kept["id"].map(lambda i: where[i][0])
+            kept[row_column] = kept["id"].map(lambda i: where[i][1])
+        kept_frames.append(kept)
+    kept = pd.concat(kept_frames, ignore_index=True) if kept_frames else table.empty()
     if kept.empty:
-        raise ValueError(f"{out_path}: no clip passes the stage filters {filters} ({len(clips)} candidates)")
+        raise ValueError(f"{out_path}: no clip passes the stage filters {filters} ({len(rejects)} candidates)")
     table.write(kept, out_path)
     table.write_rejects(rejects, rejects_path)
 
 
 class LatentDataset(Dataset):
-    """(latents [C,T,h,w], text features [L,C], text mask [L]) for each row of a stage index."""
+    """(latents [C,T,h,w], text features [L,C], text mask [L] bool) for each row of a stage index,
+    as float32 whatever the cache stores."""
 
     def __init__(self, index_path):
         self.index = table.read(index_path)
@@ -55,9 +71,53 @@ class LatentDataset(Dataset):
         row = self.index.iloc[i]
         latents = self.rows.get(row.latent_path, "latents", int(row.latent_index))
         y = self.rows.get(row.text_emb_path, "y", int(row.text_emb_index))
-        mask = self.rows.get(row.text_emb_path, "mask", int(row.text_emb_index))
-        return latents, y, mask
+        length = self.rows.get(row.text_emb_path, "lengths", int(row.text_emb_index))
+        return latents.float(), y.float(), cache.mask_from_length(length, y.shape[0])
 
-    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        latents, y, mask = zip(*(self[i] for i in indices))
-        return torch.stack(latents), torch.stack(y), torch.stack(mask)
+
+def step_rows(seed: int, step: int, num_rows: int, batch_size: int) -> list[int]:
+    """The rows of step `step`'s global batch, drawn uniformly from a generator seeded by (seed, step)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.randint(num_rows, (batch_size,), generator=g).tolist()
+
+
+class StepBatches(Sampler):
+    """For each step in [start, stop): this rank's share of the step's global batch, as
+    (step, position in the global batch, row) triples (a DataLoader batch_sampler)."""
+
+    def __init__(self, num_rows: int, seed: int, batch_size: int, rank: int, world: int, start: int, stop: int):
+        self.num_rows, self.seed, self.batch_size = num_rows, seed, batch_size
+        per_rank = batch_size // world
+        self.mine = range(rank * per_rank, (rank + 1) * per_rank)
+        self.start, self.stop = start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        for step in range(self.start, self.stop):
+            rows = step_rows(self.seed, step, self.num_rows, self.batch_size)
+            yield [(step, position, rows[position]) for position in self.mine]
+
+
+def sample_generator(seed: int, step: int, position: int) -> torch.Generator:
+    """A generator of its own for one sample of one step (hashed, so no two samples share a seed)."""
+    digest = hashlib.sha256(f"{seed}/{step}/{position}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+class TrainingSamples(Dataset):
+    """One training sample per (step, position, row): the row's cached inputs, with its
+    timestep, noise and caption drop drawn for that position of that step."""
+
+    def __init__(self, data: LatentDataset, seed: int, num_timesteps: int, uncond_prob: float):
+        self.data, self.seed, self.num_timesteps, self.uncond_prob = data, seed, num_timesteps, uncond_prob
+
+    def __getitem__(self, key: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+        step, position, row = key
+        latents, y, mask = self.data[row]
+        g = sample_generator(self.seed, step, position)
+        t = torch.randint(self.num_timesteps, (), generator=g)
+        noise = torch.randn(latents.shape, generator=g)
+        drop = torch.rand((), generator=g) < self.uncond_prob
+        return {"x": latents, "y": y, "mask": mask, "t": t, "noise": noise, "drop": drop, "row": torch.tensor(row)}

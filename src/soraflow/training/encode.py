@@ -1,38 +1,104 @@
-"""The encode jobs: a shard's clips through the frame autoencoder, its captions through the text encoder."""
+"""The encode jobs: a shard's clips through the frame autoencoder, its captions through the
+text encoder, streamed into the chunked cache (soraflow.training.cache).
+
+A latent job encodes only the clips its stage's filters keep, and of those only the ones
+no chunk of the same settings holds yet (matched by per-clip key), so a filter change
+or a retried job encodes just what is missing; with nothing missing no model is loaded.
+Frames of several clips go through the autoencoder together (`vae.micro_batch` frames),
+decoded on a background thread while the previous batch encodes. Memory holds a few
+batches and one chunk, whatever the shard's size.
+"""
 
 from __future__ import annotations
 
+import os
+
+import pandas as pd
 import torch
 
+from soraflow.core.background import prefetch
 from soraflow.core.progress import progress
 from soraflow.data import table, video
 from soraflow.models.encoders import TextEncoder, load_autoencoder
-from soraflow.training.cache import write_cache
+from soraflow.scoring.filters import apply_filters
+from soraflow.training.cache import DTYPES, ChunkStore, digest, text_tensors
+
+OPERATIONAL = ("micro_batch",)  # encoder settings that never change a cached value (schemas/affects.yaml)
+TEXT_BATCH = 64  # captions per text-encoder forward
+FRAME_KEYS = ("num_frames", "frame_interval", "resolution")
 
 
 def clip_frame_indices(num_frames_in_clip: int, stage: dict) -> list[int]:
     return video.evenly_spaced(num_frames_in_clip, stage["num_frames"], stage["frame_interval"])
 
 
+def video_clip_key(settings_digest: str, row) -> str:
+    """What a clip's latents are made of: the settings, and the clip file as the split wrote it
+    (a re-cut clip has a new file, so a new key)."""
+    stat = os.stat(row.path)
+    return digest([settings_digest, row.id, row.path, row.start_frame, row.end_frame, row.num_frames,
+                   stat.st_size, stat.st_mtime_ns])
+
+
+def decoded_batches(clips: pd.DataFrame, stage: dict, clips_per_batch: int):
+    """(ids, pixels [n, T, 3, H, W] in [-1, 1]) for every `clips_per_batch` clips, in order."""
+    for start in range(0, len(clips), clips_per_batch):
+        rows = clips.iloc[start : start + clips_per_batch]
+        pixels = [
+            video.resize_center_crop(video.read_frames(row.path, clip_frame_indices(int(row.num_frames), stage)),
+                                     stage["resolution"])
+            for row in rows.itertuples()
+        ]
+        yield rows["id"].tolist(), torch.stack(pixels)
+
+
 def encode_video_shard(table_path, out_path, vae_params: dict, stage: dict) -> None:
-    """Latents [N, C, T, h, w] for every clip of a shard, at the stage's frames and size."""
+    """Latents [C, T, h, w] of every clip of a shard that passes stage["filters"], at the
+    stage's frames and size; `out_path` is the cache index."""
     clips = table.read(table_path)
-    autoencoder = load_autoencoder(vae_params)
-    latents = []
-    for row in progress(clips.itertuples(), desc="encode video", total=len(clips)):
-        frames = video.read_frames(row.path, clip_frame_indices(int(row.num_frames), stage))
-        pixels = video.resize_center_crop(frames, stage["resolution"])  # [T,3,H,W]
-        latents.append(autoencoder.encode(pixels).transpose(0, 1))  # [C,T,h,w]
-    size = stage["resolution"] // autoencoder.downsample
-    empty = torch.zeros(0, autoencoder.latent_channels, stage["num_frames"], size, size)
-    stacked = torch.stack(latents) if latents else empty
-    key = {"vae": vae_params, "frames": {k: stage[k] for k in ("num_frames", "frame_interval", "resolution")}}
-    write_cache({"latents": stacked}, clips["id"].tolist(), key, out_path)
+    kept, _ = apply_filters(clips, stage["filters"])
+    settings = {"vae": {k: v for k, v in vae_params.items() if k not in OPERATIONAL},
+                "frames": {k: stage[k] for k in FRAME_KEYS}}
+    store = ChunkStore(out_path, settings)
+    settings_digest = digest(settings)
+    keys = [video_clip_key(settings_digest, row) for row in kept.itertuples()]
+    missing = store.missing(keys)
+    print(f"{len(kept)} of {len(clips)} clips pass the stage filters; {len(missing)} to encode", flush=True)
+    if missing:
+        autoencoder = load_autoencoder(vae_params)
+        todo = kept.iloc[missing]
+        key_of = dict(zip(kept["id"], keys))
+        clips_per_batch = max(1, vae_params["micro_batch"] // stage["num_frames"])
+        batches = prefetch(decoded_batches(todo, stage, clips_per_batch), depth=2)
+        with progress(total=len(todo), desc="encode video") as bar:
+            for ids, pixels in batches:
+                n, frames = pixels.shape[:2]
+                latents = autoencoder.encode(pixels.flatten(0, 1))  # [n*T, C, h, w]
+                latents = latents.unflatten(0, (n, frames)).transpose(1, 2)  # [n, C, T, h, w]
+                store.add(ids, [key_of[i] for i in ids], {"latents": latents.to(DTYPES[vae_params["cache_dtype"]])})
+                bar.update(n)
+    store.finish(kept["id"].tolist(), keys)
 
 
 def encode_text_shard(table_path, out_path, text_params: dict) -> None:
-    """Text features [N, L, C] and masks [N, L] for every captioned clip of a shard."""
+    """Text features [L, C] and token counts of every captioned clip of a shard; clips whose
+    captions are equal share one row."""
     clips = table.read(table_path)
-    encoder = TextEncoder(text_params)
-    features, mask = encoder.encode(clips["text"].fillna("").tolist())
-    write_cache({"y": features, "mask": mask}, clips["id"].tolist(), {"text_encoder": text_params}, out_path)
+    texts = clips["text"].fillna("").tolist()
+    settings = {"text_encoder": {k: v for k, v in text_params.items() if k not in OPERATIONAL}}
+    store = ChunkStore(out_path, settings)
+    settings_digest = digest(settings)
+    keys = [digest([settings_digest, text]) for text in texts]
+    first_of = {}  # one clip per distinct missing caption
+    for position in store.missing(keys):
+        first_of.setdefault(keys[position], position)
+    todo = list(first_of.values())
+    print(f"{len(clips)} captioned clips; {len(todo)} distinct captions to encode", flush=True)
+    if todo:
+        encoder = TextEncoder(text_params)
+        for start in progress(range(0, len(todo), TEXT_BATCH), desc="encode text"):
+            batch = todo[start : start + TEXT_BATCH]
+            features, mask = encoder.encode_batch([texts[i] for i in batch])
+            store.add([clips["id"].iloc[i] for i in batch], [keys[i] for i in batch],
+                      text_tensors(features, mask, DTYPES[text_params["cache_dtype"]]))
+    store.finish(clips["id"].tolist(), keys)

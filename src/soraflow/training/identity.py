@@ -37,7 +37,7 @@ def identity_parts(output_settings: dict, index_path, init_path) -> dict:
     return {
         "settings": settings,
         "index": file_digest(index_path),
-        "caches": {path: {"key": cache.read_key(path), "sha256": file_digest(path)} for path in caches},
+        "caches": {path: {"key": cache.chunk_key(path), "sha256": file_digest(path)} for path in caches},
         "init": init_path and file_digest(init_path),
     }
 

@@ -77,10 +77,12 @@ class Layout:
 
     # --- caches and training ---------------------------------------------------------------
     def latent_cache(self, stage="{stage}", shard="{shard}") -> str:
-        return f"{self.root}/cache/latents/{stage}/{shard}.safetensors"
+        """A stage's latent cache index of a shard (its chunk files lie in the folder of the same name)."""
+        return f"{self.root}/cache/latents/{stage}/{shard}.json"
 
     def text_cache(self, shard="{shard}") -> str:
-        return f"{self.root}/cache/text/{shard}.safetensors"
+        """A shard's text cache index (its chunk files lie in the folder of the same name)."""
+        return f"{self.root}/cache/text/{shard}.json"
 
     def stage_index(self, stage="{stage}") -> str:
         return f"{self.root}/train/{stage}/index.parquet"
