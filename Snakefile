@@ -13,15 +13,15 @@ min_version("8.0")
 configfile: f"{workflow.basedir}/workflow_config.yaml"
 
 
+from soraflow.workflow.settings import stages_as_listed
+
+stages_as_listed(config, workflow.overwrite_configfiles)
 validate(config, "src/soraflow/workflow/schemas/config.schema.yaml")
 
-from soraflow.workflow.layout import Layout, use_running_environment
+from soraflow.workflow.layout import Layout, folder, use_running_environment
 
 use_running_environment()
 L = Layout(config)
-# Settings that never change a step's outputs: commands take them from here, outside `params`
-# (which Snakemake compares to decide a re-run), so changing one re-runs nothing.
-OPS = L.operational()
 
 
 wildcard_constraints:

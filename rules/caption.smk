@@ -13,11 +13,13 @@ rule caption:
     # torch steps use two threads; the scheduler keeps them from sharing cores
     threads: 2
     resources:
-        gpu=1,
+        # what the job needs (config), and settings that never change its outputs (resources never re-run a job)
+        **L.step_job("caption"),
+        operational=L.operational("caption"),
     log:
         "logs/caption/{shard}.log",
     conda:
         "../envs/soraflow.yaml"
     shell:
         "soraflow caption {input.table} --out {output.table} --rejects {output.rejects}"
-        " --params {params.cfg:q} --operational {OPS[caption]:q} > {log} 2>&1"
+        " --params {params.cfg:q} --operational {resources.operational:q} > {log} 2>&1"

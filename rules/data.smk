@@ -22,7 +22,7 @@ rule shard:
     params:
         shard_size=config["data"]["shard_size"],
         # the folder and the count, not {output}: 10k paths pass the kernel's argument limit
-        shards_dir=lambda w, output: os.path.dirname(os.path.dirname(output[0])),
+        shards_dir=lambda w, output: folder(output, levels=2),
         num_shards=len(L.shards),
     log:
         "logs/shard.log",
@@ -55,13 +55,17 @@ rule ingest:
     params:
         raw_dir=L.raw_dir(),
         cfg=L.params("ingest"),
+    resources:
+        # what the job needs (config), and settings that never change its outputs (resources never re-run a job)
+        **L.step_job("ingest"),
+        operational=L.operational("ingest"),
     log:
         "logs/ingest/{shard}.log",
     conda:
         "../envs/soraflow.yaml"
     shell:
         "soraflow ingest {input.table} --raw-dir {params.raw_dir} --out {output.table}"
-        " --rejects {output.rejects} --params {params.cfg:q} --operational {OPS[ingest]:q} > {log} 2>&1"
+        " --rejects {output.rejects} --params {params.cfg:q} --operational {resources.operational:q} > {log} 2>&1"
 
 
 rule split:
@@ -76,6 +80,9 @@ rule split:
     # videos split at once; each one's ffmpeg and PyAV decoders share them
     threads: config["split"]["threads"]
     resources:
+        # what the job needs (config), and settings that never change its outputs (resources never re-run a job)
+        **L.step_job("split"),
+        operational=L.operational("split"),
         drop_raw=DROP_RAW,
     log:
         "logs/split/{shard}.log",
@@ -83,7 +90,7 @@ rule split:
         "../envs/soraflow.yaml"
     shell:
         "soraflow split {input.table} --clip-dir {output.clips} --out {output.table}"
-        " --rejects {output.rejects} --params {params.cfg:q} --operational {OPS[split]:q}"
+        " --rejects {output.rejects} --params {params.cfg:q} --operational {resources.operational:q}"
         " --threads {threads} {resources.drop_raw} > {log} 2>&1"
 
 
@@ -97,6 +104,8 @@ rule score:
         L.shard_file("scored"),
     params:
         cfg=L.params("score"),
+    resources:
+        **L.step_job("score"),
     log:
         "logs/score/{shard}.log",
     conda:
@@ -116,7 +125,7 @@ rule export:
     params:
         # shard tables are found from the folder and the count: 10k paths would pass the
         # kernel's limit on one command-line argument
-        shards_dir=lambda w, input: os.path.dirname(os.path.dirname(input.tables[0])),
+        shards_dir=lambda w, input: folder(input.tables, levels=2),
         num_shards=len(L.shards),
     log:
         "logs/export.log",

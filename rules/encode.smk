@@ -1,4 +1,4 @@
-# Pre-encoding: VAE latents per stage (frames and size differ) and text features per shard.
+# Cached model inputs: VAE latents per stage (frames and size differ) and text features per shard.
 
 
 # A stage's latents: only the clips its filters keep (the scored table has every clip with the
@@ -15,14 +15,16 @@ rule encode_video:
     # torch steps use two threads; the scheduler keeps them from sharing cores
     threads: 2
     resources:
-        gpu=1,
+        # what the job needs (config), and settings that never change its outputs (resources never re-run a job)
+        **L.step_job("encode_video"),
+        operational=L.operational("encode_video"),
     log:
         "logs/encode_video/{stage}/{shard}.log",
     conda:
         "../envs/soraflow.yaml"
     shell:
         "soraflow encode-video {input.table} --out {output} --params {params.cfg:q}"
-        " --operational {OPS[encode_video]:q} > {log} 2>&1"
+        " --operational {resources.operational:q} > {log} 2>&1"
 
 
 rule encode_text:
@@ -36,7 +38,7 @@ rule encode_text:
     # torch steps use two threads; the scheduler keeps them from sharing cores
     threads: 2
     resources:
-        gpu=1,
+        **L.step_job("encode_text"),
     log:
         "logs/encode_text/{shard}.log",
     conda:

@@ -3,9 +3,9 @@
 
 rule models:
     output:
-        [directory(path) for path in L.local_models()],
+        **{name: directory(path) for name, path in L.local_models().items()},
     params:
-        out_dir=lambda w, output: os.path.dirname(output[0]),
+        out_dir=lambda w, output: folder(output),
         cfg=L.params("models"),
     log:
         "logs/models.log",

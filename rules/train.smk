@@ -13,9 +13,9 @@ rule dataset:
     params:
         # folders and a count, not every path: 10k shards pass the kernel's argument limit
         # taken from the inputs, not the Layout, so they follow remote storage (snakemake --lint)
-        shards_dir=lambda w, input: os.path.dirname(os.path.dirname(input.tables[0])),
-        latent_dir=lambda w, input: os.path.dirname(input.latents[0]),
-        text_dir=lambda w, input: os.path.dirname(input.texts[0]),
+        shards_dir=lambda w, input: folder(input.tables, levels=2),
+        latent_dir=lambda w, input: folder(input.latents),
+        text_dir=lambda w, input: folder(input.texts),
         num_shards=len(L.shards),
         cfg=lambda w: L.params("dataset", w.stage),
     log:
@@ -45,19 +45,24 @@ for stage in L.stages:
             init=" ".join(f"--init {path}" for path in L.init_checkpoint(stage)),
             cfg=L.params("train", stage),
         threads: 2
+        # a stage longer than the cluster's time limit is a chain of jobs, each resuming the last
+        retries: L.train_job(stage)["retries"]
         resources:
-            # gpu, nodes, tasks (processes per node, for torchrun) and the stage's own Slurm
-            # resources from the config; a profile's set-resources still overrides them
-            **L.train_resources(stage),
+            # nodes, GPUs per node, CPUs, memory and time from the config (soraflow.workflow.resources),
+            # and settings that never change the outputs (resources never re-run a job)
+            **{k: v for k, v in L.train_job(stage).items() if k != "retries"},
+            operational=L.operational("train", stage),
+            # the colossalai engine's own environment (a resource, so choosing it re-runs nothing)
+            soraflow=L.train_environment(workflow.basedir)["command"],
         log:
             f"logs/train/{stage}.log",
         conda:
-            "../envs/soraflow.yaml"
+            L.train_environment(workflow.basedir)["conda"]
         shell:
-            "soraflow train {input.index} --out {output.checkpoint} --loss-log {output.loss}"
+            "{resources.soraflow} train {input.index} --out {output.checkpoint} --loss-log {output.loss}"
             " --run-dir {params.run_dir} {params.init}"
-            " --nproc {resources.tasks} --nodes {resources.nodes} --params {params.cfg:q}"
-            " --operational {OPS[train]:q} > {log} 2>&1"
+            " --nproc {resources.processes_per_node} --nodes {resources.nodes} --params {params.cfg:q}"
+            " --operational {resources.operational:q} > {log} 2>&1"
 
     rule:
         name:
@@ -83,7 +88,9 @@ for stage in L.stages:
             cfg=L.params("sample"),
         threads: 2
         resources:
-            gpu=1,
+            # what the job needs (config), and settings that never change its outputs (resources never re-run a job)
+            **L.step_job("sample"),
+            operational=L.operational("sample"),
         log:
             f"logs/sample/{stage}.log",
         conda:
@@ -91,4 +98,4 @@ for stage in L.stages:
         shell:
             "soraflow sample --ckpt {input.checkpoint} --out {output.prompted} --index {input.index}"
             " --from-captions {output.captioned} --comparison {output.comparison} --params {params.cfg:q}"
-            " --operational {OPS[sample]:q} > {log} 2>&1"
+            " --operational {resources.operational:q} > {log} 2>&1"

@@ -63,6 +63,17 @@ def test_without_training_captions_a_stage_has_prompt_samples_only():
     assert layout.all_samples() == [path for stage in layout.stages for path in layout.samples(stage)]
 
 
+def test_stages_run_in_the_order_listed_and_start_from_an_earlier_one():
+    config = default_config()
+    config["stages"] = {"late": {**config["stages"]["stage1"], "init": None},
+                        "early": {**config["stages"]["stage2"], "init": "late"}}  # fmt: skip
+    layout = Layout(config)
+    assert layout.stages == ["late", "early"] and layout.init_checkpoint("early") == [layout.checkpoint("late")]
+    config["stages"]["late"]["init"] = "early"
+    with pytest.raises(ValueError, match=r"stages.late.init: 'early' is not an earlier stage"):
+        Layout(config)
+
+
 def test_a_pixart_checkpoint_path_is_an_init_input():
     config = default_config()
     config["stages"]["stage2"]["init"] = "weights/PixArt-XL-2-512x512.pth"

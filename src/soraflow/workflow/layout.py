@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
 from soraflow.data.manifest import num_shards, shard_ids
-from soraflow.workflow import settings
-
-STAGES = ("stage1", "stage2", "stage3")
+from soraflow.workflow import resources, settings
 
 
 def use_running_environment() -> None:
@@ -30,6 +29,15 @@ def as_json(value) -> str:
     return json.dumps(value, sort_keys=True)
 
 
+def folder(paths, levels: int = 1) -> str:
+    """The one folder `levels` up from every path (a rule's per-shard files all sit in one
+    folder; rules that span shards pass it and the count, not 10k paths)."""
+    folders = {str(Path(p).parents[levels - 1]) for p in paths}
+    if len(folders) != 1:
+        raise ValueError(f"expected one folder {levels} level(s) up, found {sorted(folders)[:3]}")
+    return folders.pop()
+
+
 class Layout:
     def __init__(self, config: dict):
         self.config = config
@@ -37,8 +45,13 @@ class Layout:
         self.root = data["root"]
         self.manifest = data["manifest"]
         self.shards = shard_ids(num_shards(self.manifest, data["shard_size"]))
-        self.stages = [s for s in STAGES if s in config["stages"]]
+        self.stages = list(config["stages"])  # in the order they run
         self.models_dir = config["local_models"]["out_dir"]
+        for position, stage in enumerate(self.stages):
+            init = config["stages"][stage]["init"]
+            if init in self.stages[position:]:
+                raise ValueError(f"stages.{stage}.init: {init!r} is not an earlier stage (stages run in the "
+                                 f"order listed: {', '.join(self.stages)})")
 
     # --- data ----------------------------------------------------------------------------
     def shard_file(self, name: str, shard="{shard}") -> str:
@@ -68,12 +81,13 @@ class Layout:
         return [f"{demo['out_dir']}/{v['name']}.mp4" for v in demo["videos"]]
 
     # --- models ----------------------------------------------------------------------------
-    def local_models(self) -> list[str]:
-        return [f"{self.models_dir}/{name}" for name in ("tiny-llava", "tiny-vae", "tiny-t5", "tiny-aesthetic")]
+    def local_models(self) -> dict[str, str]:
+        """The tiny models the `models` rule builds, by name."""
+        return {name: f"{self.models_dir}/{name}" for name in ("tiny-llava", "tiny-vae", "tiny-t5", "tiny-aesthetic")}
 
     def model_input(self, ref: str) -> list[str]:
         """A model the `models` rule builds is an input; hub ids and other paths are not."""
-        return [ref] if ref and ref in self.local_models() else []
+        return [ref] if ref and ref in self.local_models().values() else []
 
     # --- caches and training ---------------------------------------------------------------
     def latent_cache(self, stage="{stage}", shard="{shard}") -> str:
@@ -98,7 +112,7 @@ class Layout:
         init = self.config["stages"][stage]["init"]
         if not init:
             return []
-        return [self.checkpoint(init)] if init in STAGES else [init]
+        return [self.checkpoint(init)] if init in self.stages else [init]
 
     def run_dir(self, stage: str) -> str:
         return f"results/runs/{stage}"
@@ -110,9 +124,24 @@ class Layout:
     def report_figures(self) -> dict[str, str]:
         return {name: f"results/report/{name}.{ext}" for name, ext in (("dataset", "png"), ("gallery", "html"), ("losses", "png"))}
 
-    def train_resources(self, stage: str) -> dict:
-        resources = {"gpu": 1, "nodes": 1, "tasks": self.config["train"]["nproc_per_node"]}
-        return {**resources, **self.config["stages"][stage]["resources"]}
+    def train_job(self, stage: str) -> dict:
+        """The stage's training job: Slurm resources, processes per node, retries (soraflow.workflow.resources)."""
+        return resources.train_job(self.config, stage)
+
+    def train_environment(self, workflow_dir: str) -> dict[str, str]:
+        """Where the train rule runs `soraflow`: the colossalai engine pins torch 2.5.1, so its
+        jobs run in an environment of their own, `.venv-colossalai` (`make` builds it) or
+        envs/colossalai.yaml under --use-conda, which lacks soraflow itself: the workflow's
+        src/ goes on PYTHONPATH. {"conda": env file (relative to rules/), "command": ...}."""
+        if self.config["train"]["engine"] != "colossalai":
+            return {"conda": "../envs/soraflow.yaml", "command": "soraflow"}
+        venv_bin, src = Path(workflow_dir, ".venv-colossalai", "bin"), Path(workflow_dir, "src")
+        command = f'PATH={shlex.quote(str(venv_bin))}:"$PATH" PYTHONPATH={shlex.quote(str(src))} python -m soraflow.cli'
+        return {"conda": "../envs/colossalai.yaml", "command": command}
+
+    def step_job(self, step: str) -> dict:
+        """A per-shard job's Slurm resources (caption, encode_video, ...)."""
+        return resources.step_job(self.config, step)
 
     def samples(self, stage: str) -> list[str]:
         count = len(self.config["sample"]["prompts"])
@@ -141,7 +170,7 @@ class Layout:
         """The settings that change the step's outputs, as the rule's params (JSON)."""
         return as_json(settings.params(self.config, step, stage))
 
-    def operational(self) -> dict[str, str]:
-        """Per step, the settings that never change its outputs (JSON); rules pass them to their
-        command from this dict, outside `params`, so changing one re-runs nothing."""
-        return {step: as_json(settings.operational(self.config, step)) for step in settings.STEP_SECTIONS}
+    def operational(self, step: str, stage: str | None = None) -> str:
+        """The settings that never change the step's outputs (JSON); rules pass them to their
+        command as a resource, outside `params`, so changing one re-runs nothing."""
+        return as_json(settings.operational(self.config, step, stage))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 from functools import cache
 from importlib import resources
+from pathlib import Path
 
 import yaml
 
@@ -63,6 +64,30 @@ def with_defaults(config: dict, source: str = "config") -> dict:
     return config
 
 
+class ResourceError(ValueError):
+    """A job that cannot run as configured; the message names the stage or step."""
+
+
+def processes_per_node(config: dict, stage: str) -> int:
+    resources = config["stages"][stage]["resources"]
+    processes = resources["processes_per_node"] or config["train"]["nproc_per_node"]
+    gpus = resources["gpus_per_node"]
+    if gpus and processes > gpus:
+        raise ResourceError(f"stages.{stage}: {processes} training processes per node but only {gpus} GPUs per node "
+                            "(resources.gpus_per_node); each process needs a GPU of its own")
+    return processes
+
+
+def stages_as_listed(config: dict, configfiles) -> None:
+    """The stages are an ordered set, not a mapping to merge: a config file that lists stages
+    (a preset given with --configfile) replaces the default config's, instead of adding its own
+    beside them and overriding them key by key. The last file that lists stages wins."""
+    for path in configfiles:
+        listed = yaml.safe_load(Path(path).read_text()) or {}
+        if "stages" in listed:
+            config["stages"] = listed["stages"]
+
+
 def declared_steps(path: str) -> list[str]:
     """The steps a config key (dotted path, stages as `stages.<name>`) changes: its own entry or
     its nearest declared ancestor's. A key nothing declares is an error (the table is complete)."""
@@ -91,7 +116,7 @@ def _section(config: dict, name: str, stage: str | None) -> tuple[str, dict]:
 
 def _split(config: dict, step: str, stage: str | None, operational: bool) -> dict:
     names = STEP_SECTIONS[step]
-    if operational:  # a stage's only operational key, resources, reaches the job as Slurm resources
+    if operational and stage is None:
         names = [name for name in names if not name.startswith("stage")]
     out = {}
     for name in names:
@@ -99,7 +124,8 @@ def _split(config: dict, step: str, stage: str | None, operational: bool) -> dic
         out[name.split(".")[0]] = {
             key: value
             for key, value in values.items()
-            if _wanted(declared_steps(f"{path}.{key}"), step, operational)
+            # a job's resources reach it as Slurm resources (soraflow.workflow.resources)
+            if key != "resources" and _wanted(declared_steps(f"{path}.{key}"), step, operational)
         }
     if len(STEP_SECTIONS[step]) == 1:
         return next(iter(out.values()), {})
@@ -115,9 +141,9 @@ def params(config: dict, step: str, stage: str | None = None) -> dict:
     return _split(config, step, stage, operational=False)
 
 
-def operational(config: dict, step: str) -> dict:
-    """The settings of `step` that change how it runs, never what it makes (the same for every stage)."""
-    return _split(config, step, None, operational=True)
+def operational(config: dict, step: str, stage: str | None = None) -> dict:
+    """The settings of `step` that change how it runs, never what it makes."""
+    return _split(config, step, stage, operational=True)
 
 
 def merged(params_: dict, operational_: dict) -> dict:
