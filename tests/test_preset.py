@@ -60,6 +60,8 @@ OPEN_SORA_1_0 = [
     ("train.weight_decay", 0.0, "scripts/train.py: HybridAdam(weight_decay=0)"),
     ("train.log_every", 10, "configs/opensora/train/16x256x256.py: log_every"),
     ("train.checkpoint_every", 1000, "configs/opensora/train/16x256x256.py: ckpt_every"),
+    ("train.engine", "colossalai", "configs/opensora/train/16x256x256.py: plugin = 'zero2' (scripts/train.py: LowLevelZeroPlugin)"),
+    ("train.colossalai.zero_stage", 2, "scripts/train.py: LowLevelZeroPlugin(stage=2, precision=dtype)"),
     ("vae.model", "stabilityai/sd-vae-ft-ema", "configs/opensora/train/16x256x256.py: vae.from_pretrained"),
     ("vae.scaling_factor", 0.18215, "opensora/models/vae/vae.py: VideoAutoencoderKL scales by 0.18215"),
     ("vae.micro_batch", 128, "configs/opensora/train/16x512x512.py: vae.micro_batch_size"),
