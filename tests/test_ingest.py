@@ -22,7 +22,7 @@ class VideoServer(BaseHTTPRequestHandler):
 
     /good, /flaky (500 twice, then 200), /missing (404), /truncated (half the body, every time),
     /cut-once (half the body, then honours Range), /no-range (ignores Range), /slow (stalls),
-    /delay?ms=N (the body after N ms). A query string makes another URL of the same kind,
+    /delay?ms=N (the body after N ms), /unavailable (503, always). A query string makes another URL of the same kind,
     counted apart: /flaky.mp4?copy=2 fails twice on its own.
     """
 
@@ -86,6 +86,8 @@ class VideoServer(BaseHTTPRequestHandler):
         elif name == "slow":
             time.sleep(1.5)
             self.send_body(self.body)
+        elif name == "unavailable":
+            self.send_error(503)
         elif name == "delay":
             time.sleep(int(parse_qs(query)["ms"][0]) / 1000)
             self.send_body(self.body)
@@ -274,7 +276,7 @@ def test_downloads_overlap_yet_the_tables_keep_the_shard_order(tmp_path, server)
 def test_rejects_and_retries_under_concurrency_match_one_at_a_time(tmp_path, server):
     base, handler = server
     half = len(handler.body) // 2
-    kinds = ["missing", "flaky", "truncated", "cut-once", "good"]
+    kinds = ["missing", "flaky", "truncated", "cut-once", "unavailable", "good"]
     rows = [{"id": f"{kind}_{k}", "url": f"{base}/{kind}.mp4?copy={k}"} for k in range(3) for kind in kinds]
     (tmp_path / "parallel").mkdir()
     videos, rejects = run_ingest(tmp_path / "parallel", rows, {**PARAMS, "concurrency": 15, "per_host": 15})
@@ -285,14 +287,16 @@ def test_rejects_and_retries_under_concurrency_match_one_at_a_time(tmp_path, ser
         assert len(requests[f"flaky?copy={k}"]) == 3
         assert len(requests[f"truncated?copy={k}"]) == 3
         assert requests[f"cut-once?copy={k}"] == [None, f"bytes={half}-"]
+        assert len(requests[f"unavailable?copy={k}"]) == 3
         assert requests[f"good?copy={k}"] == [None]
     assert videos["id"].tolist() == [f"{kind}_{k}" for k in range(3) for kind in ("flaky", "cut-once", "good")]
     for row in videos.itertuples():
         assert (tmp_path / "parallel" / "raw" / f"{row.id}.mp4").read_bytes() == handler.body
     why = reasons(rejects)
-    assert list(why) == [f"{kind}_{k}" for k in range(3) for kind in ("missing", "truncated")]
+    assert list(why) == [f"{kind}_{k}" for k in range(3) for kind in ("missing", "truncated", "unavailable")]
     assert all(why[f"missing_{k}"] == "HTTP 404 Not Found" for k in range(3))
     assert all(why[f"truncated_{k}"].startswith("download failed after 3 attempts: truncated body") for k in range(3))
+    assert all(why[f"unavailable_{k}"] == "download failed after 3 attempts: HTTP 503 Service Unavailable" for k in range(3))
 
     # one download at a time gives the same tables, but for the raw folder's name
     handler.requests.clear()
@@ -352,3 +356,14 @@ def test_a_checksum_mismatch_never_deletes_a_source_read_in_place(tmp_path, bad_
 def test_a_bad_local_sources_value_names_the_key(tmp_path, bad_videos):
     with pytest.raises(ValueError, match="ingest.local_sources must be one of link, in_place, copy, got 'symlink'"):
         run_ingest(tmp_path, [{"id": "v", "url": str(bad_videos["good"])}], {**PARAMS, "local_sources": "symlink"})
+
+
+def test_without_keep_raw_a_rejected_download_leaves_nothing_in_raw(tmp_path, server, bad_videos):
+    base, _ = server
+    rows = [{"id": "good", "url": f"{base}/good.mp4"}, {"id": "cut", "url": f"{base}/truncated.mp4"},
+            {"id": "wide", "url": str(bad_videos["too_big"])}]  # fmt: skip
+    videos, rejects = run_ingest(tmp_path, rows, {**PARAMS, "keep_raw": False, "local_sources": "copy"})
+    assert videos["id"].tolist() == ["good"] and set(reasons(rejects)) == {"cut", "wide"}
+    # the accepted video's file stays for the split; the partial download and the copy go
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["good.mp4"]
+    assert bad_videos["too_big"].exists()

@@ -308,14 +308,19 @@ def check_usable(info: dict, max_side: int) -> None:
 def ingest_video(
     record: dict, raw_dir: Path, params: dict, session: requests.Session, slots: HostSlots
 ) -> tuple[dict | None, dict | None, int]:
-    """(video row, None) or (None, reject row) for one manifest row, and the bytes of its file."""
+    """(video row, None) or (None, reject row) for one manifest row, and the bytes of its file.
+    Without keep_raw a reject's raw file goes at once: no split will ever read it."""
     url, sha256 = record["url"], record.get("sha256")
+    dest = raw_dir / raw_name(record["id"], url)
     try:
         with slots(url):
-            path = fetch(url, raw_dir / raw_name(record["id"], url), params, session, sha256 if isinstance(sha256, str) else None)
+            path = fetch(url, dest, params, session, sha256 if isinstance(sha256, str) else None)
         info = probe(path)
         check_usable(info, int(params.get("max_side", DEFAULT_MAX_SIDE)))
     except (FetchError, ProbeError, UnusableVideo) as error:
+        if not params.get("keep_raw", True):
+            for leftover in (dest, dest.with_name(dest.name + ".part")):  # never a source: both lie in raw_dir
+                leftover.unlink(missing_ok=True)
         return None, {"id": record["id"], "url": url, "stage": "ingest", "reason": str(error)}, 0
     duration_s = info["duration_s"] or info["num_frames"] / info["fps"]
     video = {
@@ -346,7 +351,8 @@ def ingest_shard(
     both in the shard's order.
 
     params: timeout_s, retries, max_bytes; optional max_side (4096), backoff_s (1.0),
-    video_sites, concurrency (16), per_host (8), local_sources (link | in_place | copy).
+    video_sites, concurrency (16), per_host (8), local_sources (link | in_place | copy),
+    keep_raw (true; false deletes the raw files of rejected videos, the split those of the rest).
     """
     local_sources_mode(params)  # a bad value is a config error, not a reject per local video
     raw_dir = Path(raw_dir)
