@@ -29,7 +29,7 @@ class Sampler:
         self.autoencoder = load_autoencoder(params["vae"])
         pth_settings = self.pth_settings(checkpoint, params) if is_torch_checkpoint(checkpoint) else {}
         self.model, (self.frames, self.height, self.width) = load_for_sampling(
-            checkpoint, use_ema=params["sample"].get("use_ema", True), **pth_settings
+            checkpoint, use_ema=params["sample"]["use_ema"], **pth_settings
         )
 
     def pth_settings(self, checkpoint, params: dict) -> dict:

@@ -26,8 +26,8 @@ class KLAutoencoder:
         self.device, self.dtype = device_and_dtype()
         self.vae = AutoencoderKL.from_pretrained(resolve_model_ref(params["model"]), torch_dtype=self.dtype)
         self.vae.to(self.device).eval().requires_grad_(False)
-        self.scaling_factor = params.get("scaling_factor") or self.vae.config.scaling_factor
-        self.micro_batch = params.get("micro_batch", 16)
+        self.scaling_factor = params["scaling_factor"] or self.vae.config.scaling_factor  # null: the VAE's own
+        self.micro_batch = params["micro_batch"]
         self.latent_channels = self.vae.config.latent_channels
         self.downsample = 2 ** (len(self.vae.config.block_out_channels) - 1)
 
@@ -58,8 +58,8 @@ class PixelPackAutoencoder:
     pass that noise through, and the eps loss cannot fall below 1 - 192/768 (flat at ~0.78)."""
 
     def __init__(self, params: dict):
-        self.downsample = params.get("factor", 4)
-        self.scaling_factor = params.get("scaling_factor") or 1.0
+        self.downsample = params["factor"]
+        self.scaling_factor = params["scaling_factor"] or 1.0
         self.latent_channels = 3 * self.downsample**2
         # pixels in [-1, 1]: sampling clamps its x_0 predictions to this, as pixel-space
         # IDDPM does; without it a briefly trained model's samples blow up to saturated noise
@@ -76,7 +76,7 @@ AUTOENCODERS = {"autoencoder_kl": KLAutoencoder, "pixel_pack": PixelPackAutoenco
 
 
 def load_autoencoder(params: dict):
-    kind = params.get("kind", "autoencoder_kl")
+    kind = params["kind"]
     if kind not in AUTOENCODERS:
         raise ValueError(f"vae.kind: unknown autoencoder {kind!r} (choose from {sorted(AUTOENCODERS)})")
     return AUTOENCODERS[kind](params)
