@@ -513,7 +513,7 @@ class STDiT(nn.Module):
 def build_model(cfg: dict, input_size: tuple[int, int, int], caption_channels: int | None = None) -> STDiT:
     """cfg = {preset, optional overrides (see CONFIG_KEYS)}; input_size is the latent (T, H, W).
     `caption_channels` is the text encoder's width; it overrides the preset's."""
-    cfg = dict(cfg)
+    cfg = {k: v for k, v in cfg.items() if v is not None}  # unset keys take the preset's values
     preset_name = cfg.pop("preset")
     if preset_name not in PRESETS:
         raise ValueError(f"unknown STDiT preset {preset_name!r}; choose from {sorted(PRESETS)}")
