@@ -16,24 +16,24 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import cli_settings, latent_index, train_params  # noqa: F401  (the fixture is shared)
 
 from soraflow.training.loop import train
-from test_train import cli_settings, latent_index, train_params  # noqa: F401  (the fixture is shared)
 
 STEPS = 4
 
 
-def launch(index, out, run_dir, params, nproc=2) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "soraflow.cli", "train", str(index), "--out", str(out), "--run-dir", str(run_dir),
+def launch(index, out, run_dir, params, nproc=2, python=sys.executable, env=None) -> subprocess.Popen:
+    """`soraflow train --nproc` of `python`'s environment, with `env` added to ours."""
+    cmd = [str(python), "-m", "soraflow.cli", "train", str(index), "--out", str(out), "--run-dir", str(run_dir),
            "--nproc", str(nproc), *cli_settings(params)]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    env["OMP_NUM_THREADS"] = "1"
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")},
+           "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 

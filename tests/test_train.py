@@ -43,8 +43,9 @@ def train_params(steps: int, **train_overrides) -> dict:
                   "lr": 1e-3, "filters": {}},
         "train": {"seed": 7, "weight_decay": 0.0, "grad_clip": 1.0, "ema_decay": 0.9, "grad_checkpointing": False,
                   "mixed_precision": "fp32", "checkpoint_every": 2, "keep_checkpoints": 2, "log_every": 1,
-                  "nproc_per_node": 1, "engine": "ddp", "data_workers": 1, **train_overrides},
-        "stdit": {"preset": "STDiT-tiny"},
+                  "nproc_per_node": 1, "engine": "ddp", "data_workers": 1, "sp_size": 1,
+                  "colossalai": {"zero_stage": 2, "overlap_communication": True}, **train_overrides},
+        "stdit": {"preset": "STDiT-tiny", "space_scale": 1.0},
         "diffusion": {"num_timesteps": 1000, "sample_steps": 5, "cfg_scale": 4.0},
     }
 

@@ -97,10 +97,11 @@ class Mlp(nn.Module):
 def seq_all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
     """Ulysses exchange: split `scatter_dim` into one chunk per rank, send chunk r to rank r,
     and concatenate what arrives along `gather_dim`. Differentiable (the backward is the
-    inverse exchange); torch's all_to_all also runs on the CPU gloo backend."""
-    chunks = [c.contiguous() for c in x.chunk(dist.get_world_size(group), dim=scatter_dim)]
-    received = dist_autograd.all_to_all([torch.empty_like(c) for c in chunks], chunks, group=group)
-    return torch.cat(received, dim=gather_dim)
+    inverse exchange). One all_to_all_single, which gloo implements too (torch's list
+    all_to_all emulates it on gloo with scatters that fail in a group without rank 0)."""
+    chunks = torch.stack(x.chunk(dist.get_world_size(group), dim=scatter_dim))  # [world, *chunk]: r-th to rank r
+    received = dist_autograd.all_to_all_single(torch.empty_like(chunks), chunks, group=group)  # r-th from rank r
+    return torch.cat(received.unbind(0), dim=gather_dim)
 
 
 class GatherSequence(torch.autograd.Function):
@@ -414,10 +415,22 @@ class STDiT(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def enable_sequence_parallel(self, group) -> None:
-        """Split every video's S tokens per frame across the ranks of `group` (Ulysses,
-        Open-Sora's zero2-seq). All ranks pass the same full inputs and get the full output;
-        each computes its slice and parameter gradients for it, so sum gradients over the
-        group (all_reduce) before stepping. Needs S and the head count divisible by its size."""
+        """Sequence parallelism over the ranks of `group` (Ulysses): each rank holds 1/size of
+        every frame's S spatial tokens. The spatial attention exchanges heads for tokens
+        (all-to-all) so each rank attends over all S tokens with 1/size of the heads, then
+        exchanges back; the temporal attention (each place across the T frames), the
+        cross-attention and the MLP work on the rank's own tokens and exchange nothing.
+
+        Open-Sora 1.0's zero2-seq split the other way, along the frames
+        (split_forward_gather_backward(x, dim=1) of the frame-major [B, T*S, D] tokens, needing
+        T divisible by the size). soraflow splits S because stage 1 trains on single images
+        (T = 1 does not split), and S is the long axis (256 tokens per frame at 256 px against
+        16 frames) whose attention dominates the cost.
+
+        All ranks pass the same full inputs and get the full output; each computes parameter
+        gradients from its own tokens only, so they must be summed over the group (the trainer
+        folds that into the engines' gradient averaging). Needs S and the head count divisible
+        by the group's size."""
         self.sequence_parallel_group = group
 
     def forward(

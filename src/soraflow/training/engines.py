@@ -1,20 +1,24 @@
 """Engines (`train.engine`): how the model is spread over the training processes.
 
-    single  one process: the module itself
-    ddp     DistributedDataParallel: a full replica per rank, gradients all-reduced
-    fsdp    FSDP2: `fully_shard` on every STDiT block, then on the root; parameters,
-            gradients and optimizer state are sharded (DTensor) over the ranks
+    single      one process: the module itself
+    ddp         DistributedDataParallel: a full replica per rank, gradients all-reduced
+    fsdp        FSDP2: `fully_shard` on every STDiT block, then on the root; parameters,
+                gradients and optimizer state are sharded (DTensor) over the ranks
+    colossalai  ColossalAI's LowLevelZeroPlugin (ZeRO-1/2, Open-Sora 1.0's engine), in an
+                environment of its own (soraflow.training.colossalai_engine)
 
-The trainer talks to an engine only through the methods of `Engine`. Model and optimizer
-states cross that seam in full and by parameter name, through torch's
-`torch.distributed.checkpoint.state_dict` API (the same calls for a plain module, DDP and
-FSDP), so a checkpoint written by one engine resumes under another and the file format
-never depends on the engine. An engine living in another environment (e.g. a ColossalAI
-booster, which pins an older torch) implements these methods around its own wrap and
-save calls and registers in `ENGINES`; nothing here imports it.
+The trainer talks to an engine only through the methods of `Engine`: it wraps the model and
+builds the optimizer (`wrap`), steps (`update`), and moves states across the seam in full and
+by parameter name (`model_state`, `optimizer_state` and their loads; `weights`, `gather` and
+`scatter` for the EMA). For a plain module, DDP and FSDP those go through torch's
+`torch.distributed.checkpoint.state_dict` API, so a checkpoint written by one engine resumes
+under another and the file format never depends on the engine. The colossalai engine lives in
+another environment (colossalai pins torch 2.5.1) and is imported only when chosen.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 from torch.distributed.checkpoint.state_dict import (
@@ -34,17 +38,35 @@ GATHERED = StateDictOptions(full_state_dict=True, cpu_offload=True)
 SCATTERED = StateDictOptions(full_state_dict=True, strict=False)
 
 
+def compute_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
+    """`train.mixed_precision` on this device: auto is bf16 on a GPU, fp32 elsewhere."""
+    bf16 = mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
+    return torch.bfloat16 if bf16 else torch.float32
+
+
 class Engine:
-    """One process, no wrapping; the base of the other engines."""
+    """One process, no wrapping; the base of the other engines.
+
+    `opts` is the `train` section: grad_clip, mixed_precision and the engine's own settings."""
 
     name = "single"
 
-    def __init__(self, rank: int, world: int, device: torch.device):
-        self.rank, self.world, self.device = rank, world, device
+    def __init__(self, rank: int, world: int, device: torch.device, opts: dict):
+        self.rank, self.world, self.device, self.opts = rank, world, device, opts
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The module to run forward/backward on; the optimizer is built on model.parameters() after it."""
-        return model
+    def wrap(self, model: torch.nn.Module, make_optimizer) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """(the module to run forward on, the optimizer): `make_optimizer(parameters)` is called
+        on the parameters once the engine has placed them (FSDP shards them first)."""
+        return model, make_optimizer(model.parameters())
+
+    def update(self, loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """Backward, clip the gradients to train.grad_clip, step, clear them. Returns the global
+        gradient norm before clipping (a tensor, so the host need not wait for it)."""
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.opts["grad_clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return self.full_tensor(norm)
 
     def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Full CPU state dict on rank 0, {} elsewhere (a collective: every rank calls it)."""
@@ -64,16 +86,24 @@ class Engine:
     def load_optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
+    def weights(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The weights the optimizer steps (and the EMA follows), by name, placed as this
+        engine keeps them: the module's state dict (under FSDP its parameters are DTensors)."""
+        return model.state_dict()
+
+    def gather(self, placed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tensors placed like `weights`, in full on the CPU on every rank (a collective)."""
+        return {k: self.full_tensor(v).cpu() for k, v in placed.items()}
+
+    def scatter(self, full: dict[str, torch.Tensor], placed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Full tensors placed (and sharded) like their namesakes in `placed`."""
+        return {k: self.like(v, placed[k]) for k, v in full.items()}
+
     def full_tensor(self, t: torch.Tensor) -> torch.Tensor:
-        """One (EMA) tensor in full on the CPU."""
-        return t.detach().cpu()
+        return t.detach()
 
     def like(self, full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        """A full tensor placed (and sharded) like `ref`."""
         return full.to(ref.device, ref.dtype)
-
-    def clip_grad_norm(self, model: torch.nn.Module, max_norm: float) -> None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
 
 class DDPEngine(Engine):
@@ -81,10 +111,11 @@ class DDPEngine(Engine):
 
     name = "ddp"
 
-    def wrap(self, model):
+    def wrap(self, model, make_optimizer):
         if self.world == 1:
-            return model
-        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            return model, make_optimizer(model.parameters())
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids), make_optimizer(model.parameters())
 
 
 class FSDPEngine(Engine):
@@ -92,20 +123,22 @@ class FSDPEngine(Engine):
 
     name = "fsdp"
 
-    def wrap(self, model):
-        from torch.distributed.fsdp import fully_shard
+    def wrap(self, model, make_optimizer):
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # torch < 2.6 (the colossalai environment's 2.5.1)
+            from torch.distributed._composable.fsdp import fully_shard
 
-        if self.world == 1:
-            return model
-        for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
-        return model
+        if self.world > 1:
+            for block in model.blocks:
+                fully_shard(block)
+            fully_shard(model)
+        return model, make_optimizer(model.parameters())  # the sharded (DTensor) parameters
 
     def full_tensor(self, t):
         from torch.distributed.tensor import DTensor
 
-        return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
+        return (t.full_tensor() if isinstance(t, DTensor) else t).detach()
 
     def like(self, full, ref):
         from torch.distributed.tensor import DTensor, distribute_tensor
@@ -115,4 +148,17 @@ class FSDPEngine(Engine):
         return full.to(ref.device, ref.dtype)
 
 
-ENGINES: dict[str, type[Engine]] = {"single": Engine, "ddp": DDPEngine, "fsdp": FSDPEngine}
+def colossalai_engine(rank: int, world: int, device: torch.device, opts: dict) -> Engine:
+    """The colossalai engine, imported only when chosen: colossalai lives in its own environment."""
+    try:
+        from soraflow.training.colossalai_engine import ColossalAIEngine
+    except ImportError as missing:
+        raise RuntimeError(
+            f"train.engine colossalai: {missing} in this environment ({sys.executable}). It trains in an "
+            "environment of its own: `make .venv-colossalai/.installed` (envs/colossalai.txt), or "
+            "snakemake --use-conda (envs/colossalai.yaml)"
+        ) from missing
+    return ColossalAIEngine(rank, world, device, opts)
+
+
+ENGINES = {"single": Engine, "ddp": DDPEngine, "fsdp": FSDPEngine, "colossalai": colossalai_engine}

@@ -17,7 +17,9 @@ nothing else, so it is tested with a fake Slurm environment.
 Preemption: SIGTERM and SIGUSR1 reaching the launcher are forwarded to its child;
 torchrun is told to forward both to the workers (`--signals-to-handle`) and to give
 them time to write their checkpoint (`--shutdown-timeout`). The workers checkpoint and
-exit non-zero, and so does the launcher, so Slurm can requeue the job.
+exit non-zero, and so does the launcher, so Slurm can requeue the job. An older torchrun
+without those options (torch 2.5.1, the colossalai environment's) forwards only SIGTERM,
+and gives the workers its fixed 30 s: SIGUSR1 reaches it as SIGTERM.
 """
 
 from __future__ import annotations
@@ -39,6 +41,13 @@ def needs_launch(nproc: int, nodes: int, env) -> bool:
     return "RANK" not in env and nproc * nodes > 1
 
 
+def torchrun_handles_signals() -> bool:
+    """Whether this torch's torchrun takes --signals-to-handle and --shutdown-timeout."""
+    from torch.distributed.run import get_args_parser
+
+    return "--signals-to-handle" in {option for action in get_args_parser()._actions for option in action.option_strings}
+
+
 def torchrun_prefix(python: str = sys.executable) -> list[str]:
     """torchrun of this interpreter (`python -m torch.distributed.run` is the same program)."""
     return [python, "-m", "torch.distributed.run"]
@@ -58,12 +67,8 @@ def launch_command(
     """
     if nproc < 1 or nodes < 1:
         raise ValueError(f"--nproc and --nodes must be at least 1 (got {nproc}, {nodes})")
-    common = [
-        "--nproc-per-node", str(nproc),
-        "--signals-to-handle", TORCHRUN_SIGNALS,
-        "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S),
-        "--max-restarts", "0",
-    ]
+    signals = ["--signals-to-handle", TORCHRUN_SIGNALS, "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)]
+    common = ["--nproc-per-node", str(nproc), *(signals if torchrun_handles_signals() else []), "--max-restarts", "0"]
     worker = ["-m", "soraflow.cli", *worker_argv]
     if nodes == 1:
         return [*torchrun_prefix(python), "--standalone", *common, *worker]
@@ -98,13 +103,15 @@ def slurm_hosts(nodelist: str) -> list[str]:
     return out.stdout.split()
 
 
-def run_forwarding_signals(cmd: list[str], env=None) -> int:
-    """Run cmd; SIGTERM/SIGUSR1 sent to us go to it. Its exit status (128+N when killed by N)."""
+def run_forwarding_signals(cmd: list[str], env=None, renamed: dict | None = None) -> int:
+    """Run cmd; SIGTERM/SIGUSR1 sent to us go to it (as `renamed` says, else as they are).
+    Its exit status (128+N when killed by N)."""
     child = subprocess.Popen(cmd, env=env)
+    renamed = renamed or {}
 
     def forward(signum, _frame):
         if child.poll() is None:
-            child.send_signal(signum)
+            child.send_signal(renamed.get(signum, signum))
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
     try:
@@ -120,4 +127,5 @@ def launch(nproc: int, nodes: int, worker_argv: list[str], env) -> int:
     hosts = slurm_hosts(env["SLURM_JOB_NODELIST"]) if nodes > 1 and "SLURM_JOB_NODELIST" in env else None
     cmd = launch_command(nproc, nodes, worker_argv, env, hosts)
     print("launching:", shlex.join(cmd), flush=True)
-    return run_forwarding_signals(cmd, env=dict(env))
+    renamed = {} if torchrun_handles_signals() else {signal.SIGUSR1: signal.SIGTERM}
+    return run_forwarding_signals(cmd, env=dict(env), renamed=renamed)

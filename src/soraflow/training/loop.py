@@ -1,13 +1,17 @@
 """STDiT training on the latent cache, one process per device under torchrun.
 
-Every random draw of step k (batch rows, timesteps, noise, caption dropout) comes from
-a generator seeded by (seed, k) and is drawn for the global batch, each rank taking its
-slice. So the step number is the whole data position: a resumed run, or a run on a
-different number of processes with the same global batch, sees exactly the same
-samples. Checkpoints are in soraflow.training.checkpoint's format; the model is spread
+Every random draw of step k comes from seeded generators: the global batch's rows from
+(seed, k), each sample's timestep, noise and caption dropout from (seed, k, its position
+in the global batch), so each rank draws only its own share (soraflow.training.dataset).
+So the step number is the whole data position: a resumed run, or a run on a different
+number of processes with the same global batch, sees exactly the same samples. Samples
+are read and drawn by DataLoader workers ahead of the step (pinned for the GPU), and the
+host waits on the device once per log interval (loss, and whether a rank was told to
+stop), not once per step. Checkpoints are in soraflow.training.checkpoint's format; the model is spread
 over the processes by an engine (soraflow.training.engines); a checkpoint resumes only
 under its own run identity (soraflow.training.identity). Loss goes to
-`<run_dir>/loss.csv` and to TensorBoard (`<run_dir>/tensorboard`).
+`<run_dir>/loss.csv` (each row the mean loss and gradient norm over the steps since the previous row) and to
+TensorBoard (`<run_dir>/tensorboard`). A stop signal takes effect at the next log step.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.optim.swa_utils import get_ema_multi_avg_fn
+from torch.utils.data import DataLoader
 
 from soraflow.core.atomic import atomic_path
 from soraflow.core.progress import progress
@@ -39,8 +44,8 @@ from soraflow.training.checkpoint import (
     saved,
     weights_digest,
 )
-from soraflow.training.dataset import LatentDataset
-from soraflow.training.engines import ENGINES
+from soraflow.training.dataset import LatentDataset, StepBatches, TrainingSamples
+from soraflow.training.engines import ENGINES, compute_dtype
 from soraflow.training.identity import digest, identity_parts, what_changed
 
 
@@ -72,39 +77,54 @@ class Trainer:
             torch.cuda.set_device(self.device)
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        if self.stage["batch_size"] % self.world:
-            raise ValueError(f"batch_size {self.stage['batch_size']} (samples per step) does not split over {self.world} processes")
+        # sequence parallelism: each group of sp_size consecutive ranks shares its samples, each
+        # rank holding a share of every sample's tokens; the groups are the data-parallel ranks
+        self.sp_size = self.opts["sp_size"]
+        if self.world % self.sp_size:
+            raise ValueError(f"train.sp_size {self.sp_size} does not divide the {self.world} training processes")
+        self.dp_rank, self.dp_size = self.rank // self.sp_size, self.world // self.sp_size
+        if self.stage["batch_size"] % self.dp_size:
+            raise ValueError(f"batch_size {self.stage['batch_size']} (samples per step) does not split over "
+                             f"{self.dp_size} data-parallel ranks ({self.world} processes / train.sp_size)")
         engine_name = self.opts["engine"] if self.world > 1 else "single"
         if engine_name not in ENGINES:
             raise ValueError(f"train.engine: unknown engine {engine_name!r} (choose from {sorted(ENGINES)})")
-        self.engine = ENGINES[engine_name](self.rank, self.world, self.device)
-        use_bf16 = self.opts["mixed_precision"] == "bf16" or (self.opts["mixed_precision"] == "auto" and self.device.type == "cuda")
+        self.engine = ENGINES[engine_name](self.rank, self.world, self.device, self.opts)
+        use_bf16 = compute_dtype(self.opts["mixed_precision"], self.device) == torch.bfloat16
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
         self.data = LatentDataset(index_path)
         latents, y, _ = self.data[0]
         channels, frames, height, width = latents.shape
+        # a stage may set its own space_scale (Open-Sora: 0.5 at 256 px, 1.0 at 512 px) and checkpointing
+        own = {key: self.stage.get(key) for key in ("space_scale", "grad_checkpointing")}  # null: not set
         self.model_config = {
             **params["stdit"],
+            **({"space_scale": own["space_scale"]} if own["space_scale"] is not None else {}),
             "in_channels": channels,
             "caption_channels": y.shape[-1],
-            "grad_checkpointing": self.opts["grad_checkpointing"],
+            "grad_checkpointing": own["grad_checkpointing"] if own["grad_checkpointing"] is not None
+            else self.opts["grad_checkpointing"],
         }
         self.input_size = (frames, height, width)
         torch.manual_seed(self.opts["seed"])  # same initial weights on every rank
         self.model = build_model(self.model_config, input_size=self.input_size)
         self.init_report = initialise(self.model, init_path)
         self.model.to(self.device)
-        self.wrapped = self.engine.wrap(self.model)  # FSDP shards self.model in place
-        self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
-        self.ema_update = get_ema_multi_avg_fn(self.opts["ema_decay"])  # foreach lerp over all tensors
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=self.stage["lr"], weight_decay=self.opts["weight_decay"]
+        if self.sp_size > 1:
+            self.model.enable_sequence_parallel(sequence_parallel_group(self.rank, self.world, self.sp_size))
+        self.wrapped, self.optimizer = self.engine.wrap(  # FSDP shards self.model in place
+            self.model, lambda params: torch.optim.AdamW(params, lr=self.stage["lr"], weight_decay=self.opts["weight_decay"])
         )
+        self.ema = {k: v.detach().clone().float() for k, v in self.engine.weights(self.model).items()}
+        self.ema_update = get_ema_multi_avg_fn(self.opts["ema_decay"])  # foreach lerp over all tensors
         self.diffusion = IDDPM(num_timesteps=params["diffusion"]["num_timesteps"])
+        self.samples = TrainingSamples(self.data, self.opts["seed"], self.diffusion.num_timesteps,
+                                       self.model.y_embedder.uncond_prob)
         self.identity_parts = identity_parts(output_settings, index_path, init_path)
         self.identity = digest(self.identity_parts)
         self.step = 0
+        self.data_wait = 0.0  # seconds the loop waited for a batch (train/data_wait_share)
         self.stop_requested = False
         self.writer = None
 
@@ -131,7 +151,7 @@ class Trainer:
             dist.barrier()
 
     def _ema_to_save(self) -> dict[str, torch.Tensor]:
-        return {k: self.engine.full_tensor(v) for k, v in self.ema.items() if saved(k)}
+        return {k: v for k, v in self.engine.gather(self.ema).items() if saved(k)}
 
     def resume(self) -> None:
         checkpoint = latest_checkpoint(self.run_dir)
@@ -150,8 +170,7 @@ class Trainer:
         model_state, metadata = load_checkpoint_file(weights, "model")
         self.engine.load_model_state(self.model, {k: v.to(self.device) for k, v in model_state.items()})
         ema_state, _ = load_checkpoint_file(weights, "ema")
-        for k, v in ema_state.items():
-            self.ema[k] = self.engine.like(v, self.ema[k])
+        self.ema.update(self.engine.scatter(ema_state, self.ema))
         optim, _ = load_checkpoint_file(weights, "optim")
         state = optimizer_from_tensors(optim, metadata["param_groups"])
         self.engine.load_optimizer_state(self.model, self.optimizer, state)
@@ -184,7 +203,7 @@ class Trainer:
 
     def check_replicas(self) -> list[str]:
         """Every rank's digest of the full weights; raises if they differ (a DDP replica drifted)."""
-        full = {k: self.engine.full_tensor(v) for k, v in self.model.state_dict().items()}
+        full = self.engine.gather(self.engine.weights(self.model))
         digest = weights_digest(full)
         digests = [digest]
         if self.world > 1:
@@ -197,46 +216,48 @@ class Trainer:
         return digests
 
     # --- one step ----------------------------------------------------------------------
-    def draw(self, step: int) -> dict[str, torch.Tensor]:
-        """All randomness of one step for the global batch, then this rank's slice."""
-        g = torch.Generator().manual_seed(self.opts["seed"] * 1_000_003 + step)
-        global_batch, per_rank = self.stage["batch_size"], self.stage["batch_size"] // self.world
-        rows = torch.randint(len(self.data), (global_batch,), generator=g)
-        t = torch.randint(self.diffusion.num_timesteps, (global_batch,), generator=g)
-        mine = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
-        latents, y, mask = self.data.batch(rows[mine].tolist())  # read only this rank's rows
-        noise = torch.randn((global_batch, *latents.shape[1:]), generator=g)
-        drop = torch.rand(global_batch, generator=g) < self.model.y_embedder.uncond_prob
-        batch = {"x": latents, "y": y, "mask": mask, "t": t[mine], "noise": noise[mine], "drop": drop[mine]}
-        return {k: v.to(self.device) for k, v in batch.items()}
+    def batches(self, stop: int):
+        """This rank's batches of steps [self.step, stop), read and drawn by DataLoader workers."""
+        steps = StepBatches(len(self.data), self.opts["seed"], self.stage["batch_size"], self.dp_rank, self.dp_size,
+                            self.step, stop)
+        workers = self.opts["data_workers"]
+        return iter(DataLoader(self.samples, batch_sampler=steps, num_workers=workers, worker_init_fn=leave_stops_to_trainer,
+                               pin_memory=self.device.type == "cuda", prefetch_factor=2 if workers else None))
 
-    def train_step(self) -> float:
-        b = self.draw(self.step)
+    def train_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One optimizer step on this rank's batch; returns [its mean loss, the gradient norm],
+        left on the device."""
+        b = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         with self.autocast:
             losses = self.diffusion.training_losses(
                 self.wrapped, b["x"], b["t"], model_kwargs={"y": b["y"], "mask": b["mask"], "force_drop_ids": b["drop"]},
                 noise=b["noise"],
             )
         loss = losses["loss"].mean()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.engine.clip_grad_norm(self.model, self.opts["grad_clip"])
-        self.optimizer.step()
+        # the ranks of a sequence-parallel group compute the same loss, each with the gradients
+        # of its own tokens; the engines average gradients over all ranks, so sp_size x that mean
+        # is their sum over each group averaged over the data-parallel ranks
+        grad_norm = self.engine.update(loss * self.sp_size, self.model, self.optimizer)
         self.update_ema()
         self.step += 1
+        return torch.stack([loss.detach().float(), grad_norm.float()])
+
+    def sync(self, sums: torch.Tensor, steps: int) -> tuple[float, float, bool]:
+        """The global batch's mean loss and gradient norm over the last `steps` steps (from the sums
+        of train_step's results), and whether any rank was told to stop (so all ranks checkpoint
+        and stop after the same step): one all-reduce, and the host's one wait on the device in
+        the interval."""
+        stop = torch.tensor([float(self.stop_requested)], dtype=torch.float64, device=sums.device)
+        packed = torch.cat([sums.double() / steps, stop])
         if self.world > 1:
-            # one all-reduce: the global batch's mean loss, and whether any rank was told to stop,
-            # so that all ranks checkpoint and stop after the same step
-            packed = torch.tensor([loss.item(), float(self.stop_requested)], dtype=torch.float64, device=self.device)
             dist.all_reduce(packed)
-            self.stop_requested = bool(packed[1].item() > 0)
-            return packed[0].item() / self.world
-        return loss.item()
+        mean_loss, grad_norm, stops = packed.tolist()
+        return mean_loss / self.world, grad_norm / self.world, stops > 0
 
     def update_ema(self) -> None:
         # one foreach call per tensor kind: under FSDP parameters are DTensors, buffers are not
         by_kind: dict[type, list[str]] = {}
-        state = self.model.state_dict()
+        state = self.engine.weights(self.model)
         for name, value in state.items():
             if value.dtype.is_floating_point:
                 by_kind.setdefault(type(value), []).append(name)
@@ -246,7 +267,7 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------
     def request_stop(self, signum, _frame) -> None:
         self.stop_requested = True
-        print(f"signal {signum}: checkpointing after this step, then exiting", flush=True)
+        print(f"signal {signum}: checkpointing at the next log step, then exiting", flush=True)
 
     def run(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -263,21 +284,35 @@ class Trainer:
                   f"x{self.world}, init {self.init_report}", flush=True)
         bar = progress(total=total, initial=self.step, disable=self.rank != 0, desc="train")
         started, start_step = time.time(), self.step
+        batches = self.batches(total)
+        sums, interval_steps = torch.zeros(2, device=self.device), 0
         try:
             while self.step < total:
-                loss = self.train_step()
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss} at step {self.step}; lower the learning rate ({self.stage['lr']})")
+                waiting = time.perf_counter()
+                batch = next(batches)
+                self.data_wait += time.perf_counter() - waiting
+                sums += self.train_step(batch)
+                interval_steps += 1
                 bar.update(1)
-                if self.rank == 0 and (self.step % self.opts["log_every"] == 0 or self.step == total):
-                    seconds = time.time() - started
-                    self.log(log_path, loss, seconds)
-                    self.writer.add_scalar("train/loss", loss, self.step)
-                    self.writer.add_scalar("train/steps_per_s", (self.step - start_step) / max(seconds, 1e-9), self.step)
-                    bar.set_postfix(loss=f"{loss:.4f}")
-                if self.step % self.opts["checkpoint_every"] == 0 or self.stop_requested:
+                stop = False
+                if self.step % self.opts["log_every"] == 0 or self.step == total:
+                    loss, grad_norm, stop = self.sync(sums, interval_steps)
+                    sums.zero_()
+                    interval_steps = 0
+                    if not math.isfinite(loss):
+                        raise FloatingPointError(f"mean loss is {loss} in the steps up to {self.step}; "
+                                                 f"lower the learning rate ({self.stage['lr']})")
+                    if self.rank == 0:
+                        seconds = time.time() - started
+                        self.log(log_path, loss, grad_norm, seconds)
+                        self.writer.add_scalar("train/loss", loss, self.step)
+                        self.writer.add_scalar("train/grad_norm", grad_norm, self.step)
+                        self.writer.add_scalar("train/steps_per_s", (self.step - start_step) / max(seconds, 1e-9), self.step)
+                        self.writer.add_scalar("train/data_wait_share", self.data_wait / max(seconds, 1e-9), self.step)
+                        bar.set_postfix(loss=f"{loss:.4f}")
+                if self.step % self.opts["checkpoint_every"] == 0 or stop:
                     self.save()
-                if self.stop_requested and self.step < total:
+                if stop and self.step < total:
                     raise Preempted(f"stopped at step {self.step} of {total}; the checkpoint resumes it")
         finally:
             bar.close()
@@ -287,13 +322,28 @@ class Trainer:
             self.check_replicas()
         self.write_final()
 
-    def log(self, path: Path, loss: float, seconds: float) -> None:
+    def log(self, path: Path, loss: float, grad_norm: float, seconds: float) -> None:
         new = not path.exists()
         with path.open("a", newline="") as f:
             writer = csv.writer(f)
             if new:
-                writer.writerow(["step", "loss", "seconds"])
-            writer.writerow([self.step, f"{loss:.6f}", f"{seconds:.2f}"])
+                writer.writerow(["step", "loss", "grad_norm", "seconds"])
+            writer.writerow([self.step, f"{loss:.6f}", f"{grad_norm:.6f}", f"{seconds:.2f}"])
+
+
+def leave_stops_to_trainer(_worker_id: int) -> None:
+    """DataLoader workers ignore the stop signals: torchrun (and Slurm) signal the whole process
+    group, and a worker killed by SIGTERM fails the step before the trainer can checkpoint. A
+    worker exits when its loader is done or the training process is gone."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def sequence_parallel_group(rank: int, world: int, sp_size: int):
+    """This rank's group of sp_size consecutive ranks (every rank creates every group, as
+    torch.distributed.new_group requires)."""
+    groups = [dist.new_group(list(range(first, first + sp_size))) for first in range(0, world, sp_size)]
+    return groups[rank // sp_size]
 
 
 def drop_log_rows_after(path: Path, step: int) -> None:

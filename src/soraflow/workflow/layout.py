@@ -136,7 +136,8 @@ class Layout:
         if self.config["train"]["engine"] != "colossalai":
             return {"conda": "../envs/soraflow.yaml", "command": "soraflow"}
         venv_bin, src = Path(workflow_dir, ".venv-colossalai", "bin"), Path(workflow_dir, "src")
-        command = f'PATH={shlex.quote(str(venv_bin))}:"$PATH" PYTHONPATH={shlex.quote(str(src))} python -m soraflow.cli'
+        python_path = f'{shlex.quote(str(src))}${{PYTHONPATH:+:$PYTHONPATH}}'
+        command = f'PATH={shlex.quote(str(venv_bin))}:"$PATH" PYTHONPATH={python_path} python -m soraflow.cli'
         return {"conda": "../envs/colossalai.yaml", "command": command}
 
     def step_job(self, step: str) -> dict:
