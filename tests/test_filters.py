@@ -76,3 +76,11 @@ def test_motion_ranks_static_slow_and_fast(tmp_path):
 def test_motion_needs_two_frames(bad_videos):
     with pytest.raises(ValueError, match="one_frame.mp4: motion needs at least 2 frames, got 1"):
         motion_score(bad_videos["one_frame"])
+
+
+def test_a_shard_without_clips_filters_to_an_empty_table_with_its_columns():
+    """A shard whose only video was a reject has an empty clip table; its stages still run."""
+    from soraflow.data import table
+
+    kept, rejects = apply_filters(table.empty(), {"min_seconds": 0.5})
+    assert kept.empty and list(kept.columns) == list(table.empty().columns) and rejects == []

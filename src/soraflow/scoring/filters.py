@@ -46,7 +46,7 @@ def apply_filters(df: pd.DataFrame, thresholds: dict) -> tuple[pd.DataFrame, lis
             failures[index].append(
                 f"{column} missing" if pd.isna(value) else f"{column} {value:g} {'<' if op == '>=' else '>'} {key} {threshold:g}"
             )
-    failed = failures.map(bool)
+    failed = failures.map(bool).astype(bool)  # stays a mask on an empty table (object dtype would select columns)
     rejects = [
         {"id": row["id"], "url": row.get("url"), "stage": "filter", "reason": "; ".join(failures[index])}
         for index, row in df[failed].iterrows()
