@@ -84,3 +84,15 @@ def test_a_shard_without_clips_filters_to_an_empty_table_with_its_columns():
 
     kept, rejects = apply_filters(table.empty(), {"min_seconds": 0.5})
     assert kept.empty and list(kept.columns) == list(table.empty().columns) and rejects == []
+
+
+def test_scores_join_by_clip_id_and_an_empty_shard_joins_to_nothing(tmp_path):
+    from soraflow.data import table
+    from soraflow.scoring.filters import join_scores
+
+    table.write(pd.DataFrame({"id": ["a", "b"], "duration_s": [1.0, 2.0]}), tmp_path / "clips.parquet")
+    table.write(pd.DataFrame({"id": ["b", "a"], "motion": [0.5, 0.25], "aes": [6.0, 4.0]}), tmp_path / "scored.parquet")
+    joined = join_scores(table.read(tmp_path / "clips.parquet"), table.read(tmp_path / "scored.parquet"))
+    assert joined["motion"].tolist() == [0.25, 0.5] and joined["aes"].tolist() == [4.0, 6.0]
+    table.write(table.empty(), tmp_path / "none.parquet")  # a shard whose only video was a reject
+    assert join_scores(table.read(tmp_path / "none.parquet"), table.read(tmp_path / "none.parquet")).empty

@@ -56,5 +56,5 @@ def apply_filters(df: pd.DataFrame, thresholds: dict) -> tuple[pd.DataFrame, lis
 
 def join_scores(clips: pd.DataFrame, scored: pd.DataFrame) -> pd.DataFrame:
     """`clips` with the score columns taken from `scored` (matched by clip id)."""
-    scores = scored.set_index("id")[SCORE_COLUMNS]
-    return clips.drop(columns=SCORE_COLUMNS).join(scores, on="id")
+    scores = scored.set_index("id")
+    return clips.assign(**{column: clips["id"].map(scores[column]) for column in SCORE_COLUMNS})
