@@ -13,7 +13,7 @@ import yaml
 
 from soraflow.data import table
 
-pytestmark = pytest.mark.slow  # three Snakemake runs: about 30 s on 2 idle cores, a minute on busy ones
+pytestmark = pytest.mark.slow  # three Snakemake runs: 40-70 s on the busy 2-core development machine
 
 REPO = Path(__file__).resolve().parents[1]
 CLIPS = "data/shards/00000/clips.parquet"
