@@ -164,3 +164,38 @@ def test_changed_settings_start_afresh_but_more_steps_resume(latent_index, tmp_p
     assert sorted(p.name for p in aside.iterdir()) == ["loss.csv", "step-0000002", "step-0000004", "tensorboard"]
     state = json.loads((aside / "step-0000004" / "state.json").read_text())
     assert state["step"] == 4 and state["run"] == longer.identity
+
+
+def test_operational_changes_resume_a_run_as_the_workflow_passes_them(latent_index, tmp_path):
+    """After a preemption a user raises the stage's Slurm runtime and nodes, turns on grad
+    checkpointing, switches engine and logs at another pace: the train rule's params (what the
+    run's identity hashes) are unchanged, so the checkpoints are kept and resumed."""
+    import yaml
+
+    from soraflow.workflow.layout import Layout
+    from soraflow.workflow.settings import merged, with_defaults
+
+    repo = Path(__file__).resolve().parents[1]
+    config = with_defaults(yaml.safe_load((repo / "workflow_config.yaml").read_text()))
+    config["data"]["manifest"] = str(repo / "demo" / "manifest.csv")
+    config["stages"]["stage1"].update(steps=4, batch_size=2)
+    config["stdit"]["preset"] = "STDiT-tiny"
+    config["train"].update(checkpoint_every=2, mixed_precision="fp32")
+
+    def settings(config):
+        layout = Layout(config)
+        outputs = json.loads(layout.params("train", "stage1"))
+        return merged(outputs, json.loads(layout.operational("train", "stage1"))), outputs
+
+    params, outputs = settings(config)
+    train(latent_index, tmp_path / "a.safetensors", tmp_path / "run", params, outputs)
+
+    changed = yaml.safe_load(yaml.safe_dump(config))
+    changed["stages"]["stage1"]["resources"] = {"runtime": 4320, "nodes": 2}
+    changed["train"].update(grad_checkpointing=True, engine="fsdp", log_every=7, checkpoint_every=3,
+                            keep_checkpoints=5, nproc_per_node=4)
+    changed["stages"]["stage1"]["steps"] = 6  # and trains longer
+    params, outputs = settings(changed)
+    resumed = Trainer(latent_index, tmp_path / "b.safetensors", tmp_path / "run", params, outputs)
+    resumed.resume()
+    assert resumed.step == 4 and not (tmp_path / "run" / "superseded").exists()
