@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_train_data.py [--steps 40] [--clips 512] [--threads 1]
 
 The real Trainer.run (STDiT-demo, AdamW, EMA, grad clip, float32) on a bf16 latent and text
-cache written by the encode jobs' ChunkStore (64 MiB chunks), at the demo's stage shapes.
+cache written by the encode jobs' ChunkStore (16 MiB chunks), at the demo's stage shapes.
 Measured by the trainer itself: seconds its loop waited for the next batch (data_wait)
 over the loop's wall time (loss.csv's seconds), with train.data_workers 0 (each step reads
 its rows and draws its noise on the training thread) and 2 (workers prefetch two batches

@@ -183,3 +183,13 @@ def test_a_left_padded_mask_cannot_be_stored_as_lengths():
     mask = torch.tensor([[0, 1, 1], [1, 1, 0]])
     with pytest.raises(ValueError, match="pad on the right"):
         cache.text_tensors(torch.zeros(2, 3, 4), mask)
+
+
+def test_a_reader_keeps_only_so_many_chunk_files_open(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "OPEN_CHUNKS", 2)
+    for k in range(3):
+        cache.write_cache({"latents": torch.full((2, 3), float(k))}, ["a", "b"], {}, tmp_path / f"{k}.safetensors")
+    rows = cache.CachedRows()
+    for k in (0, 1, 2, 0):
+        assert torch.equal(rows.get(str(tmp_path / f"{k}.safetensors"), "latents", 1), torch.full((3,), float(k)))
+    assert list(rows._handles) == [str(tmp_path / "2.safetensors"), str(tmp_path / "0.safetensors")]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -34,7 +35,10 @@ from safetensors.torch import save_file
 from soraflow.core.atomic import atomic_path
 from soraflow.data.manifest import shard_ids
 
-CHUNK_BYTES = 64 * 2**20  # rows buffered before a chunk file is written
+# rows buffered before a chunk file is written: what an encode job holds, whatever the shard's
+# size (16 MiB: 32 latent rows at 16 x 512 px, 16 T5-XXL captions per file)
+CHUNK_BYTES = 16 * 2**20
+OPEN_CHUNKS = 64  # chunk files a reader keeps open (memory maps), least recently used closed first
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -175,16 +179,21 @@ class ChunkStore:
 
 
 class CachedRows:
-    """Random access to rows of chunk files, without loading whole chunks. Handles are
-    opened per process, so DataLoader workers forked from a reader open their own."""
+    """Random access to rows of chunk files, without loading whole chunks. At most OPEN_CHUNKS
+    files stay open (a stage's cache may span tens of thousands), and handles are opened per
+    process, so DataLoader workers forked from a reader open their own."""
 
     def __init__(self):
-        self._handles: dict[str, object] = {}
+        self._handles: OrderedDict[str, object] = OrderedDict()
         self._pid = os.getpid()
 
     def get(self, path: str, name: str, index: int) -> torch.Tensor:
         if self._pid != os.getpid():
-            self._handles, self._pid = {}, os.getpid()
-        if path not in self._handles:
+            self._handles, self._pid = OrderedDict(), os.getpid()
+        if path in self._handles:
+            self._handles.move_to_end(path)
+        else:
             self._handles[path] = safe_open(path, "pt")
+            if len(self._handles) > OPEN_CHUNKS:
+                self._handles.popitem(last=False)
         return self._handles[path].get_slice(name)[index]
