@@ -71,8 +71,8 @@ def colour_stage(tmp_path_factory) -> tuple[Path, Path]:
                   "lr": 1e-3, "filters": {}},
         "train": {"seed": 0, "weight_decay": 0.0, "grad_clip": 1.0, "ema_decay": 0.9, "grad_checkpointing": False,
                   "mixed_precision": "fp32", "checkpoint_every": 1000, "keep_checkpoints": 2, "log_every": 1,
-                  "nproc_per_node": 1, "engine": "ddp", "data_workers": 1},
-        "stdit": {"preset": "STDiT-tiny"},
+                  "nproc_per_node": 1, "engine": "ddp", "data_workers": 1, "sp_size": 1},
+        "stdit": {"preset": "STDiT-tiny", "space_scale": 1.0},
         "diffusion": {"num_timesteps": 1000},
     }
     train(root / "index.parquet", root / "stage.safetensors", root / "run", params, params)
