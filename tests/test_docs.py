@@ -16,7 +16,7 @@ def test_readme_config_reference_is_current():
 
 def test_reference_lists_nested_keys_with_descriptions():
     reference = config_reference()
-    assert "| `stages.stage1.filters.min_seconds` |" in reference
+    assert "| `stages.<name>.filters.min_seconds` |" in reference
     assert "| `data.root` | string | yes | folder for tables, clips and caches |" in reference
 
 
@@ -26,7 +26,10 @@ def test_schema_has_no_yaml_accidents():
     def nulls(node, path=""):
         if isinstance(node, dict):
             for key, value in node.items():
-                yield from ([f"{path}/{key}"] if value is None else nulls(value, f"{path}/{key}"))
+                if value is None and key != "default":  # a null default is meant
+                    yield f"{path}/{key}"
+                else:
+                    yield from nulls(value, f"{path}/{key}")
         elif isinstance(node, list):
             for i, value in enumerate(node):
                 yield from nulls(value, f"{path}[{i}]")

@@ -50,7 +50,6 @@ OPEN_SORA_1_0 = [
     ("stages.hq_512.frame_interval", 3, "configs/opensora/train/16x512x512.py: frame_interval"),
     ("stages.hq_512.resolution", 512, "configs/opensora/train/16x512x512.py: image_size (512, 512)"),
     ("stages.hq_512.space_scale", 1.0, "configs/opensora/train/16x512x512.py: model.space_scale"),
-    ("stages.hq_512.grad_checkpointing", False, "configs/opensora/train/16x512x512.py: grad_checkpoint"),
     ("stages.hq_512.batch_size", 8 * OPEN_SORA_GPUS, "configs/opensora/train/16x512x512.py: batch_size 8 per GPU"),
     ("stages.hq_512.lr", 2e-5, "configs/opensora/train/16x512x512.py: lr"),
     ("train.seed", 42, "configs/opensora/train/16x256x256.py: seed"),

@@ -2,9 +2,10 @@
 
 A run's identity covers everything its result depends on: its output-changing settings
 (the train rule's params, declared in schemas/affects.yaml; `steps` left out, so raising it
-extends a run), its training index (which clips, in which order), the cache key and content
-digest of every latent and text file the index points to (a VAE or text encoder change
-rebuilds them), and the digest of its initial weights. Resources, engine, process count,
+extends a run), its training index (which clips, in which order), every cache chunk the index
+points to with its settings key (chunks are named by a digest of what their rows were made
+from, so a VAE or text encoder change, or a re-cut clip, names new ones), and the digest of
+its initial weights. Resources, engine, process count,
 grad checkpointing and logging or checkpoint pace are not settings the run receives in its
 params, so changing them resumes the run.
 """
@@ -37,7 +38,9 @@ def identity_parts(output_settings: dict, index_path, init_path) -> dict:
     return {
         "settings": settings,
         "index": file_digest(index_path),
-        "caches": {path: {"key": cache.chunk_key(path), "sha256": file_digest(path)} for path in caches},
+        # a chunk file is named by a digest of its rows' keys (settings + what each row was made
+        # from), so its name and key stand for its content without reading a stage's terabyte
+        "caches": {path: cache.chunk_key(path) for path in caches},
         "init": init_path and file_digest(init_path),
     }
 

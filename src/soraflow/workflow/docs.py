@@ -45,6 +45,8 @@ def _rows(spec: dict, defs: dict, prefix: str) -> list[str]:
             rows += _rows(child, defs, key)
         elif resolved.get("type") == "array" and "properties" in resolved.get("items", {}):
             rows += _rows(resolved["items"], defs, key + "[]")
+        elif isinstance(resolved.get("additionalProperties"), dict) and "$ref" in resolved["additionalProperties"]:
+            rows += _rows(resolved["additionalProperties"], defs, key + ".<name>")  # e.g. stages.<name>
     return rows
 
 
