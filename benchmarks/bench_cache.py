@@ -30,9 +30,9 @@ import pandas as pd
 import torch
 import yaml
 
-from soraflow.training import cache
 from soraflow.data import table
 from soraflow.models.encoders import KLAutoencoder, TextEncoder
+from soraflow.training import cache
 from soraflow.training.loop import Trainer
 from soraflow.workflow.settings import with_defaults
 
@@ -142,8 +142,8 @@ def main() -> None:
 
     ratio = cached_rate / fly_rate
     print()
-    print(f"| mode       | steps/s | ratio |")
-    print(f"|------------|--------:|------:|")
+    print("| mode       | steps/s | ratio |")
+    print("|------------|--------:|------:|")
     print(f"| cached     | {cached_rate:7.3f} | {ratio:4.1f}x |")
     print(f"| on the fly | {fly_rate:7.3f} |  1.0x |")
     print(f"\none-time cache encode of {args.clips} clips: {encode_seconds:.1f} s "

@@ -24,9 +24,9 @@ import torch
 import yaml
 
 from soraflow.data import table
-from soraflow.scoring.caption import caption_shard, load_captioner
-from soraflow.models.tiny import build_tiny_llava
 from soraflow.data.video import write_video
+from soraflow.models.tiny import build_tiny_llava
+from soraflow.scoring.caption import caption_shard, load_captioner
 from soraflow.workflow.settings import with_defaults
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,7 +23,6 @@ import tempfile
 from pathlib import Path
 
 import yaml
-
 from tables import print_table
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,7 +19,6 @@ from pathlib import Path
 import pandas as pd
 import torch
 import yaml
-
 from tables import print_table
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,8 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from soraflow.data import table
-from soraflow.data import video
+from soraflow.data import table, video
 from soraflow.models.tiny import build_all
 
 

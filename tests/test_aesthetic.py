@@ -9,8 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from soraflow.scoring import aesthetic
 from soraflow.data import table
+from soraflow.data.ingest import ingest_shard
+from soraflow.data.split import split_shard
+from soraflow.models.tiny import build_tiny_aesthetic
+from soraflow.scoring import aesthetic
 from soraflow.scoring.aesthetic import (
     HEAD_CONFIG,
     HEAD_WEIGHTS,
@@ -19,9 +22,6 @@ from soraflow.scoring.aesthetic import (
     AestheticScorer,
     write_head_config,
 )
-from soraflow.data.ingest import ingest_shard
-from soraflow.data.split import split_shard
-from soraflow.models.tiny import build_tiny_aesthetic
 from soraflow.scoring.filters import apply_filters
 from soraflow.scoring.shard import score_shard
 

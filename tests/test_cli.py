@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from soraflow.data import table
 from soraflow.cli import build_parser
+from soraflow.data import table
 
 REPO = Path(__file__).resolve().parents[1]
 USER_COMMANDS = ["split", "caption", "sample", "inspect"]

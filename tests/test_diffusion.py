@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
+from test_stdit import inputs, randomize_zero_init, tiny
 
 from soraflow.models.diffusion import IDDPM, sample, space_timesteps
-from test_stdit import inputs, randomize_zero_init, tiny
 
 
 def closed_form_alphas_cumprod(num_timesteps=1000):

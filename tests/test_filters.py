@@ -1,8 +1,8 @@
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import encode_source
+
 from soraflow.scoring.filters import apply_filters
 from soraflow.scoring.motion import motion_score
 

@@ -17,9 +17,9 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from test_workflow import job_counts
 
 from soraflow.workflow.settings import stages_as_listed, with_defaults
-from test_workflow import job_counts
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = REPO / "presets" / "opensora-1.0.yaml"

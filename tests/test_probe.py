@@ -1,7 +1,7 @@
 import ffmpeg as ffmpeg_python
 import pytest
-
 from conftest import ffmpeg
+
 from soraflow.data.probe import ProbeError, probe
 
 

@@ -30,12 +30,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_end_to_end import small_config
 
 from soraflow.data import video
 from soraflow.training.checkpoint import load_for_sampling
 from soraflow.workflow.layout import Layout
-
-from test_end_to_end import small_config
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
+from test_train import NUM_CLIPS, latent_index  # noqa: F401  (the fixture is shared)
 from torch.utils.data import DataLoader
 
 from soraflow.training.dataset import LatentDataset, StepBatches, TrainingSamples, step_rows
-from test_train import NUM_CLIPS, latent_index  # noqa: F401  (the fixture is shared)
 
 SEED, BATCH = 7, 4
 

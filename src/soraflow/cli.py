@@ -146,9 +146,9 @@ def cmd_encode_text(args) -> None:
 
 
 def cmd_dataset(args) -> None:
+    from soraflow.data.manifest import shard_table_paths
     from soraflow.training.cache import shard_cache_paths
     from soraflow.training.dataset import build_stage_index
-    from soraflow.data.manifest import shard_table_paths
 
     tables = shard_table_paths(args.shards_dir, args.num_shards, "captioned")
     scores = shard_table_paths(args.shards_dir, args.num_shards, "scored")

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from soraflow.data import video
 from soraflow.core.hub import resolve_model_ref
+from soraflow.data import video
 
 HEAD_WEIGHTS = "aesthetic_head.safetensors"
 HEAD_CONFIG = "aesthetic_head.json"

@@ -26,11 +26,10 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from soraflow.data import table
-from soraflow.data import video
 from soraflow.core.devices import device_and_dtype
 from soraflow.core.hub import resolve_model_ref
 from soraflow.core.progress import progress
+from soraflow.data import table, video
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ from soraflow.core.progress import progress
 from soraflow.data import table
 from soraflow.scoring.motion import motion_score
 
+
 def score_shard(table_path: str | Path, out_table: str | Path, params: dict) -> None:
     """A clip table with motion (mean optical flow; 0 for one-frame clips) and aes (null
     without score.aesthetic_model) filled for every clip of `table_path`."""
