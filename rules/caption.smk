@@ -8,18 +8,18 @@ rule caption:
     output:
         table=L.shard_file("captioned"),
         rejects=L.shard_file("rejects_caption"),
-    params:
-        cfg=L.params("caption"),
+    log:
+        "logs/caption/{shard}.log",
+    conda:
+        "../envs/soraflow.yaml"
     # torch steps use two threads; the scheduler keeps them from sharing cores
     threads: 2
     resources:
         # what the job needs (config), and settings that never change its outputs (resources never re-run a job)
         **L.step_job("caption"),
         operational=L.operational("caption"),
-    log:
-        "logs/caption/{shard}.log",
-    conda:
-        "../envs/soraflow.yaml"
+    params:
+        cfg=L.params("caption"),
     shell:
         "soraflow caption {input.table} --out {output.table} --rejects {output.rejects}"
         " --params {params.cfg:q} --operational {resources.operational:q} > {log} 2>&1"

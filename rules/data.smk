@@ -4,12 +4,12 @@
 rule demo_videos:
     output:
         L.demo_videos(),
-    params:
-        cfg=L.params("demo_videos"),
     log:
         "logs/demo_videos.log",
     conda:
         "../envs/soraflow.yaml"
+    params:
+        cfg=L.params("demo_videos"),
     shell:
         "soraflow demo-videos --params {params.cfg:q} > {log} 2>&1"
 
@@ -19,15 +19,15 @@ rule shard:
         L.manifest,
     output:
         L.shard_files("manifest"),
+    log:
+        "logs/shard.log",
+    conda:
+        "../envs/soraflow.yaml"
     params:
         shard_size=config["data"]["shard_size"],
         # the folder and the count, not {output}: 10k paths pass the kernel's argument limit
         shards_dir=lambda w, output: folder(output, levels=2),
         num_shards=len(L.shards),
-    log:
-        "logs/shard.log",
-    conda:
-        "../envs/soraflow.yaml"
     shell:
         "soraflow shard {input} --shard-size {params.shard_size}"
         " --shards-dir {params.shards_dir} --num-shards {params.num_shards} > {log} 2>&1"
@@ -52,17 +52,17 @@ rule ingest:
     output:
         table=L.shard_file("videos") if KEEP_RAW else temp(L.shard_file("videos")),
         rejects=L.shard_file("rejects_ingest"),
-    params:
-        raw_dir=L.raw_dir(),
-        cfg=L.params("ingest"),
-    resources:
-        # what the job needs (config), and settings that never change its outputs (resources never re-run a job)
-        **L.step_job("ingest"),
-        operational=L.operational("ingest"),
     log:
         "logs/ingest/{shard}.log",
     conda:
         "../envs/soraflow.yaml"
+    resources:
+        # what the job needs (config), and settings that never change its outputs (resources never re-run a job)
+        **L.step_job("ingest"),
+        operational=L.operational("ingest"),
+    params:
+        raw_dir=L.raw_dir(),
+        cfg=L.params("ingest"),
     shell:
         "soraflow ingest {input.table} --raw-dir {params.raw_dir} --out {output.table}"
         " --rejects {output.rejects} --params {params.cfg:q} --operational {resources.operational:q} > {log} 2>&1"
@@ -75,8 +75,10 @@ rule split:
         table=L.shard_file("clips"),
         rejects=L.shard_file("rejects_split"),
         clips=directory(L.clip_dir()),
-    params:
-        cfg=L.params("split"),
+    log:
+        "logs/split/{shard}.log",
+    conda:
+        "../envs/soraflow.yaml"
     # videos split at once; each one's ffmpeg and PyAV decoders share them
     threads: config["split"]["threads"]
     resources:
@@ -84,10 +86,8 @@ rule split:
         **L.step_job("split"),
         operational=L.operational("split"),
         drop_raw=DROP_RAW,
-    log:
-        "logs/split/{shard}.log",
-    conda:
-        "../envs/soraflow.yaml"
+    params:
+        cfg=L.params("split"),
     shell:
         "soraflow split {input.table} --clip-dir {output.clips} --out {output.table}"
         " --rejects {output.rejects} --params {params.cfg:q} --operational {resources.operational:q}"
@@ -102,14 +102,14 @@ rule score:
         model=L.model_input(config["score"]["aesthetic_model"]),
     output:
         L.shard_file("scored"),
-    params:
-        cfg=L.params("score"),
-    resources:
-        **L.step_job("score"),
     log:
         "logs/score/{shard}.log",
     conda:
         "../envs/soraflow.yaml"
+    resources:
+        **L.step_job("score"),
+    params:
+        cfg=L.params("score"),
     shell:
         "soraflow score {input.table} --out {output} --params {params.cfg:q} > {log} 2>&1"
 
@@ -122,15 +122,15 @@ rule export:
         tables=L.shard_files("captioned"),
     output:
         **L.exports(),
+    log:
+        "logs/export.log",
+    conda:
+        "../envs/soraflow.yaml"
     params:
         # shard tables are found from the folder and the count: 10k paths would pass the
         # kernel's limit on one command-line argument
         shards_dir=lambda w, input: folder(input.tables, levels=2),
         num_shards=len(L.shards),
-    log:
-        "logs/export.log",
-    conda:
-        "../envs/soraflow.yaml"
     shell:
         "soraflow export --shards-dir {params.shards_dir} --num-shards {params.num_shards}"
         " --out {output.table} --opensora-v1.0-csv {output.opensora_v1_0_csv}"

@@ -10,18 +10,18 @@ rule encode_video:
         model=L.model_input(config["vae"].get("model", "")),
     output:
         L.latent_cache(),
-    params:
-        cfg=lambda w: L.params("encode_video", w.stage),
+    log:
+        "logs/encode_video/{stage}/{shard}.log",
+    conda:
+        "../envs/soraflow.yaml"
     # torch steps use two threads; the scheduler keeps them from sharing cores
     threads: 2
     resources:
         # what the job needs (config), and settings that never change its outputs (resources never re-run a job)
         **L.step_job("encode_video"),
         operational=L.operational("encode_video"),
-    log:
-        "logs/encode_video/{stage}/{shard}.log",
-    conda:
-        "../envs/soraflow.yaml"
+    params:
+        cfg=lambda w: L.params("encode_video", w.stage),
     shell:
         "soraflow encode-video {input.table} --out {output} --params {params.cfg:q}"
         " --operational {resources.operational:q} > {log} 2>&1"
@@ -33,15 +33,15 @@ rule encode_text:
         model=L.model_input(config["text_encoder"]["model"]),
     output:
         L.text_cache(),
-    params:
-        cfg=L.params("encode_text"),
-    # torch steps use two threads; the scheduler keeps them from sharing cores
-    threads: 2
-    resources:
-        **L.step_job("encode_text"),
     log:
         "logs/encode_text/{shard}.log",
     conda:
         "../envs/soraflow.yaml"
+    # torch steps use two threads; the scheduler keeps them from sharing cores
+    threads: 2
+    resources:
+        **L.step_job("encode_text"),
+    params:
+        cfg=L.params("encode_text"),
     shell:
         "soraflow encode-text {input.table} --out {output} --params {params.cfg:q} > {log} 2>&1"

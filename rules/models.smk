@@ -4,12 +4,12 @@
 rule models:
     output:
         **{name: directory(path) for name, path in L.local_models().items()},
-    params:
-        out_dir=lambda w, output: folder(output),
-        cfg=L.params("models"),
     log:
         "logs/models.log",
     conda:
         "../envs/soraflow.yaml"
+    params:
+        out_dir=lambda w, output: folder(output),
+        cfg=L.params("models"),
     shell:
         "soraflow models --out-dir {params.out_dir} --params {params.cfg:q} > {log} 2>&1"

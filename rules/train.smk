@@ -10,6 +10,10 @@ rule dataset:
     output:
         index=L.stage_index(),
         rejects=L.stage_rejects(),
+    log:
+        "logs/dataset/{stage}.log",
+    conda:
+        "../envs/soraflow.yaml"
     params:
         # folders and a count, not every path: 10k shards pass the kernel's argument limit
         # taken from the inputs, not the Layout, so they follow remote storage (snakemake --lint)
@@ -18,10 +22,6 @@ rule dataset:
         text_dir=lambda w, input: folder(input.texts),
         num_shards=len(L.shards),
         cfg=lambda w: L.params("dataset", w.stage),
-    log:
-        "logs/dataset/{stage}.log",
-    conda:
-        "../envs/soraflow.yaml"
     shell:
         "soraflow dataset --shards-dir {params.shards_dir} --num-shards {params.num_shards}"
         " --latent-dir {params.latent_dir} --text-dir {params.text_dir}"
@@ -40,13 +40,13 @@ for stage in L.stages:
             # final weights are never overwritten by a re-run: remove one deliberately to retrain
             checkpoint=protected(L.checkpoint(stage)),
             loss=L.loss_log(stage),
-        params:
-            run_dir=L.run_dir(stage),
-            init=" ".join(f"--init {path}" for path in L.init_checkpoint(stage)),
-            cfg=L.params("train", stage),
-        threads: 2
+        log:
+            f"logs/train/{stage}.log",
         # a stage longer than the cluster's time limit is a chain of jobs, each resuming the last
         retries: L.train_job(stage)["retries"]
+        conda:
+            L.train_environment(workflow.basedir)["conda"]
+        threads: 2
         resources:
             # nodes, GPUs per node, CPUs, memory and time from the config (soraflow.workflow.resources),
             # and settings that never change the outputs (resources never re-run a job)
@@ -54,10 +54,10 @@ for stage in L.stages:
             operational=L.operational("train", stage),
             # the colossalai engine's own environment (a resource, so choosing it re-runs nothing)
             soraflow=L.train_environment(workflow.basedir)["command"],
-        log:
-            f"logs/train/{stage}.log",
-        conda:
-            L.train_environment(workflow.basedir)["conda"]
+        params:
+            run_dir=L.run_dir(stage),
+            init=" ".join(f"--init {path}" for path in L.init_checkpoint(stage)),
+            cfg=L.params("train", stage),
         shell:
             "{resources.soraflow} train {input.index} --out {output.checkpoint} --loss-log {output.loss}"
             " --run-dir {params.run_dir} {params.init}"
@@ -84,17 +84,17 @@ for stage in L.stages:
                 report(path, category="Samples", subcategory=stage, caption="../docs/report/vs_training.rst")
                 for path in L.sample_comparison(stage)
             ],
-        params:
-            cfg=L.params("sample"),
+        log:
+            f"logs/sample/{stage}.log",
+        conda:
+            "../envs/soraflow.yaml"
         threads: 2
         resources:
             # what the job needs (config), and settings that never change its outputs (resources never re-run a job)
             **L.step_job("sample"),
             operational=L.operational("sample"),
-        log:
-            f"logs/sample/{stage}.log",
-        conda:
-            "../envs/soraflow.yaml"
+        params:
+            cfg=L.params("sample"),
         shell:
             "soraflow sample --ckpt {input.checkpoint} --out {output.prompted} --index {input.index}"
             " --from-captions {output.captioned} --comparison {output.comparison} --params {params.cfg:q}"
