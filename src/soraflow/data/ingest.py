@@ -87,8 +87,8 @@ def http_retry(params: dict) -> Retry:
 
 
 def http_session(params: dict) -> requests.Session:
-    """One session for the shard's downloads: urllib3's pools are thread-safe, and with a
-    connection per worker kept per host none is opened only to be discarded."""
+    """One session for all of a shard's download threads (urllib3's connection pools are
+    thread-safe); each host's pool keeps a connection per worker for reuse."""
     session = requests.Session()
     adapter = HTTPAdapter(
         max_retries=http_retry(params), pool_maxsize=int(params.get("concurrency", DEFAULT_CONCURRENCY))
@@ -170,6 +170,7 @@ def _download(session: requests.Session, url: str, dest: Path, params: dict) -> 
             return
         except BodyCut as cut:
             try:
+                # counted as urllib3 counts a broken connection: one more try, the next backoff
                 resumes = resumes.increment(method="GET", url=url, error=ProtocolError(str(cut)))
             except MaxRetryError:
                 raise FetchError(f"download failed after {len(resumes.history) + 1} attempts: {cut}") from None
