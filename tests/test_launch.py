@@ -39,12 +39,15 @@ def test_one_node_is_standalone_torchrun():
 
 def test_multi_node_under_slurm_is_srun_of_torchrun_with_slurm_rendezvous():
     cmd = launch.launch_command(2, 2, WORKER, SLURM, hosts=["gpu07", "gpu08"], python=PY)
-    assert cmd[:7] == ["srun", "--nodes", "2", "--ntasks-per-node", "1", "--kill-on-bad-exit=1", "sh"]
-    assert cmd[7] == "-c"
-    script = cmd[8]
+    # one task per node; the step shares the launcher's own step's CPUs and GPUs (--overlap) and
+    # gives each node's torchrun all of the job's on that node (--whole)
+    assert cmd[:11] == ["srun", "--overlap", "--whole", "--nodes", "2", "--ntasks", "2", "--ntasks-per-node", "1",
+                        "--kill-on-bad-exit=1", "sh"]
+    assert cmd[11] == "-c"
+    script = cmd[12]
     assert script.startswith(f"exec {PY} -m torch.distributed.run ")
-    # each node's shell expands its own node id; the rendezvous is on the first host
-    assert "--nnodes $SLURM_NNODES" in script and "--node-rank $SLURM_NODEID" in script
+    # each node's shell expands its own node id; the rendezvous is on the job's first node
+    assert "--nnodes 2 " in script and "--node-rank $SLURM_NODEID" in script
     assert "--rdzv-backend c10d --rdzv-endpoint gpu07:29500 --rdzv-id 4242" in script
     assert "--nproc-per-node 2" in script and "--standalone" not in script
     assert script.endswith("""-m soraflow.cli train index.parquet --out out.safetensors --run-dir run --params '{"a": 1}'""")
@@ -55,13 +58,36 @@ def test_multi_node_under_slurm_is_srun_of_torchrun_with_slurm_rendezvous():
     assert echoed[echoed.index("--node-rank") + 1] == "1" and echoed[-len(WORKER) :] == WORKER
 
 
-def test_multi_node_needs_slurm_and_a_matching_allocation():
+def test_multi_node_needs_slurm_and_the_jobs_node_count():
     with pytest.raises(RuntimeError, match="Slurm"):
         launch.launch_command(2, 2, WORKER, {}, hosts=["a", "b"])
-    with pytest.raises(RuntimeError, match="SLURM_NNODES"):
+    with pytest.raises(RuntimeError, match="--nodes 4 but Slurm job 4242 has 2 nodes"):
         launch.launch_command(2, 4, WORKER, SLURM, hosts=["gpu07", "gpu08"])
     with pytest.raises(ValueError):
         launch.launch_command(0, 1, WORKER, {})
+
+
+# What `soraflow train` sees inside the Slurm executor plugin's job step (`srun -n1 --nodes=2` in a
+# 2-node job, run on the two-node test cluster): SLURM_* describe the one-node step.
+PLUGIN_STEP = {
+    "SLURM_JOB_ID": "9", "SLURM_JOBID": "9", "SLURM_CLUSTER_NAME": "soraflowtest2", "SLURM_CONF": "/etc/slurm/slurm.conf",
+    "SLURM_SUBMIT_DIR": "/tmp/sf2test", "SLURM_SUBMIT_HOST": "vm", "SLURM_JOB_NODELIST": "node1", "SLURM_NNODES": "1",
+    "SLURM_NODELIST": "node[1-2]", "SLURM_NTASKS": "1", "SLURM_NPROCS": "1", "SLURM_CPUS_PER_TASK": "2",
+    "SLURM_STEP_ID": "0", "SLURM_STEP_NODELIST": "node1", "SLURM_STEP_NUM_NODES": "1", "SLURM_TASKS_PER_NODE": "1",
+    "SLURM_STEP_GPUS": "0,1", "SLURM_GPUS_ON_NODE": "2", "SLURM_CPUS_ON_NODE": "2", "SRUN_DEBUG": "3",
+    "CUDA_VISIBLE_DEVICES": "0,1", "PATH": "/usr/bin", "GLOO_SOCKET_IFNAME": "ib0",
+}  # fmt: skip
+
+
+def test_the_workers_srun_gets_only_the_variables_that_name_the_job():
+    """srun reads SLURM_NNODES, SLURM_NTASKS and SLURM_JOB_NODELIST as the shape of the step it
+    starts: taken from the plugin's step they say one node ("Only allocated 1 nodes asked for 2")."""
+    env = launch.job_environment(PLUGIN_STEP)
+    assert {k for k in env if k.startswith(("SLURM_", "SRUN_"))} == {
+        "SLURM_JOB_ID", "SLURM_JOBID", "SLURM_CLUSTER_NAME", "SLURM_CONF", "SLURM_SUBMIT_DIR", "SLURM_SUBMIT_HOST"}
+    # everything else passes through (srun exports it to the nodes: a cluster's GLOO_SOCKET_IFNAME too)
+    assert {k: env[k] for k in ("CUDA_VISIBLE_DEVICES", "PATH", "GLOO_SOCKET_IFNAME")} == {
+        "CUDA_VISIBLE_DEVICES": "0,1", "PATH": "/usr/bin", "GLOO_SOCKET_IFNAME": "ib0"}
 
 
 def test_cli_train_takes_nproc_and_nodes():

@@ -1,18 +1,24 @@
 """Start `soraflow train` on several processes: torchrun on one node, srun + torchrun on many.
 
-`soraflow train --nproc N --nodes M` (the train rules pass their `tasks` and `nodes`
-resources) re-executes itself under torchrun when it is not already a torchrun worker
+`soraflow train --nproc N --nodes M` (the train rules pass their `processes_per_node` and
+`nodes` resources) re-executes itself under torchrun when it is not already a torchrun worker
 (no RANK in the environment) and N*M > 1:
 
     one node:    torchrun --standalone --nproc-per-node N -m soraflow.cli train ...
-    Slurm, M>1:  srun --nodes M --ntasks-per-node 1 sh -c 'exec torchrun --nnodes $SLURM_NNODES
-                     --node-rank $SLURM_NODEID --rdzv-backend c10d
-                     --rdzv-endpoint <first host of the job>:29500 --nproc-per-node N ...'
+    Slurm, M>1:  srun --overlap --whole --nodes M --ntasks M --ntasks-per-node 1 sh -c
+                     'exec torchrun --nnodes M --node-rank $SLURM_NODEID --rdzv-backend c10d
+                      --rdzv-endpoint <first node of the job>:29500 --nproc-per-node N ...'
 
-`$SLURM_NODEID` is left for each node's shell to expand, so every node gets its own
-rank; the rendezvous host is the first of `scontrol show hostnames $SLURM_JOB_NODELIST`.
-`launch_command` builds the command from an environment and a host list and does
-nothing else, so it is tested with a fake Slurm environment.
+The launcher may itself run inside a job step: the Slurm executor plugin runs each job's
+command under `srun -n1` (one task on the first node). That step's SLURM_* variables describe
+the step, not the job (SLURM_NNODES=1, even SLURM_JOB_NODELIST names one node), and srun would
+take them as the shape of the step it starts ("Only allocated 1 nodes asked for 2"). So the
+job's nodes come from the controller (`squeue -j $SLURM_JOB_ID`), srun runs with only the
+variables that name the job, and `--overlap --whole` let its step share the launcher's step's
+CPUs and GPUs and give each node's torchrun all of the job's CPUs and GPUs on that node.
+`$SLURM_NODEID` is left for each node's shell to expand, so every node gets its own rank.
+`launch_command` builds the command from an environment and a host list and does nothing
+else, so it is tested with a fake Slurm environment.
 
 Preemption: SIGTERM and SIGUSR1 reaching the launcher are forwarded to its child;
 torchrun is told to forward both to the workers (`--signals-to-handle`) and to give
@@ -34,6 +40,9 @@ FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
 # torchrun's default list plus SIGUSR1 (Slurm's usual warning signal before a preemption)
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 SHUTDOWN_TIMEOUT_S = 300
+# The Slurm variables that name the job (the ones the executor plugin keeps for its own srun);
+# every other SLURM_* describes the step the launcher runs in.
+JOB_VARIABLES = {"SLURM_JOB_ID", "SLURM_JOBID", "SLURM_CLUSTER_NAME", "SLURM_CONF", "SLURM_SUBMIT_DIR", "SLURM_SUBMIT_HOST"}
 
 
 def needs_launch(nproc: int, nodes: int, env) -> bool:
@@ -63,7 +72,7 @@ def launch_command(
 ) -> list[str]:
     """The command that runs `python -m soraflow.cli <worker_argv>` on nproc x nodes processes.
 
-    `hosts` are the job's node names in order (scontrol show hostnames); needed only for nodes > 1.
+    `hosts` are the Slurm job's node names in order (job_hosts); needed only for nodes > 1.
     """
     if nproc < 1 or nodes < 1:
         raise ValueError(f"--nproc and --nodes must be at least 1 (got {nproc}, {nodes})")
@@ -72,19 +81,17 @@ def launch_command(
     worker = ["-m", "soraflow.cli", *worker_argv]
     if nodes == 1:
         return [*torchrun_prefix(python), "--standalone", *common, *worker]
-    if "SLURM_JOB_ID" not in env or "SLURM_JOB_NODELIST" not in env:
+    if "SLURM_JOB_ID" not in env:
         raise RuntimeError(
             f"--nodes {nodes}: multi-node training runs inside a Slurm allocation (no SLURM_JOB_ID here); "
             "outside Slurm, start torchrun on each node yourself"
         )
-    allocated = int(env.get("SLURM_NNODES", env.get("SLURM_JOB_NUM_NODES", "0")))
-    if allocated != nodes:
-        raise RuntimeError(f"--nodes {nodes} but the Slurm job has {allocated} nodes (SLURM_NNODES)")
-    if not hosts:
-        raise RuntimeError("no host names for the rendezvous (scontrol show hostnames gave nothing)")
+    if not hosts or len(hosts) != nodes:
+        raise RuntimeError(f"--nodes {nodes} but Slurm job {env['SLURM_JOB_ID']} has {len(hosts or [])} nodes "
+                           f"({' '.join(hosts or []) or 'none'}): the rule's nodes resource and the job differ")
     per_node = [
         *torchrun_prefix(python),
-        "--nnodes", "$SLURM_NNODES",
+        "--nnodes", str(nodes),
         "--node-rank", "$SLURM_NODEID",
         "--rdzv-backend", "c10d",
         "--rdzv-endpoint", f"{hosts[0]}:{RDZV_PORT}",
@@ -92,9 +99,23 @@ def launch_command(
         *common,
         *worker,
     ]
-    # quote everything but the two Slurm variables, which each node's shell must expand
-    script = " ".join(a if a.startswith("$SLURM_") else shlex.quote(a) for a in per_node)
-    return ["srun", "--nodes", str(nodes), "--ntasks-per-node", "1", "--kill-on-bad-exit=1", "sh", "-c", f"exec {script}"]
+    # quote everything but the node id, which each node's shell must expand
+    script = " ".join(a if a == "$SLURM_NODEID" else shlex.quote(a) for a in per_node)
+    return ["srun", "--overlap", "--whole", "--nodes", str(nodes), "--ntasks", str(nodes), "--ntasks-per-node", "1",
+            "--kill-on-bad-exit=1", "sh", "-c", f"exec {script}"]
+
+
+def job_environment(env) -> dict:
+    """env without the variables of the job step it was taken in (see the module's docstring)."""
+    return {k: v for k, v in env.items() if not (k.startswith("SLURM_") and k not in JOB_VARIABLES or k.startswith("SRUN_"))}
+
+
+def job_hosts(job_id: str) -> list[str]:
+    """The Slurm job's node names in order, from the controller (the environment of a job step
+    names only the step's nodes)."""
+    nodelist = subprocess.run(["squeue", "--noheader", "--jobs", job_id, "--format", "%N"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    return slurm_hosts(nodelist) if nodelist else []
 
 
 def slurm_hosts(nodelist: str) -> list[str]:
@@ -124,8 +145,8 @@ def run_forwarding_signals(cmd: list[str], env=None, renamed: dict | None = None
 
 def launch(nproc: int, nodes: int, worker_argv: list[str], env) -> int:
     """Start the workers and wait for them; the exit status to leave with."""
-    hosts = slurm_hosts(env["SLURM_JOB_NODELIST"]) if nodes > 1 and "SLURM_JOB_NODELIST" in env else None
+    hosts = job_hosts(env["SLURM_JOB_ID"]) if nodes > 1 and "SLURM_JOB_ID" in env else None
     cmd = launch_command(nproc, nodes, worker_argv, env, hosts)
     print("launching:", shlex.join(cmd), flush=True)
     renamed = {} if torchrun_handles_signals() else {signal.SIGUSR1: signal.SIGTERM}
-    return run_forwarding_signals(cmd, env=dict(env), renamed=renamed)
+    return run_forwarding_signals(cmd, env=job_environment(env) if nodes > 1 else dict(env), renamed=renamed)

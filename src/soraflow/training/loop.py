@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -77,6 +78,11 @@ class Trainer:
             torch.cuda.set_device(self.device)
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        if self.world > 1:  # where the ranks run, in rank order (a multi-node run names its nodes)
+            hosts = [None] * self.world
+            dist.all_gather_object(hosts, socket.gethostname())
+            if self.rank == 0:
+                print(f"ranks on hosts: {' '.join(hosts)}", flush=True)
         # sequence parallelism: each group of sp_size consecutive ranks shares its samples, each
         # rank holding a share of every sample's tokens; the groups are the data-parallel ranks
         self.sp_size = self.opts["sp_size"]
