@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
-from soraflow.data import table
-from soraflow.data import video
+from soraflow.data import table, video
 from soraflow.training.checkpoint import load_for_sampling
 from soraflow.workflow.layout import Layout
 
@@ -70,6 +70,153 @@ def finished_run(tmp_path_factory) -> tuple[Path, Layout]:
     return workdir, Layout(config)
 
 
+# --- what a config change re-runs, against the declaration (schemas/affects.yaml) ------------
+# Keys that only move files: what is planned depends on what else points at the new folder.
+MOVES_FILES = {"data.root", "demo.out_dir", "local_models.out_dir"}
+# Keys that change the shape of the DAG (shard count, wildcards): closure taken on the new DAG.
+RESHAPES_DAG = {"data.shard_size", "data.manifest", "sample.prompts", "sample.training_captions"}
+
+
+def planned_jobs(plan: str) -> dict[tuple, dict]:
+    """(rule, wildcards) -> {"input": [...], "output": [...]} for every job a dry run prints."""
+    jobs = {}
+    for block in re.split(r"^(?=(?:local)?rule \w+:)", plan, flags=re.MULTILINE):
+        head = re.match(r"(?:local)?rule (\w+):", block)
+        if not head or head.group(1) == "all":
+            continue
+        fields = dict(re.findall(r"^\s+(input|output|wildcards): (.*)$", block, flags=re.MULTILINE))
+        key = (head.group(1), fields.get("wildcards", ""))
+        jobs[key] = {k: [p.strip() for p in fields.get(k, "").split(",") if p.strip()] for k in ("input", "output")}
+    return jobs
+
+
+def downstream(dag: dict[tuple, dict], start: set[tuple]) -> set[tuple]:
+    """`start` and every job that reads, directly or not, a file one of them writes."""
+    readers = {}
+    for job, files in dag.items():
+        for path in files["input"]:
+            readers.setdefault(path, set()).add(job)
+    seen, todo = set(start), list(start)
+    while todo:
+        for path in dag[todo.pop()]["output"]:
+            for reader in readers.get(path, ()):
+                if reader not in seen:
+                    seen.add(reader)
+                    todo.append(reader)
+    return seen
+
+
+def step_of(job: tuple) -> tuple[str, str | None]:
+    """A job's step and stage: train_stage2 -> (train, stage2); encode_video stage=stage1 -> ..."""
+    rule, wildcards = job
+    for family in ("train", "sample"):
+        if rule.startswith(family + "_"):
+            return family, rule.removeprefix(family + "_")
+    stage = re.search(r"stage=(\w+)", wildcards)
+    return rule, stage and stage.group(1)
+
+
+def leaves(config: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """Every settable value of a config: (dotted path, value); lists and empty objects are values."""
+    out = []
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out += leaves(value, path + ".")
+        else:
+            out.append((path, value))
+    return out
+
+
+NON_NULL = {"split.fps": 12.0, "split.shorter_side": 64, "score.aesthetic_model": "models/tiny-aesthetic",
+            "stdit.hidden_size": 64, "stdit.depth": 2, "stdit.num_heads": 2, "stdit.patch_size": [1, 2, 2],
+            "stdit.attention": "full", "stdit.class_dropout_prob": 0.2, "vae.scaling_factor": 0.5}  # fmt: skip
+
+
+def another_value(path: str, value, schema: dict):
+    """A valid value different from `value` for the key at `path`."""
+    leaf = path.rsplit(".", 1)[-1]
+    if leaf == "init":
+        return None  # a later stage from scratch (a first one: see the caller)
+    if value is None:
+        return 0.0 if ".filters." in path else 1 if "resources." in path or path.startswith("cluster.") else NON_NULL[path]
+    if isinstance(value, bool):
+        return not value
+    enum = schema.get("enum")
+    if enum:
+        return next(choice for choice in enum if choice not in (value, None))
+    if isinstance(value, int):
+        return value * 2 if leaf == "resolution" else value + 1  # a size stays a multiple of the latent grid
+    if isinstance(value, float):
+        return value / 2 if value > 0 else 0.25
+    if isinstance(value, str):
+        return {"stdit.preset": "STDiT-tiny"}.get(path, value + "-b")
+    if isinstance(value, dict):
+        return {"runtime": 99}
+    if path == "demo.videos":
+        return [{**value[0], "fps": value[0]["fps"] + 1}]
+    if path == "caption.positions":
+        return [0.25, 0.5, 0.75]
+    return value[:-1] if len(value) > 1 else [value[0] + " at dusk"]
+
+
+def schema_node(schema: dict, path: str) -> dict:
+    node = schema
+    for part in path.split("."):
+        if "$ref" in node:
+            node = schema["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+        node = node.get("properties", {}).get(part, node.get("additionalProperties", {}))
+        if "$ref" in node:
+            node = schema["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+    return node if isinstance(node, dict) else {}
+
+
+def test_every_config_key_re_runs_exactly_what_it_declares(finished_run):
+    """Change each key of a finished run in turn; Snakemake must plan exactly the jobs of the
+    steps schemas/affects.yaml names for it (for a stage key, that stage's) and every job
+    downstream of them in the DAG, and nothing for an operational key."""
+    from soraflow.workflow.settings import ALL, declared_steps, schema, with_defaults
+
+    workdir, _ = finished_run
+    base = yaml.safe_load((workdir / "config.yaml").read_text())
+    assert planned_jobs(run_snakemake(workdir, "-n")) == {}, "the finished run is not up to date"
+    base_dag = planned_jobs(run_snakemake(workdir, "-n", "--forceall"))
+    checked, mismatches = [], []
+    for path, value in leaves(with_defaults(base)):
+        if path in MOVES_FILES:
+            continue
+        config = yaml.safe_load(yaml.safe_dump(base))
+        *parents, leaf = path.split(".")
+        node = config
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = another_value(path, value, schema_node(schema(), path))
+        if path == "train.nproc_per_node":  # more processes need as many GPUs per node (operational too)
+            for stage in config["stages"].values():
+                stage.setdefault("resources", {})["gpus_per_node"] = node[leaf]
+        if leaf == "init" and value is None:  # a first stage starts from a PixArt-style .pth instead
+            node[leaf] = str(workdir / "pixart.pth")
+            (workdir / "pixart.pth").touch()
+        if path == "data.manifest":
+            node[leaf] = str(workdir / "manifest_copy.csv")
+            (workdir / "manifest_copy.csv").write_text(Path(value).read_text())
+        (workdir / "config_key.yaml").write_text(yaml.safe_dump(config))
+        planned = set(planned_jobs(run_snakemake(workdir, "-n", config="config_key.yaml")))
+        dag = planned_jobs(run_snakemake(workdir, "-n", "--forceall", config="config_key.yaml")) \
+            if path in RESHAPES_DAG else base_dag
+        steps = declared_steps(path)
+        stage = path.split(".")[1] if path.startswith("stages.") else None
+        declared = {job for job in dag if (ALL in steps or step_of(job)[0] in steps)
+                    and (stage is None or step_of(job)[1] == stage)}  # fmt: skip
+        expected = downstream(dag, declared)
+        checked.append((path, sorted({step_of(job)[0] for job in planned})))
+        if planned != expected:
+            mismatches.append(f"{path}: planned {sorted(planned - expected)} beyond, {sorted(expected - planned)} short")
+    print("\n".join(f"{path}: {steps}" for path, steps in checked))
+    assert not mismatches, "\n".join(mismatches)
+    assert len(checked) >= 80 and sum(not steps for _, steps in checked) >= 10  # operational keys plan nothing
+
+
 def test_every_clip_decodes_with_the_frames_the_table_says(finished_run):
     workdir, layout = finished_run
     clips = table.concat([workdir / p for p in layout.shard_files("clips")])
@@ -115,14 +262,37 @@ def planned_rules(plan: str) -> set[str]:
     return set(re.findall(r"^(?:local)?rule (\w+):", plan, flags=re.MULTILINE))
 
 
-def test_changing_the_vae_re_encodes_latents_but_not_text(finished_run):
-    workdir, _ = finished_run
+def remove_final_checkpoints(workdir: Path, layout: Layout) -> None:
+    """What a user does to retrain: final checkpoints are written read-only (protected()), and
+    Snakemake refuses to re-run a job over a file its user cannot write, so the user removes
+    them deliberately. (Root can write anything, so as root Snakemake does not refuse.)"""
+    for stage in layout.stages:
+        checkpoint = workdir / layout.checkpoint(stage)
+        assert checkpoint.stat().st_mode & 0o222 == 0, f"{checkpoint} is writable"
+        checkpoint.unlink()
+
+
+def test_changing_the_vae_re_encodes_latents_and_retrains_from_step_0(finished_run):
+    """A VAE setting keeps the latents' shape, so only the run identity's cache digests can tell
+    the old checkpoints are stale: the retrain starts at step 0 and ends with other weights."""
+    workdir, layout = finished_run
     config = yaml.safe_load((workdir / "config.yaml").read_text())
     config["vae"]["scaling_factor"] = 0.5
-    (workdir / "config_vae.yaml").write_text(yaml.safe_dump(config))
-    planned = planned_rules(run_snakemake(workdir, "-n", config="config_vae.yaml"))
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    planned = planned_rules(run_snakemake(workdir, "-n"))
     assert {"encode_video", "dataset", "train_stage1", "sample_stage3"} <= planned
     assert not planned & {"split", "caption", "encode_text", "models"}
+
+    before = {stage: load_for_sampling(workdir / layout.checkpoint(stage), use_ema=False)[0].state_dict()
+              for stage in layout.stages}  # fmt: skip
+    remove_final_checkpoints(workdir, layout)
+    run_snakemake(workdir)
+    for stage in layout.stages:
+        log = (workdir / f"logs/train/{stage}.log").read_text()
+        assert "from step 0," in log and "cache files" in log and "superseded" in log, log[-2000:]
+        assert list((workdir / layout.run_dir(stage) / "superseded").glob("*/step-*"))  # kept, not deleted
+        after = load_for_sampling(workdir / layout.checkpoint(stage), use_ema=False)[0].state_dict()
+        assert any(not torch.equal(after[k], before[stage][k]) for k in after), stage
 
 
 def test_changing_a_caption_setting_reruns_caption_and_downstream_only(finished_run):
@@ -138,6 +308,7 @@ def test_changing_a_caption_setting_reruns_caption_and_downstream_only(finished_
     assert {"caption", "encode_text", "dataset", "train_stage1", "train_stage3", "sample_stage3"} <= planned
     assert not planned & {"demo_videos", "shard", "ingest", "split", "models", "encode_video"}
 
+    remove_final_checkpoints(workdir, layout)
     run_snakemake(workdir)
     assert all(p.stat().st_mtime_ns == before[p] for p in upstream)
     assert all(p.stat().st_mtime_ns > before[p] for p in downstream)

@@ -1,0 +1,132 @@
+"""Any kill is survivable: the whole tiny DAG, killed at random moments, restarted with the
+same command each time, ends with exactly what a clean run makes.
+
+Each kill is either the Snakemake process with everything it started (a login node or
+tmux session dying) or one running job's process (a node failure; Snakemake sees the job
+fail and stops). After a kill of Snakemake its lock stays behind, and the user runs
+`snakemake --unlock` before the same command again, as Snakemake tells them to.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from test_end_to_end import REPO, run_snakemake, small_config
+
+from soraflow.data import video
+from soraflow.workflow.layout import Layout
+
+pytestmark = pytest.mark.slow
+
+KILLS = 5
+SEED = int(os.environ.get("CHAOS_SEED", random.SystemRandom().randrange(10**6)))
+
+
+def snakemake_command(workdir: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+            "--configfile", str(workdir / "config.yaml"), "--cores", "2", "--rerun-incomplete", *args]  # fmt: skip
+
+
+def environment() -> dict:
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+
+def running_jobs(pid: int) -> list[int]:
+    """The `soraflow` processes Snakemake is running (its jobs' commands)."""
+    out = subprocess.run(["ps", "-eo", "pid,pgid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines()[1:]
+            if int(line.split()[1]) == pid and "soraflow" in line and "snakemake" not in line]  # fmt: skip
+
+
+def chaotic_run(workdir: Path, rng: random.Random, longest_s: float) -> list[str]:
+    """Start the workflow, kill something at a random moment (at most `longest_s` in), KILLS
+    times; then let it finish."""
+    kills = []
+    while len(kills) < KILLS:
+        process = subprocess.Popen(snakemake_command(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                   env=environment(), start_new_session=True)  # fmt: skip
+        deadline = time.time() + rng.uniform(2, longest_s)
+        while time.time() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        if process.poll() is not None:  # finished (or stopped after a killed job) before its kill
+            if process.returncode == 0:
+                break
+            continue
+        jobs = running_jobs(process.pid)
+        if jobs and rng.random() < 0.5:
+            victim = rng.choice(jobs)
+            os.kill(victim, signal.SIGKILL)
+            kills.append(f"job {victim} at {time.strftime('%X')}")
+            process.wait(timeout=600)
+        else:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            kills.append(f"snakemake and its jobs at {time.strftime('%X')}")
+            subprocess.run(snakemake_command(workdir, "--unlock"), env=environment(), check=True, capture_output=True)
+    final = subprocess.run(snakemake_command(workdir), capture_output=True, text=True, env=environment(), timeout=1500)
+    assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
+    return kills
+
+
+def relative_tables(root: Path) -> dict[str, pd.DataFrame]:
+    """Every parquet table under `root`, with the workdir taken out of the paths it holds."""
+    tables = {}
+    for path in sorted(root.rglob("*.parquet")):
+        if ".snakemake" in path.parts:
+            continue
+        frame = pd.read_parquet(path)
+        for column in frame.columns:
+            if frame[column].dtype == object:
+                frame[column] = frame[column].map(lambda v: v.replace(str(root), "") if isinstance(v, str) else v)
+        tables[str(path.relative_to(root))] = frame
+    return tables
+
+
+def test_a_run_killed_at_random_ends_equal_to_a_clean_run(tmp_path):
+    print(f"chaos seed {SEED} (rerun with CHAOS_SEED={SEED})")
+    rng = random.Random(SEED)
+    runs = {}
+    for name in ("clean", "chaos"):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        config = small_config(workdir)
+        (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+        runs[name] = (workdir, Layout(config))
+    started = time.time()
+    run_snakemake(runs["clean"][0])
+    clean_seconds = time.time() - started
+    # no attempt gets more than a sixth of a clean run's time, so five kills cannot miss the end
+    kills = chaotic_run(runs["chaos"][0], rng, longest_s=max(3.0, clean_seconds / (KILLS + 1)))
+    print(f"clean run {clean_seconds:.0f} s; chaos run {time.time() - started - clean_seconds:.0f} s, "
+          f"{len(kills)} kills: {kills}")  # fmt: skip
+    assert len(kills) >= KILLS
+
+    (clean, layout), (chaos, _) = runs["clean"], runs["chaos"]
+    clean_tables, chaos_tables = relative_tables(clean), relative_tables(chaos)
+    assert sorted(chaos_tables) == sorted(clean_tables)
+    for name, frame in clean_tables.items():
+        pd.testing.assert_frame_equal(chaos_tables[name], frame, obj=name)
+    clean_caches = sorted(p.relative_to(clean) for p in (clean / "data" / "cache").rglob("*") if p.is_file())
+    assert clean_caches == sorted(p.relative_to(chaos) for p in (chaos / "data" / "cache").rglob("*") if p.is_file())
+    for path in clean_caches:
+        if path.suffix == ".safetensors":
+            clean_tensors, chaos_tensors = load_file(clean / path), load_file(chaos / path)
+            assert clean_tensors.keys() == chaos_tensors.keys(), path
+            assert all(torch.equal(clean_tensors[k], chaos_tensors[k]) for k in clean_tensors), path
+    for stage in layout.stages:
+        clean_weights, chaos_weights = (load_file(root / layout.checkpoint(stage)) for root in (clean, chaos))
+        assert clean_weights.keys() == chaos_weights.keys()
+        assert all(torch.equal(clean_weights[k], chaos_weights[k]) for k in clean_weights), stage
+        for sample in layout.sample_videos(stage):
+            assert video.read_frames(chaos / sample).shape[0] == layout.config["stages"][stage]["num_frames"]
