@@ -44,6 +44,7 @@ from tables import print_table
 from soraflow.data import table
 from soraflow.data.demo import make_demo_videos
 from soraflow.data.ingest import ingest_shard
+from soraflow.data.probe import probe
 from soraflow.data.split import split_shard, split_video
 from soraflow.workflow.settings import with_defaults
 
@@ -145,6 +146,19 @@ def bench_ingest(work: Path, repeats: int, videos: int = 200) -> None:
                      f"{base_wall / wall:.1f}x", f"{cpu:.1f}", f"{len(reference)}/{videos}", "yes" if same else "NO"))  # fmt: skip
     print()
     print_table(("concurrency", "wall s", "videos/s", "speedup", "CPU s", "ingested", "same tables"), rows)
+    # the CPU every video costs bounds what concurrency can win on few cores
+    sample = next((work / "ingest_c1" / "raw").iterdir())
+
+    def probe_20_times():
+        for _ in range(20):
+            probe(sample)
+
+    _, probe_cpu = measure(probe_20_times)
+    cores = len(os.sched_getaffinity(0))
+    floor = results[1][1] / cores
+    print(f"\nprobe (ffprobe + first frame) alone: {probe_cpu / 20 * 1000:.0f} ms CPU per video; the "
+          f"{results[1][1]:.1f} CPU s of a run need at least {floor:.1f} s on {cores} cores, so at most "
+          f"{base_wall / floor:.1f}x over one at a time here")  # fmt: skip
 
 
 # --- split ---------------------------------------------------------------------------------
