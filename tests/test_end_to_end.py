@@ -139,7 +139,11 @@ def another_value(path: str, value, schema: dict):
     if leaf == "init":
         return None  # a later stage from scratch (a first one: see the caller)
     if value is None:
-        return 0.0 if ".filters." in path else 1 if "resources." in path or path.startswith("cluster.") else NON_NULL[path]
+        if ".filters." in path:
+            return 0.0
+        if "resources." in path or path.startswith("cluster."):
+            return 1
+        return NON_NULL.get(path, {"space_scale": 0.5, "grad_checkpointing": True}.get(leaf))
     if isinstance(value, bool):
         return not value
     enum = schema.get("enum")

@@ -28,6 +28,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from test_end_to_end import small_config
@@ -99,12 +100,11 @@ def slurm_config(workdir: Path) -> dict:
     """test_end_to_end's small config, smaller: one demo video (3 scenes, one shard), stage1 only."""
     config = small_config(workdir)
     (workdir / "manifest.csv").write_text("url,id,text\ndata/demo/cuts_a.mp4,cuts_a,\n")
-    # what the test cluster's nodes have (2 CPUs, 2 GPUs, a few GB); training runs as a chain of
-    # 1-minute jobs (cluster.max_runtime), each resuming the last
+    # what the test cluster's nodes have (2 CPUs, 2 GPUs, a few GB)
     config["stages"] = {"stage1": {**config["stages"]["stage1"], "steps": FIRST_STEPS,
-                                   "resources": {"cpus_per_gpu": 2, "mem_mb": 2000, "runtime": 3}}}  # fmt: skip
+                                   "resources": {"cpus_per_gpu": 2, "mem_mb": 2000, "runtime": 30}}}  # fmt: skip
     config["resources"] = {step: {"mem_mb": 2000} for step in ("caption", "encode_video", "encode_text", "sample")}
-    config["cluster"] = {"max_runtime": 1}
+    config["train"]["log_every"] = 10
     config["train"]["checkpoint_every"] = 25
     config["caption"]["max_new_tokens"] = 8
     config["diffusion"]["sample_steps"] = 2
@@ -153,9 +153,11 @@ def runs(cluster, tmp_path_factory) -> dict:
     # More steps for the same run: train_stage1 runs again (its params changed; its protected
     # final checkpoint removed first, as a user does), resumes at step FIRST_STEPS and is cut by
     # the 1-minute limit; the chain's next job resumes it and finishes.
-    rows = (workdir / "results" / "runs" / "stage1" / "loss.csv").read_text().splitlines()[1:]
-    (step0, _, t0), (step1, _, t1) = rows[0].split(","), rows[-1].split(",")
-    steps_per_second = (int(step1) - int(step0)) / (float(t1) - float(t0))
+    log = pd.read_csv(workdir / "results" / "runs" / "stage1" / "loss.csv")
+    steps_per_second = (log["step"].iloc[-1] - log["step"].iloc[1]) / (log["seconds"].iloc[-1] - log["seconds"].iloc[1])
+    # then a cluster whose jobs last a minute: the stage (3 minutes) runs as a chain of them
+    config["cluster"] = {"max_runtime": 1}
+    config["stages"]["stage1"]["resources"]["runtime"] = 3
     config["stages"]["stage1"]["steps"] = runs["total_steps"] = FIRST_STEPS + int(steps_per_second * PREEMPT_SECONDS)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     (workdir / layout.checkpoint("stage1")).unlink()

@@ -33,14 +33,13 @@ import pandas as pd
 import pytest
 import yaml
 from test_end_to_end import small_config
-from test_slurm import _why_no_cluster, seconds
+from test_slurm import _why_no_cluster, profile_for_test, seconds
 
 from soraflow.workflow import settings
 from soraflow.workflow.layout import Layout
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
-PROFILE = REPO / "profiles" / "slurm" / "config.v8+.yaml"
 PYTHON_BIN = str(Path(sys.executable).parent)
 
 # What the stage needs, as the config says it; Slurm must receive exactly this.
@@ -88,16 +87,6 @@ def two_node_config(workdir: Path) -> dict:
     config["train"].update(log_every=1, checkpoint_every=10_000, data_workers=0)
     config["caption"]["max_new_tokens"] = 8
     return config
-
-
-def profile_for_test(folder: Path) -> Path:
-    """profiles/slurm as it is, but for the partition file's path: relative to the repository,
-    where Snakemake runs in its --directory (the workdir) it would not be found."""
-    profile = yaml.safe_load(PROFILE.read_text())
-    profile["slurm-partition-config"] = str(REPO / profile["slurm-partition-config"])
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.v8+.yaml").write_text(yaml.safe_dump(profile))
-    return folder
 
 
 def run(cmd: list[str], what: str, cwd: Path | None = None) -> str:
