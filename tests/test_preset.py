@@ -231,3 +231,11 @@ def test_more_processes_than_gpus_is_refused_naming_the_stage():
     with pytest.raises(ResourceError, match="stages.hq_256: 16 training processes per node but only 8 GPUs"):
         train_job(config, "hq_256")
 
+
+
+def test_a_gpu_step_keeps_its_gpu_when_the_config_sets_only_its_memory():
+    from soraflow.workflow.resources import step_job
+
+    config = preset_config()
+    config["resources"]["sample"] = {"gpus": None, "cpus": None, "mem_mb": 2000, "runtime": None}
+    assert step_job(config, "sample")["gpu"] == 1 and "gpu" not in step_job(config, "split")

@@ -23,6 +23,7 @@ TIME_MARGIN = 1.25  # planned time is an estimate: jobs ask for a quarter more, 
 STARTUP_MINUTES = 10
 FAILURE_RETRIES = 2  # resubmissions for real failures (node loss, preemption), beyond a chain's links
 DEFAULT_MEM_MB, DEFAULT_RUNTIME = 2000, 60  # jobs without a model to size them by
+GPU_STEPS = {"caption", "encode_video", "encode_text", "sample"}  # a GPU each unless the config says otherwise
 
 
 def _minutes(hours: float) -> int:
@@ -61,6 +62,7 @@ def step_job(config: dict, step: str) -> dict:
     """A per-shard (or per stage and shard) job's Slurm resources."""
     resources = config["resources"][step]
     mem_mb, runtime = resources["mem_mb"], resources["runtime"]
+    gpus = resources["gpus"] if resources["gpus"] is not None else int(step in GPU_STEPS)
     # encode_video runs at every stage's size: the slowest one sizes the rule
     sized = min((p for p in plan.model_plans(config) if p.step.split()[0] == step),
                 key=lambda p: p.clips_per_gpu_hour, default=None)
@@ -70,10 +72,10 @@ def step_job(config: dict, step: str) -> dict:
         mem_mb = math.ceil(1.2 * 2 * parameters / 2**20) + PROCESS_OVERHEAD_MB if parameters else DEFAULT_MEM_MB
     if runtime is None:
         clips = config["data"]["shard_size"] * config["plan"]["clips_per_video"]
-        runtime = _minutes(clips / (sized.clips_per_gpu_hour * max(1, resources["gpus"]))) if sized else DEFAULT_RUNTIME
+        runtime = _minutes(clips / (sized.clips_per_gpu_hour * max(1, gpus))) if sized else DEFAULT_RUNTIME
     job = {"mem_mb": mem_mb, "runtime": runtime}
     if resources["cpus"]:  # else the rule's threads
         job["cpus_per_task"] = resources["cpus"]
-    if resources["gpus"]:
-        job["gpu"] = resources["gpus"]
+    if gpus:
+        job["gpu"] = gpus
     return job
