@@ -129,7 +129,7 @@ def leaves(config: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 
 NON_NULL = {"split.fps": 12.0, "split.shorter_side": 64, "score.aesthetic_model": "models/tiny-aesthetic",
-            "stdit.hidden_size": 64, "stdit.depth": 2, "stdit.num_heads": 2, "stdit.patch_size": [1, 2, 2],
+            "stdit.hidden_size": 96, "stdit.depth": 2, "stdit.num_heads": 2, "stdit.patch_size": [1, 2, 2],
             "stdit.attention": "full", "stdit.class_dropout_prob": 0.2, "vae.scaling_factor": 0.5}  # fmt: skip
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import json
 import random
-import shutil
 import string
 from pathlib import Path
 
