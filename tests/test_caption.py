@@ -79,7 +79,7 @@ def captions(path) -> dict[str, str]:
 def test_frame_indices():
     assert frame_indices(100, section("caption")["positions"]) == [20, 50, 80]
     assert frame_indices(10, [0.0, 1.0]) == [0, 9]
-    assert frame_indices(1) == [0, 0, 0]  # a one-frame clip still gives every position a frame
+    assert frame_indices(1, [0.2, 0.5, 0.8]) == [0, 0, 0]  # a one-frame clip still gives every position a frame
     with pytest.raises(ValueError, match="positions"):
         frame_indices(10, [1.5])
 
@@ -185,14 +185,14 @@ def test_existing_text_modes(clips, tiny_models, tmp_path):
 
 
 def test_empty_and_truncated_captions_are_rejected(clips, tiny_models, always_eos_model, tmp_path):
-    empty = run_shard(clips, tmp_path, "e", {**FAST, "model": always_eos_model, "min_new_tokens": 0})
+    empty = run_shard(clips, tmp_path, "e", section("caption", **FAST, model=always_eos_model, min_new_tokens=0))
     rejects = table.read(tmp_path / "e_rejects.parquet")
     assert empty["rejected"] == 6 and len(table.read(tmp_path / "e.parquet")) == 0
     assert set(rejects["reason"]) == {"empty caption"} and set(rejects["stage"]) == {"caption"}
     assert rejects.set_index("id").loc["clip0", "url"].startswith("file://")
 
     # min_new_tokens (default 1) keeps the same model from stopping at once
-    forced = run_shard(clips, tmp_path, "f", {**FAST, "model": always_eos_model})
+    forced = run_shard(clips, tmp_path, "f", section("caption", **FAST, model=always_eos_model))
     assert forced["rejected"] == 0 and all(captions(tmp_path / "f.parquet").values())
 
     # the random tiny model never emits EOS: every caption is cut off at max_new_tokens
@@ -207,7 +207,7 @@ def test_empty_and_truncated_captions_are_rejected(clips, tiny_models, always_eo
 def test_undecodable_clip_is_a_reject_row(tiny_models, tmp_path):
     table_path = make_clip_table(tmp_path, 2)
     (tmp_path / "clip1.mp4").write_bytes(b"not a video")
-    summary = run_shard(table_path, tmp_path, "out", {**FAST, "model": str(tiny_models["tiny-llava"])})
+    summary = run_shard(table_path, tmp_path, "out", section("caption", **FAST, model=str(tiny_models["tiny-llava"])))
     rejects = table.read(tmp_path / "out_rejects.parquet")
     assert summary["rejected"] == 1 and list(rejects["id"]) == ["clip1"]
     assert "clip1.mp4" in rejects["reason"][0]

@@ -116,7 +116,12 @@ def latent_layout(vae: dict) -> tuple[int, int]:
 
 
 def local_model_dir(ref: str) -> Path | None:
-    path = Path(resolve_model_ref(ref))
+    """The model's folder, or None for a hub id or a package not installed here (the job that
+    loads it says so; planning only loses its size)."""
+    try:
+        path = Path(resolve_model_ref(ref))
+    except ValueError:
+        return None
     return path if path.is_dir() else None
 
 
