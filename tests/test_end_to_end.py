@@ -195,7 +195,9 @@ def test_every_config_key_re_runs_exactly_what_it_declares(finished_run):
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = another_value(path, value, schema_node(schema(), path))
-        if path == "train.nproc_per_node":  # more processes need as many GPUs per node (operational too)
+        if path in ("train.nproc_per_node", "train.sp_size"):
+            # sequence parallelism needs as many processes, and each process a GPU (operational too)
+            config.setdefault("train", {})["nproc_per_node"] = node[leaf]
             for stage in config["stages"].values():
                 stage.setdefault("resources", {})["gpus_per_node"] = node[leaf]
         if leaf == "init" and value is None:  # a first stage starts from a PixArt-style .pth instead
