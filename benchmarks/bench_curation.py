@@ -5,7 +5,7 @@
 Three tables, each from variants run side by side (interleaved, best of --repeats) in one run:
 
 - ingest: 200 small videos (8 distinct 64x48 H.264 files, 4-6 kB) from an HTTP server on
-  127.0.0.1 that waits 200 ms before every answer, through `ingest_shard` (download, ffprobe,
+  127.0.0.1 that waits 200 ms before every answer, through `ingest_shard` (download, probe (PyAV),
   usability checks, tables), one at a time vs `ingest.concurrency` 8, 16, 32 (per_host set to
   the concurrency: the server is one host). Goal (issue 18): >= 10x videos/s at 16.
 - split: 16 synthetic videos (256x256, 24 fps, 3 scenes of 2 s) through `split_shard` with
@@ -51,7 +51,7 @@ from soraflow.workflow.settings import with_defaults
 REPO = Path(__file__).resolve().parents[1]
 LATENCY_S = 0.2
 SOURCES = ["testsrc2", "mandelbrot", "smptebars", "life", "testsrc", "rgbtestsrc", "cellauto", "rgbtestsrc"]
-INGEST = {"timeout_s": 30, "retries": 0, "max_bytes": 10**9}
+INGEST = {**with_defaults(yaml.safe_load((REPO / "workflow_config.yaml").read_text()))["ingest"], "retries": 0}
 
 
 def cpu_seconds() -> float:
@@ -156,7 +156,7 @@ def bench_ingest(work: Path, repeats: int, videos: int = 200) -> None:
     _, probe_cpu = measure(probe_20_times)
     cores = len(os.sched_getaffinity(0))
     floor = results[1][1] / cores
-    print(f"\nprobe (ffprobe + first frame) alone: {probe_cpu / 20 * 1000:.0f} ms CPU per video; the "
+    print(f"\nprobe (PyAV: open, first frame) alone: {probe_cpu / 20 * 1000:.0f} ms CPU per video; the "
           f"{results[1][1]:.1f} CPU s of a run need at least {floor:.1f} s on {cores} cores, so at most "
           f"{base_wall / floor:.1f}x over one at a time here")  # fmt: skip
 

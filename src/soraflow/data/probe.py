@@ -1,103 +1,89 @@
-"""Probe a video file with ffprobe (through ffmpeg-python): size, rate, length, rotation."""
+"""Probe a video file in-process with PyAV (libavformat): size, rate, length, rotation.
+
+In-process rather than an ffprobe subprocess: an ingest job probes every video of a shard, and
+starting ffprobe cost about 70 ms of CPU per video, which bounded a concurrent ingest.
+"""
 
 from __future__ import annotations
 
-from fractions import Fraction
 from pathlib import Path
 
 import av
-import ffmpeg
+import av.logging
 
 
 class ProbeError(Exception):
     """The file is not a usable video; the message names the file and the reason."""
 
 
-def _ffprobe(path: Path) -> dict:
+def _open(path: Path) -> av.container.InputContainer:
     if not path.is_file():
         raise ProbeError(f"{path}: file not found")
-    try:
-        return ffmpeg.probe(str(path), v="error")
-    except ffmpeg.Error as error:
-        # ffprobe prefixes its lines with "[demuxer @ 0x...]" or the path; keep just the messages
-        lines = (error.stderr or b"").decode(errors="replace").strip().splitlines()
-        messages = [line.split("] ", 1)[-1].removeprefix(f"{path}: ") for line in lines if line.strip()]
-        raise ProbeError(f"{path}: ffprobe cannot read it: {'; '.join(messages) or 'unknown error'}") from None
+    if path.stat().st_size == 0:
+        raise ProbeError(f"{path}: cannot read it: empty file")
+    if av.logging.get_level() is None:  # libav's messages ("moov atom not found") reach Python only when set
+        av.logging.set_level(av.logging.ERROR)
+    with av.logging.Capture() as logs:  # this thread's messages only: ingest probes in many threads
+        try:
+            return av.open(str(path))
+        except av.FFmpegError as error:
+            details = [message.strip() for _, _, message in logs if message.strip()]
+            raise ProbeError(f"{path}: cannot read it: {'; '.join(details or [error.strerror])}") from None
 
 
-def _video_stream(info: dict, path: Path) -> dict:
+def _video_stream(container: av.container.InputContainer, path: Path) -> av.video.stream.VideoStream:
     # cover art in audio files shows up as a one-picture video stream: not a video
-    streams = [
-        s
-        for s in info.get("streams", [])
-        if s.get("codec_type") == "video" and not s.get("disposition", {}).get("attached_pic")
-    ]
+    streams = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
     if not streams:
-        kinds = sorted({s.get("codec_type", "?") for s in info.get("streams", [])})
+        kinds = sorted({s.type for s in container.streams})
         raise ProbeError(f"{path}: no video stream (streams: {', '.join(kinds) or 'none'})")
     return streams[0]
 
 
-def _rate(text: str | None) -> float:
-    """'30000/1001' -> 29.97; '0/0', '', None -> 0.0."""
-    try:
-        return float(Fraction(text))
-    except (TypeError, ValueError, ZeroDivisionError):
-        return 0.0
-
-
-def _rotation(stream: dict) -> int:
-    """Clockwise degrees a player turns the picture, in {0, 90, 180, 270}."""
-    for side_data in stream.get("side_data_list", []):
-        if "rotation" in side_data:
-            # the display matrix angle is counter-clockwise
-            return round(-float(side_data["rotation"])) % 360
-    return round(float(stream.get("tags", {}).get("rotate", 0))) % 360
-
-
-def _count_decodable_frames(path: Path, limit: int | None = None) -> int:
-    """Frames the decoder yields, stopping at `limit`; a decoder failure is a ProbeError."""
-    count = 0
-    try:
-        with av.open(str(path)) as container:
-            for _ in container.decode(video=0):
-                count += 1
-                if limit is not None and count >= limit:
-                    break
-    except av.FFmpegError as error:
-        if count == 0:
-            raise ProbeError(f"{path}: undecodable video: {error}") from None
-    return count
+def frame_rate(average: float, base: float, num_frames: int, duration_s: float) -> float:
+    """The average rate; else the stream's base rate (a guess from its timestamps); else frames
+    over duration; else 0.0."""
+    return average or base or (num_frames / duration_s if duration_s > 0 else 0.0)
 
 
 def probe(path: str | Path) -> dict:
     """duration_s, fps, num_frames, width, height (as displayed), codec, rotation of a video.
 
     num_frames is the container's frame count when it has one, else counted by decoding;
-    the first frame is always decoded, so a file whose frames cannot be decoded raises.
+    the first frame is always decoded (it carries the rotation), so a file whose frames cannot
+    be decoded raises.
     """
     path = Path(path)
-    info = _ffprobe(path)
-    stream = _video_stream(info, path)
-    rotation = _rotation(stream)
-    width, height = int(stream.get("width") or 0), int(stream.get("height") or 0)
-    if rotation in (90, 270):
-        width, height = height, width
-    duration_s = _rate(stream.get("duration")) or _rate(info.get("format", {}).get("duration"))
-    declared_frames = int(stream.get("nb_frames") or 0)
-    if declared_frames > 0:
-        num_frames = declared_frames if _count_decodable_frames(path, limit=1) else 0
-    else:
-        num_frames = _count_decodable_frames(path)
-    fps = _rate(stream.get("avg_frame_rate")) or _rate(stream.get("r_frame_rate"))
-    if not fps and duration_s > 0:
-        fps = num_frames / duration_s
-    return {
-        "duration_s": duration_s,
-        "fps": fps,
-        "num_frames": num_frames,
-        "width": width,
-        "height": height,
-        "codec": stream.get("codec_name"),
-        "rotation": rotation,
-    }
+    with _open(path) as container:
+        stream = _video_stream(container, path)
+        frames = container.decode(stream)
+        try:
+            first = next(frames)
+        except (StopIteration, av.FFmpegError) as error:
+            raise ProbeError(f"{path}: undecodable video: {error or 'no frames'}") from None
+        num_frames = stream.frames
+        if num_frames <= 0:  # Matroska and some streams declare no count
+            num_frames = 1
+            try:
+                num_frames += sum(1 for _ in frames)
+            except av.FFmpegError:
+                pass  # a damaged tail: the frames before it count
+        # the display matrix angle is counter-clockwise; players turn the picture clockwise
+        rotation = round(-first.rotation) % 360
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if rotation in (90, 270):
+            width, height = height, width
+        if stream.duration is not None:
+            duration_s = float(stream.duration * stream.time_base)
+        else:
+            duration_s = (container.duration or 0) / av.time_base
+        fps = frame_rate(float(stream.average_rate or 0), float(stream.base_rate or 0), num_frames, duration_s)
+        return {
+            "duration_s": duration_s,
+            "fps": fps,
+            "num_frames": num_frames,
+            "width": width,
+            "height": height,
+            "codec": stream.codec_context.name,
+            "rotation": rotation,
+        }
