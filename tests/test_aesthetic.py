@@ -8,6 +8,7 @@ import shutil
 import pandas as pd
 import pytest
 import torch
+from conftest import section
 
 from soraflow.data import table
 from soraflow.data.ingest import ingest_shard
@@ -119,7 +120,7 @@ def test_score_fills_aes_and_min_aes_filters_on_it(tmp_path, tiny_aes, synthetic
     shard = tmp_path / "shard.parquet"
     table.write(pd.DataFrame({"id": ["cuts"], "video_id": ["cuts"], "url": [str(synthetic_cut_video["path"])]}), shard)
     ingest_shard(shard, tmp_path / "raw", tmp_path / "videos.parquet", tmp_path / "ir.parquet",
-                 {"timeout_s": 5, "retries": 0, "max_bytes": 10**8})  # fmt: skip
+                 section("ingest", retries=0))  # fmt: skip
     split_shard(tmp_path / "videos.parquet", tmp_path / "clips", tmp_path / "clips.parquet", tmp_path / "sr.parquet", SPLIT)
     out = tmp_path / "scored.parquet"
     score_shard(tmp_path / "clips.parquet", out, {"aesthetic_model": str(tiny_aes)})

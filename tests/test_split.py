@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import section
 
 from soraflow.data import table
 from soraflow.data.ingest import ingest_shard
@@ -30,7 +31,7 @@ def ingest(tmp_path, videos: dict) -> "Path":
     ids = list(videos)
     table.write(pd.DataFrame({"id": ids, "video_id": ids, "url": [str(p) for p in videos.values()]}), shard)
     out = tmp_path / "videos.parquet"
-    ingest_shard(shard, tmp_path / "raw", out, tmp_path / "ingest_rejects.parquet", {"timeout_s": 5, "retries": 0, "max_bytes": 10**8})
+    ingest_shard(shard, tmp_path / "raw", out, tmp_path / "ingest_rejects.parquet", section("ingest", retries=0))
     assert table.read(tmp_path / "ingest_rejects.parquet").empty
     return out
 
@@ -251,7 +252,7 @@ def test_drop_raw_deletes_raw_files_once_split_never_a_source(tmp_path, syntheti
     shard = tmp_path / "shard.parquet"
     table.write(pd.DataFrame({"id": ["cuts"], "video_id": ["cuts"], "url": [str(source)]}), shard)
     videos, raw = tmp_path / "videos.parquet", tmp_path / "raw"
-    params = {"timeout_s": 5, "retries": 0, "max_bytes": 10**8, "local_sources": local_sources}
+    params = section("ingest", retries=0, local_sources=local_sources)
     ingest_shard(shard, raw, videos, tmp_path / "ingest_rejects.parquet", params)
     out = tmp_path / "clips.parquet"
     split_shard(videos, tmp_path / "clips", out, tmp_path / "rejects.parquet", PARAMS, drop_raw_in=raw)

@@ -34,14 +34,7 @@ from soraflow.data import table
 from soraflow.data.manifest import is_remote, resolve_url
 from soraflow.data.probe import ProbeError, probe
 
-DEFAULT_MAX_SIDE = 4096  # larger frames are almost always broken metadata or unusable for training
-DEFAULT_BACKOFF_S = 1.0
-DEFAULT_CONCURRENCY = 16
-DEFAULT_PER_HOST = 8
-DEFAULT_LOCAL_SOURCES = "link"
 LOCAL_SOURCES = ("link", "in_place", "copy")
-# pages, not files: their video is fetched with yt-dlp (the optional `video-sites` extra)
-DEFAULT_VIDEO_SITES = ("youtube.com", "youtu.be", "vimeo.com", "dailymotion.com", "bilibili.com", "tiktok.com")
 RETRY_STATUSES = frozenset({429, *range(500, 600)})
 CHUNK_BYTES = 1 << 20
 EXTENSION_PATTERN = re.compile(r"^\.[A-Za-z0-9]{1,5}$")
@@ -81,7 +74,7 @@ def http_retry(params: dict) -> Retry:
         total=int(params["retries"]),
         status_forcelist=RETRY_STATUSES,
         allowed_methods={"GET"},
-        backoff_factor=float(params.get("backoff_s", DEFAULT_BACKOFF_S)),
+        backoff_factor=float(params["backoff_s"]),
         raise_on_status=False,  # the last error response comes back, so the reject names its status
     )
 
@@ -91,7 +84,7 @@ def http_session(params: dict) -> requests.Session:
     thread-safe); each host's pool keeps a connection per worker for reuse."""
     session = requests.Session()
     adapter = HTTPAdapter(
-        max_retries=http_retry(params), pool_maxsize=int(params.get("concurrency", DEFAULT_CONCURRENCY))
+        max_retries=http_retry(params), pool_maxsize=int(params["concurrency"])
     )
     session.mount("http://", adapter)
     session.mount("https://", adapter)
@@ -182,7 +175,7 @@ def _download(session: requests.Session, url: str, dest: Path, params: dict) -> 
 
 def is_video_site(url: str, params: dict) -> bool:
     host = (urlsplit(url).hostname or "").lower()
-    sites = params.get("video_sites", DEFAULT_VIDEO_SITES)
+    sites = params["video_sites"]
     return any(host == site or host.endswith("." + site) for site in sites)
 
 
@@ -261,7 +254,7 @@ class HostSlots:
 
 
 def local_sources_mode(params: dict) -> str:
-    mode = params.get("local_sources", DEFAULT_LOCAL_SOURCES)
+    mode = params["local_sources"]
     if mode not in LOCAL_SOURCES:
         raise ValueError(f"ingest.local_sources must be one of {', '.join(LOCAL_SOURCES)}, got {mode!r}")
     return mode
@@ -317,9 +310,9 @@ def ingest_video(
         with slots(url):
             path = fetch(url, dest, params, session, sha256 if isinstance(sha256, str) else None)
         info = probe(path)
-        check_usable(info, int(params.get("max_side", DEFAULT_MAX_SIDE)))
+        check_usable(info, int(params["max_side"]))
     except (FetchError, ProbeError, UnusableVideo) as error:
-        if not params.get("keep_raw", True):
+        if not params["keep_raw"]:
             for leftover in (dest, dest.with_name(dest.name + ".part")):  # never a source: both lie in raw_dir
                 leftover.unlink(missing_ok=True)
         return None, {"id": record["id"], "url": url, "stage": "ingest", "reason": str(error)}, 0
@@ -359,8 +352,8 @@ def ingest_shard(
     raw_dir = Path(raw_dir)
     raw_dir.mkdir(parents=True, exist_ok=True)
     records = table.read(shard_table).to_dict("records")
-    slots = HostSlots(int(params.get("per_host", DEFAULT_PER_HOST)))
-    workers = max(1, min(int(params.get("concurrency", DEFAULT_CONCURRENCY)), len(records)))
+    slots = HostSlots(int(params["per_host"]))
+    workers = max(1, min(int(params["concurrency"]), len(records)))
     with (
         http_session(params) as session,
         ThreadPoolExecutor(workers, thread_name_prefix="ingest") as pool,
