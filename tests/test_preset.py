@@ -140,6 +140,8 @@ def planned_resources(plan: str) -> dict[str, dict]:
         if rule and line:
             text = re.sub(r"operational=\{.*\}(, )?", "", line.group(1))
             found[rule.group(1)] = {k: int(v) if v.isdigit() else v for k, v in re.findall(r"(\w+)=([^,]+)", text)}
+            threads = re.search(r"^\s+threads: (\d+)$", block, flags=re.MULTILINE)
+            found[rule.group(1)]["threads"] = int(threads.group(1)) if threads else 1
     return found
 
 
@@ -171,7 +173,8 @@ def sbatch_command(rule: str, resources: dict, partitions: Path, threads: int = 
 def test_slurm_receives_what_each_gpu_job_needs(tmp_path):
     partitions = tmp_path / "partitions.yaml"
     partitions.write_text(yaml.safe_dump(CLUSTER_PARTITIONS))
-    plan = dry_run(tmp_path, "--profile", str(PROFILE), "--forceall")
+    # a dry run holds each job's threads to --cores (1 unless given); a Slurm submission does not
+    plan = dry_run(tmp_path, "--profile", str(PROFILE), "--forceall", "--cores", "1024")
     planned = planned_resources(plan)
     limit = preset_config()["cluster"]["max_runtime"]
     chain_minutes = {}
@@ -201,8 +204,11 @@ def test_slurm_receives_what_each_gpu_job_needs(tmp_path):
         call = sbatch_command(rule, planned[rule], partitions)
         print(f"{rule}: {call}")
         assert "--gpus=1" in call and "-p gpu" in call, call
-    split = sbatch_command("split", planned["split"], partitions)
+    split = sbatch_command("split", planned["split"], partitions, threads=planned["split"]["threads"])
+    print(f"split: {split}")
     assert "-p cpu" in split and "--gpus" not in split, split
+    # a split job's cores are its worker threads (split.threads), none left idle and none shared
+    assert f"--cpus-per-task={preset_config()['split']['threads']}" in split, split
 
 
 def planned_retries(stage: str) -> int:
