@@ -44,21 +44,31 @@ def environment() -> dict:
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
 
 
-def running_jobs(pid: int) -> list[int]:
-    """The `soraflow` processes Snakemake is running (its jobs' commands)."""
-    out = subprocess.run(["ps", "-eo", "pid,pgid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines()[1:]
-            if int(line.split()[1]) == pid and "soraflow" in line and "snakemake" not in line]  # fmt: skip
+def running_jobs(pid: int) -> dict[int, str]:
+    """The `soraflow` processes Snakemake is running (its jobs' commands): pid -> subcommand."""
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,pgid,args"], capture_output=True, text=True).stdout
+    jobs = {}
+    for line in out.splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1]) == pid and "soraflow" in line and "snakemake" not in line:
+            words = fields[2:]
+            command = next((words[i + 1] for i, w in enumerate(words[:-1]) if w.endswith("soraflow")), "?")
+            jobs[int(fields[0])] = command
+    return jobs
 
 
-def chaotic_run(workdir: Path, rng: random.Random, longest_s: float) -> list[str]:
-    """Start the workflow, kill something at a random moment (at most `longest_s` in), KILLS
-    times; then let it finish."""
-    kills = []
+def chaotic_run(workdir: Path, rng: random.Random, clean_seconds: float) -> list[str]:
+    """Start the workflow and kill something, KILLS times, at moments drawn over the first 80% of
+    a clean run's time (so kills land in every part of the DAG, training included, and the run
+    cannot have finished before the last one: a restart never gets ahead of the clock); then
+    let it finish."""
+    moments = sorted(rng.uniform(0, 0.8 * clean_seconds) for _ in range(KILLS))
+    waits = [max(2.0, b - a) for a, b in zip([0.0, *moments], moments)]
+    kills, started = [], time.time()
     while len(kills) < KILLS:
         process = subprocess.Popen(snakemake_command(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                                    env=environment(), start_new_session=True)  # fmt: skip
-        deadline = time.time() + rng.uniform(2, longest_s)
+        deadline = time.time() + waits[len(kills)]
         while time.time() < deadline and process.poll() is None:
             time.sleep(0.2)
         if process.poll() is not None:  # finished (or stopped after a killed job) before its kill
@@ -66,15 +76,16 @@ def chaotic_run(workdir: Path, rng: random.Random, longest_s: float) -> list[str
                 break
             continue
         jobs = running_jobs(process.pid)
+        at = f"{time.time() - started:.0f} s"
         if jobs and rng.random() < 0.5:
-            victim = rng.choice(jobs)
+            victim = rng.choice(sorted(jobs))
             os.kill(victim, signal.SIGKILL)
-            kills.append(f"job {victim} at {time.strftime('%X')}")
+            kills.append(f"job `soraflow {jobs[victim]}` at {at}")
             process.wait(timeout=600)
         else:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-            kills.append(f"snakemake and its jobs at {time.strftime('%X')}")
+            kills.append(f"snakemake and its jobs ({', '.join(sorted(jobs.values())) or 'none'}) at {at}")
             subprocess.run(snakemake_command(workdir, "--unlock"), env=environment(), check=True, capture_output=True)
     final = subprocess.run(snakemake_command(workdir), capture_output=True, text=True, env=environment(), timeout=1500)
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
@@ -108,10 +119,9 @@ def test_a_run_killed_at_random_ends_equal_to_a_clean_run(tmp_path):
     started = time.time()
     run_snakemake(runs["clean"][0])
     clean_seconds = time.time() - started
-    # no attempt gets more than a sixth of a clean run's time, so five kills cannot miss the end
-    kills = chaotic_run(runs["chaos"][0], rng, longest_s=max(3.0, clean_seconds / (KILLS + 1)))
+    kills = chaotic_run(runs["chaos"][0], rng, clean_seconds)
     print(f"clean run {clean_seconds:.0f} s; chaos run {time.time() - started - clean_seconds:.0f} s, "
-          f"{len(kills)} kills: {kills}")  # fmt: skip
+          f"{len(kills)} kills:\n  " + "\n  ".join(kills))  # fmt: skip
     assert len(kills) >= KILLS
 
     (clean, layout), (chaos, _) = runs["clean"], runs["chaos"]
