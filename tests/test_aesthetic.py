@@ -27,7 +27,7 @@ from soraflow.scoring.filters import apply_filters
 from soraflow.scoring.shard import score_shard
 
 SPLIT = {"detector": "content", "threshold": 27.0, "min_scene_frames": 15, "min_seconds": 0.5, "max_seconds": 5.0,
-         "fps": None, "shorter_side": None}  # fmt: skip
+         "fps": None, "shorter_side": None, "threads": 1}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ PARAMS = {
     "max_seconds": 5.0,
     "fps": None,
     "shorter_side": None,
+    "threads": 1,
 }
 
 

@@ -308,7 +308,7 @@ def split_shard(
     params: detector (content|adaptive), threshold (ContentDetector's threshold, ~27, or
     AdaptiveDetector's adaptive_threshold, ~3), min_scene_frames, min_seconds, max_seconds,
     fps (None keeps the source rate), shorter_side (None keeps the size; never upscales);
-    threads (1): videos split at once, each worker's decoders sharing the job's threads.
+    threads: videos split at once, each worker's decoders sharing the job's threads.
     Scores (motion, aesthetics) are the score step's (soraflow.scoring.shard).
     With drop_raw_in, the videos' raw files in that folder are deleted once both tables are written.
     """
@@ -316,7 +316,7 @@ def split_shard(
     clip_dir = Path(clip_dir)
     clip_dir.mkdir(parents=True, exist_ok=True)
     videos = table.read(table_path).to_dict("records")
-    threads = int(params.get("threads", 1))
+    threads = int(params["threads"])
     workers = max(1, min(threads, len(videos)))
     with ThreadPoolExecutor(workers, thread_name_prefix="split") as pool, ShardProgress(len(videos), "split") as bar:
         futures = {pool.submit(_split_or_reject, video, clip_dir, params, max(1, threads // workers)): video for video in videos}
