@@ -24,6 +24,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import ffmpeg
 import numpy as np
 import pandas as pd
 from av.video.reformatter import VideoReformatter
@@ -164,24 +165,18 @@ def _cut_command(
     output depends on its thread count: a clip's bytes never depend on the job's threads or
     the machine's cores."""
     # ffmpeg autorotates by default: frames reach the graph upright, outputs carry no rotation
-    chains, outputs = [], []
+    branches = ffmpeg.input(str(source), threads=threads).video.split()
+    outputs = []
     for k, (start, end, duration_s, out_path) in enumerate(clips):
-        steps = [f"trim=start_frame={start}:end_frame={end}", "setpts=PTS-STARTPTS"]
+        clip = branches[k].trim(start_frame=start, end_frame=end).setpts("PTS-STARTPTS")
         if fps:
             # fps pads up to the source's end, so trim its output back to the clip's length
-            steps += [f"fps={fps}", f"trim=end={duration_s:.6f}"]
-        steps += [f"scale={size[0]}:{size[1]}:flags=area", "setsar=1", "format=yuv420p"]
-        chains.append(f"[in{k}]{','.join(steps)}[out{k}]")
-        outputs += [
-            "-map", f"[out{k}]", "-an", "-fps_mode", "passthrough",
-            "-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-threads", "1", "-f", "mp4", str(out_path),
-        ]  # fmt: skip
-    splitter = f"[0:v]split={len(clips)}" + "".join(f"[in{k}]" for k in range(len(clips)))
-    graph = ";".join([splitter, *chains])
-    return [
-        "ffmpeg", "-nostdin", "-v", "error", "-y", "-threads", str(threads), "-i", str(source),
-        "-filter_complex_threads", str(threads), "-filter_complex", graph, *outputs,
-    ]  # fmt: skip
+            clip = clip.filter("fps", fps).trim(end=f"{duration_s:.6f}")
+        clip = clip.filter("scale", size[0], size[1], flags="area").filter("setsar", 1).filter("format", "yuv420p")
+        outputs.append(clip.output(str(out_path), an=None, fps_mode="passthrough", vcodec="libx264",
+                                   preset="veryfast", crf=18, threads=1, f="mp4"))  # fmt: skip
+    command = ffmpeg.merge_outputs(*outputs).global_args("-nostdin", "-v", "error", "-filter_complex_threads", str(threads))
+    return command.overwrite_output().compile()
 
 
 def _cut(
