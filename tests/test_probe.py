@@ -82,13 +82,15 @@ def test_cover_art_alone_is_not_a_video(tmp_path):
         probe(song)
 
 
-def test_a_probe_reads_no_other_threads_messages(bad_videos):
-    """ingest probes many files at once: each error names its own file's reason."""
-    names = ["truncated", "zero_byte", "text", "good"] * 8
+def test_each_probe_names_its_own_files_reason_in_any_thread(bad_videos):
+    """ingest probes many files at once, and many fail alike: each error names its own file's
+    reason, never another thread's, and a repeated reason is not swallowed."""
+    expected = {"truncated": "moov atom not found", "zero_byte": "empty file", "text": "cannot read it", "good": "12"}
+    names = list(expected) * 8
     with ThreadPoolExecutor(8) as pool:
         outcomes = list(pool.map(outcome, [bad_videos[name] for name in names]))
     for name, result in zip(names, outcomes):
-        assert result == outcome(bad_videos[name]), name
+        assert expected[name] in result and (name == "good" or str(bad_videos[name]) in result), (name, result)
 
 
 def outcome(path) -> str:

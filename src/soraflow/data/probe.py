@@ -21,8 +21,11 @@ def _open(path: Path) -> av.container.InputContainer:
         raise ProbeError(f"{path}: file not found")
     if path.stat().st_size == 0:
         raise ProbeError(f"{path}: cannot read it: empty file")
-    if av.logging.get_level() is None:  # libav's messages ("moov atom not found") reach Python only when set
+    # libav's own reasons ("moov atom not found") reach Python only with a level set, and every
+    # file's only when repeats are not skipped (many files of a shard fail alike)
+    if av.logging.get_level() is None:
         av.logging.set_level(av.logging.ERROR)
+    av.logging.set_skip_repeated(False)
     with av.logging.Capture() as logs:  # this thread's messages only: ingest probes in many threads
         try:
             return av.open(str(path))
