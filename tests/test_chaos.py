@@ -59,9 +59,9 @@ def running_jobs(pid: int) -> dict[int, str]:
 
 def chaotic_run(workdir: Path, rng: random.Random, clean_seconds: float) -> list[str]:
     """Start the workflow and kill something, KILLS times, at moments drawn over the first 80% of
-    a clean run's time (so kills land in every part of the DAG, training included, and the run
-    cannot have finished before the last one: a restart never gets ahead of the clock); then
-    let it finish."""
+    a clean run's time (so any step can be hit, though restarts cost time and make the late ones,
+    training and sampling, the least often hit; and the run cannot have finished before the last
+    kill: a restart never gets ahead of the clock); then let it finish."""
     moments = sorted(rng.uniform(0, 0.8 * clean_seconds) for _ in range(KILLS))
     waits = [max(2.0, b - a) for a, b in zip([0.0, *moments], moments)]
     kills, started = [], time.time()
