@@ -98,3 +98,18 @@ def outcome(path) -> str:
         return str(probe(path)["num_frames"])
     except ProbeError as error:
         return str(error)
+
+
+def test_a_split_after_probing_decodes_with_libav_logging_off_again(bad_videos, synthetic_cut_video):
+    """Probing installs libav's Python log callback only while it reads; left installed, freeing
+    split's frame-threaded decoder early (a detector error) deadlocked the process."""
+    import av.logging
+
+    from soraflow.data.split import detect_scenes
+
+    with pytest.raises(ProbeError):
+        probe(bad_videos["truncated"])
+    probe(synthetic_cut_video["path"])
+    assert av.logging.get_level() is None
+    scenes, _ = detect_scenes(synthetic_cut_video["path"], {"detector": "content", "threshold": 27.0, "min_scene_frames": 5})
+    assert len(scenes) >= 2

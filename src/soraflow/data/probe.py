@@ -6,6 +6,8 @@ starting ffprobe cost about 70 ms of CPU per video, which bounded a concurrent i
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import av
@@ -21,17 +23,38 @@ def _open(path: Path) -> av.container.InputContainer:
         raise ProbeError(f"{path}: file not found")
     if path.stat().st_size == 0:
         raise ProbeError(f"{path}: cannot read it: empty file")
-    # libav's own reasons ("moov atom not found") reach Python only with a level set, and every
-    # file's only when repeats are not skipped (many files of a shard fail alike)
-    if av.logging.get_level() is None:
-        av.logging.set_level(av.logging.ERROR)
-    av.logging.set_skip_repeated(False)
-    with av.logging.Capture() as logs:  # this thread's messages only: ingest probes in many threads
+    with _libav_messages() as logs:
         try:
             return av.open(str(path))
         except av.FFmpegError as error:
             details = [message.strip() for _, _, message in logs if message.strip()]
             raise ProbeError(f"{path}: cannot read it: {'; '.join(details or [error.strerror])}") from None
+
+
+_capturing = 0
+_capturing_lock = threading.Lock()
+
+
+@contextmanager
+def _libav_messages():
+    """libav's messages to this thread while open (ingest probes in many threads). libav's own
+    reasons ("moov atom not found") reach Python only while its log callback is installed, and
+    every file's only when repeats are not skipped. The callback is removed again once no thread
+    captures: left installed, freeing a frame-threaded decoder (split's) can deadlock on the GIL."""
+    global _capturing
+    with _capturing_lock:
+        if _capturing == 0:
+            av.logging.set_level(av.logging.ERROR)
+            av.logging.set_skip_repeated(False)
+        _capturing += 1
+    try:
+        with av.logging.Capture() as logs:
+            yield logs
+    finally:
+        with _capturing_lock:
+            _capturing -= 1
+            if _capturing == 0:
+                av.logging.set_level(None)
 
 
 def _video_stream(container: av.container.InputContainer, path: Path) -> av.video.stream.VideoStream:
