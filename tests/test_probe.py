@@ -100,16 +100,21 @@ def outcome(path) -> str:
         return str(error)
 
 
-def test_a_split_after_probing_decodes_with_libav_logging_off_again(bad_videos, synthetic_cut_video):
+def test_a_split_stopped_early_after_probing_does_not_hang(bad_videos, synthetic_cut_video, monkeypatch):
     """Probing installs libav's Python log callback only while it reads; left installed, freeing
     split's frame-threaded decoder early (a detector error) deadlocked the process."""
     import av.logging
 
-    from soraflow.data.split import detect_scenes
+    import soraflow.data.split
+
+    class Broken:
+        def process_frame(self, *args):
+            raise RuntimeError("detector broke")
 
     with pytest.raises(ProbeError):
         probe(bad_videos["truncated"])
     probe(synthetic_cut_video["path"])
     assert av.logging.get_level() is None
-    scenes, _ = detect_scenes(synthetic_cut_video["path"], {"detector": "content", "threshold": 27.0, "min_scene_frames": 5})
-    assert len(scenes) >= 2
+    monkeypatch.setattr(soraflow.data.split, "_detector", lambda params: Broken())
+    with pytest.raises(RuntimeError, match="detector broke"):
+        soraflow.data.split.detect_scenes(synthetic_cut_video["path"], {})
