@@ -46,7 +46,8 @@ from soraflow.training.checkpoint import (
     weights_digest,
 )
 from soraflow.training.dataset import LatentDataset, StepBatches, TrainingSamples
-from soraflow.training.engines import ENGINES, compute_dtype
+from soraflow.training.engines import load_engine
+from soraflow.training.engines.base import compute_dtype
 from soraflow.training.identity import digest, identity_parts, what_changed
 
 
@@ -93,9 +94,7 @@ class Trainer:
             raise ValueError(f"batch_size {self.stage['batch_size']} (samples per step) does not split over "
                              f"{self.dp_size} data-parallel ranks ({self.world} processes / train.sp_size)")
         engine_name = self.opts["engine"] if self.world > 1 else "single"
-        if engine_name not in ENGINES:
-            raise ValueError(f"train.engine: unknown engine {engine_name!r} (choose from {sorted(ENGINES)})")
-        self.engine = ENGINES[engine_name](self.rank, self.world, self.device, self.opts)
+        self.engine = load_engine(engine_name)(self.rank, self.world, self.device, self.opts)
         use_bf16 = compute_dtype(self.opts["mixed_precision"], self.device) == torch.bfloat16
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 

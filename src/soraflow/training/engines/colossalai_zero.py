@@ -1,7 +1,7 @@
 """The colossalai engine: ColossalAI's LowLevelZeroPlugin (ZeRO-1/2), Open-Sora 1.0's engine.
 
-Imported only when `train.engine: colossalai` is chosen (soraflow.training.engines), and only
-in the environment that has colossalai (envs/colossalai.txt: colossalai 0.5.0 pins torch 2.5.1).
+Imported only when `train.engine: colossalai` is chosen (load_engine in soraflow.training.engines),
+and only in the environment that has colossalai (envs/colossalai.txt: colossalai 0.5.0 pins torch 2.5.1).
 
 The booster wraps the model and the torch AdamW the trainer builds. Under ZeRO every rank
 keeps the full working weights (fp32, or bf16 when `train.mixed_precision` says so) and the
@@ -28,7 +28,7 @@ from colossalai.booster import Booster
 from colossalai.booster.plugin import LowLevelZeroPlugin
 
 from soraflow.training.checkpoint import check_fit, saved
-from soraflow.training.engines import Engine, compute_dtype
+from soraflow.training.engines.base import Engine, compute_dtype
 
 PLUGIN_PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 

@@ -1,24 +1,15 @@
-"""Engines (`train.engine`): how the model is spread over the training processes.
-
-    single      one process: the module itself
-    ddp         DistributedDataParallel: a full replica per rank, gradients all-reduced
-    fsdp        FSDP2: `fully_shard` on every STDiT block, then on the root; parameters,
-                gradients and optimizer state are sharded (DTensor) over the ranks
-    colossalai  ColossalAI's LowLevelZeroPlugin (ZeRO-1/2, Open-Sora 1.0's engine), in an
-                environment of its own (soraflow.training.colossalai_engine)
+"""The engine interface, and the single-process engine that implements it for a plain module.
 
 The trainer talks to an engine only through the methods of `Engine`: it wraps the model and
 builds the optimizer (`wrap`), steps (`update`), and moves states across the seam in full and
 by parameter name (`model_state`, `optimizer_state` and their loads; `weights`, `gather` and
 `scatter` for the EMA). For a plain module, DDP and FSDP those go through torch's
 `torch.distributed.checkpoint.state_dict` API, so a checkpoint written by one engine resumes
-under another and the file format never depends on the engine. The colossalai engine lives in
-another environment (colossalai pins torch 2.5.1) and is imported only when chosen.
+under another and the file format never depends on the engine. The engines (ddp, fsdp,
+colossalai_zero) build on this module, which imports none of them.
 """
 
 from __future__ import annotations
-
-import sys
 
 import torch
 from torch.distributed.checkpoint.state_dict import (
@@ -28,7 +19,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.nn.parallel import DistributedDataParallel
 
 from soraflow.training.checkpoint import check_fit, saved
 
@@ -104,61 +94,3 @@ class Engine:
 
     def like(self, full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         return full.to(ref.device, ref.dtype)
-
-
-class DDPEngine(Engine):
-    """A full replica per rank; DistributedDataParallel averages the gradients."""
-
-    name = "ddp"
-
-    def wrap(self, model, make_optimizer):
-        if self.world == 1:
-            return model, make_optimizer(model.parameters())
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids), make_optimizer(model.parameters())
-
-
-class FSDPEngine(Engine):
-    """FSDP2: each STDiT block is one shard unit (all-gathered for its forward), then the root."""
-
-    name = "fsdp"
-
-    def wrap(self, model, make_optimizer):
-        try:
-            from torch.distributed.fsdp import fully_shard
-        except ImportError:  # torch < 2.6 (the colossalai environment's 2.5.1)
-            from torch.distributed._composable.fsdp import fully_shard
-
-        if self.world > 1:
-            for block in model.blocks:
-                fully_shard(block)
-            fully_shard(model)
-        return model, make_optimizer(model.parameters())  # the sharded (DTensor) parameters
-
-    def full_tensor(self, t):
-        from torch.distributed.tensor import DTensor
-
-        return (t.full_tensor() if isinstance(t, DTensor) else t).detach()
-
-    def like(self, full, ref):
-        from torch.distributed.tensor import DTensor, distribute_tensor
-
-        if isinstance(ref, DTensor):
-            return distribute_tensor(full.to(ref.device, ref.dtype), ref.device_mesh, ref.placements)
-        return full.to(ref.device, ref.dtype)
-
-
-def colossalai_engine(rank: int, world: int, device: torch.device, opts: dict) -> Engine:
-    """The colossalai engine, imported only when chosen: colossalai lives in its own environment."""
-    try:
-        from soraflow.training.colossalai_engine import ColossalAIEngine
-    except ImportError as missing:
-        raise RuntimeError(
-            f"train.engine colossalai: {missing} in this environment ({sys.executable}). It trains in an "
-            "environment of its own: `make .venv-colossalai/.installed` (envs/colossalai.txt), or "
-            "snakemake --use-conda (envs/colossalai.yaml)"
-        ) from missing
-    return ColossalAIEngine(rank, world, device, opts)
-
-
-ENGINES = {"single": Engine, "ddp": DDPEngine, "fsdp": FSDPEngine, "colossalai": colossalai_engine}
