@@ -146,24 +146,35 @@ def test_first_and_last_frames_both_reach_the_model(captioner):
     assert not torch.allclose(logits, logits_first)
 
 
-def test_batched_and_single_generation_agree(captioner):
-    """Clips with different frame counts give prompts of different lengths: left padding."""
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_batched_and_single_generation_agree(captioner, temperature):
+    """Clips with different frame counts give prompts of different lengths: left padding. A
+    sampled caption draws from its clip's own generator, so it too is the same in any batch."""
     model, processor = captioner
     batch = [patterned_frames(seed, num_frames) for seed, num_frames in [(0, 1), (1, 3), (2, 2)]]
-    params = section("caption", max_new_tokens=8, prompt=PROMPT)
-    batched = generate_captions(model, processor, batch, params)
-    single = [generate_captions(model, processor, [clip], params)[0] for clip in batch]
+    ids = ["clip0", "clip1", "clip2"]
+    params = section("caption", max_new_tokens=8, prompt=PROMPT, temperature=temperature)
+    batched = generate_captions(model, processor, batch, ids, params)
+    single = [generate_captions(model, processor, [clip], [clip_id], params)[0] for clip, clip_id in zip(batch, ids)]
     assert batched == single
     assert all(text.strip() for text, _ in batched)
     assert load_captioner(model.name_or_path) is captioner  # loaded once per process
 
 
-def test_caption_shard_batch_size_does_not_change_captions(clips, tiny_models, tmp_path):
-    params = section("caption", **FAST, model=str(tiny_models["tiny-llava"]))
-    run_shard(clips, tmp_path, "one", {**params, "batch_size": 1})
-    run_shard(clips, tmp_path, "four", {**params, "batch_size": 4})
-    assert captions(tmp_path / "one.parquet") == captions(tmp_path / "four.parquet")
-    assert not (tmp_path / "one.parquet.partial").exists()
+def test_sampling_follows_the_temperature_and_the_clip_seed(captioner):
+    model, processor = captioner
+    batch = [patterned_frames(seed, 3) for seed in range(3)]
+    ids = ["clip0", "clip1", "clip2"]
+    params = section("caption", max_new_tokens=8, prompt=PROMPT)
+    greedy = generate_captions(model, processor, batch, ids, params)
+    # near zero the tempered distribution is all on the greedy token
+    assert generate_captions(model, processor, batch, ids, {**params, "temperature": 1e-4}) == greedy
+    hot = {**params, "temperature": 1.0}
+    sampled = generate_captions(model, processor, batch, ids, hot)
+    assert sampled != greedy
+    assert generate_captions(model, processor, batch, ids, {**hot, "seed": 1}) != sampled
+    # a clip's draws come from its id: the same frames under another id sample another caption
+    assert generate_captions(model, processor, batch[:1], ["other"], hot)[0] != sampled[0]
 
 
 def test_existing_text_modes(clips, tiny_models, tmp_path):

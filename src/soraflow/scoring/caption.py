@@ -13,6 +13,7 @@ A shard is resumable: every batch's results are written as a parquet part under
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -25,6 +26,13 @@ import av
 import pandas as pd
 import pyarrow as pa
 import torch
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from soraflow.core.devices import device_and_dtype
 from soraflow.core.hub import resolve_model_ref
@@ -121,22 +129,58 @@ def prepare_inputs(processor, clips: list[torch.Tensor], prompt_text: str, devic
     return inputs
 
 
+def clip_generator(seed: int, clip_id: str, device) -> torch.Generator:
+    """A clip's own sampling generator, seeded from the caption seed and the clip's id alone."""
+    digest = hashlib.sha256(f"{seed}:{clip_id}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+class PerClipSampling(LogitsProcessor):
+    """Samples each row's next token from its own generator and leaves only that token finite,
+    so that greedy decoding picks it. generate's own sampling draws the whole batch from the one
+    global generator, so a clip's caption depended on the clips batched with it (and so on
+    caption.batch_size); here it depends on its seed and its own logits alone.
+
+    The row's distribution is what generate(do_sample=True) samples from: the temperature, then
+    the model's own top-k and top-p (transformers' defaults, 50 and 1.0, where it sets none)."""
+
+    def __init__(self, generation_config, temperature: float, generators: list[torch.Generator]):
+        top_k = 50 if generation_config.top_k is None else generation_config.top_k
+        top_p = 1.0 if generation_config.top_p is None else generation_config.top_p
+        self.warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+        if top_k:
+            self.warpers.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p))
+        self.generators = generators
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = self.warpers(input_ids, scores).softmax(dim=-1)
+        # row by row: a row's draw never depends on how many rows the batch holds
+        chosen = torch.stack([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, self.generators)])
+        return torch.full_like(scores, float("-inf")).scatter_(1, chosen, 0.0)
+
+
 @torch.no_grad()
-def generate_captions(model, processor, clips: list[torch.Tensor], params: dict) -> list[tuple[str, bool]]:
+def generate_captions(
+    model, processor, clips: list[torch.Tensor], clip_ids: list[str], params: dict
+) -> list[tuple[str, bool]]:
     """Caption a batch of clips; returns (decoded text, truncated) per clip, where
-    truncated means no end-of-sequence token within max_new_tokens."""
+    truncated means no end-of-sequence token within max_new_tokens. At a temperature above 0
+    each clip samples from its own generator (seed, clip id): its caption is the same in any batch."""
     tokenizer = processor.tokenizer
     inputs = prepare_inputs(processor, clips, params["prompt"], model.device, model.dtype)
     eos_ids = _eos_ids(model, tokenizer)
-    sampling = params["temperature"] > 0
-    if sampling:
-        torch.manual_seed(params["seed"])  # per batch, so a resumed shard samples as a fresh run would
+    sampling = []
+    if params["temperature"] > 0:
+        generators = [clip_generator(params["seed"], clip_id, model.device) for clip_id in clip_ids]
+        sampling = [PerClipSampling(model.generation_config, params["temperature"], generators)]
     output = model.generate(
         **inputs,
         max_new_tokens=params["max_new_tokens"],
         min_new_tokens=params["min_new_tokens"],
-        do_sample=sampling,
-        temperature=params["temperature"] if sampling else None,
+        do_sample=False,  # PerClipSampling draws the tokens when sampling
+        logits_processor=LogitsProcessorList(sampling),
         # image placeholders, padding and the like are never part of a caption
         suppress_tokens=sorted(set(tokenizer.all_special_ids) - eos_ids),
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids),
@@ -244,7 +288,7 @@ def caption_shard(table_path: str | Path, out_table: str | Path, rejects_path: s
         if frames:
             model, processor = load_captioner(params["model"])
             started = time.perf_counter()
-            generated = generate_captions(model, processor, frames, params)
+            generated = generate_captions(model, processor, frames, ids, params)
             per_clip = (time.perf_counter() - started) / len(frames)
             for clip_id, (text, truncated) in zip(ids, generated):
                 caption, reason = _verdict(text, truncated, params)
