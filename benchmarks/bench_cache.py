@@ -30,9 +30,8 @@ import pandas as pd
 import torch
 import yaml
 
-from soraflow.data import table
+from soraflow.data import cache, table
 from soraflow.models.encoders import KLAutoencoder, TextEncoder
-from soraflow.training import cache
 from soraflow.training.loop import Trainer
 from soraflow.workflow.settings import with_defaults
 

@@ -40,9 +40,8 @@ import torch
 import yaml
 from tables import print_table
 
-from soraflow.data import table
+from soraflow.data import cache, table
 from soraflow.models.stdit import build_model
-from soraflow.training import cache
 from soraflow.workflow import settings
 
 REPO = Path(__file__).resolve().parents[1]

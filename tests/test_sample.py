@@ -9,11 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from soraflow.data import table, video
+from soraflow.data import cache, table, video
+from soraflow.data.cache import LatentDataset
 from soraflow.inference.sample import Sampler, pick_training_clips, sample_training_captions
 from soraflow.models.encoders import PixelPackAutoencoder, TextEncoder
-from soraflow.training import cache
-from soraflow.training.dataset import LatentDataset
 from soraflow.training.loop import train
 
 VAE = {"kind": "pixel_pack", "factor": 2, "scaling_factor": 2.0}

@@ -15,8 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from soraflow.data import table
-from soraflow.training import cache
+from soraflow.data import cache, table
 from soraflow.training.checkpoint import load_checkpoint_file, load_for_sampling
 from soraflow.training.loop import Trainer, train
 from soraflow.workflow.settings import declared_steps

@@ -6,7 +6,8 @@ import torch
 from test_train import NUM_CLIPS, latent_index  # noqa: F401  (the fixture is shared)
 from torch.utils.data import DataLoader
 
-from soraflow.training.dataset import LatentDataset, StepBatches, TrainingSamples, step_rows
+from soraflow.data.cache import LatentDataset
+from soraflow.training.dataset import StepBatches, TrainingSamples, step_rows
 
 SEED, BATCH = 7, 4
 

@@ -146,8 +146,8 @@ def cmd_encode_text(args) -> None:
 
 
 def cmd_dataset(args) -> None:
+    from soraflow.data.cache import shard_cache_paths
     from soraflow.data.manifest import shard_table_paths
-    from soraflow.training.cache import shard_cache_paths
     from soraflow.training.dataset import build_stage_index
 
     tables = shard_table_paths(args.shards_dir, args.num_shards, "captioned")

@@ -23,9 +23,9 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from soraflow.data import table
+from soraflow.data import cache, table
+from soraflow.data.cache import LatentDataset
 from soraflow.scoring.filters import apply_filters, join_scores
-from soraflow.training import cache
 
 
 def build_stage_index(captioned_tables, scored_tables, latent_files, text_files, filters: dict, out_path,
@@ -54,25 +54,6 @@ def build_stage_index(captioned_tables, scored_tables, latent_files, text_files,
         raise ValueError(f"{out_path}: no clip passes the stage filters {filters} ({len(rejects)} candidates)")
     table.write(kept, out_path)
     table.write_rejects(rejects, rejects_path)
-
-
-class LatentDataset(Dataset):
-    """(latents [C,T,h,w], text features [L,C], text mask [L] bool) for each row of a stage index,
-    as float32 whatever the cache stores."""
-
-    def __init__(self, index_path):
-        self.index = table.read(index_path)
-        self.rows = cache.CachedRows()
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        row = self.index.iloc[i]
-        latents = self.rows.get(row.latent_path, "latents", int(row.latent_index))
-        y = self.rows.get(row.text_emb_path, "y", int(row.text_emb_index))
-        length = self.rows.get(row.text_emb_path, "lengths", int(row.text_emb_index))
-        return latents.float(), y.float(), cache.mask_from_length(length, y.shape[0])
 
 
 def step_rows(seed: int, step: int, num_rows: int, batch_size: int) -> list[int]:

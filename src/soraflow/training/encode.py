@@ -1,5 +1,5 @@
 """The encode jobs: a shard's clips through the frame autoencoder, its captions through the
-text encoder, streamed into the chunked cache (soraflow.training.cache).
+text encoder, streamed into the chunked cache (soraflow.data.cache).
 
 A latent job encodes only the clips its stage's filters keep, and of those only the ones
 no chunk of the same settings holds yet (matched by per-clip key), so a filter change
@@ -19,9 +19,9 @@ import torch
 from soraflow.core.background import prefetch
 from soraflow.core.progress import progress
 from soraflow.data import table, video
+from soraflow.data.cache import DTYPES, ChunkStore, digest, text_tensors
 from soraflow.models.encoders import TextEncoder, load_autoencoder
 from soraflow.scoring.filters import apply_filters
-from soraflow.training.cache import DTYPES, ChunkStore, digest, text_tensors
 
 OPERATIONAL = ("micro_batch",)  # encoder settings that never change a cached value (schemas/affects.yaml)
 TEXT_BATCH = 64  # captions per text-encoder forward

@@ -15,8 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from soraflow.data import table
-from soraflow.training import cache
+from soraflow.data import cache, table
 
 # settings a run may change and still resume its checkpoints: it trains longer
 RESUMABLE = {"stage": {"steps"}}

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 
 from soraflow.core.atomic import atomic_path
 from soraflow.core.progress import progress
+from soraflow.data.cache import LatentDataset
 from soraflow.models.diffusion import IDDPM
 from soraflow.models.stdit import build_model
 from soraflow.training.checkpoint import (
@@ -45,7 +46,7 @@ from soraflow.training.checkpoint import (
     saved,
     weights_digest,
 )
-from soraflow.training.dataset import LatentDataset, StepBatches, TrainingSamples
+from soraflow.training.dataset import StepBatches, TrainingSamples
 from soraflow.training.engines import load_engine
 from soraflow.training.engines.base import compute_dtype
 from soraflow.training.identity import digest, identity_parts, what_changed

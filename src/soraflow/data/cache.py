@@ -1,4 +1,8 @@
-"""The cache of pre-encoded training inputs: VAE latents per stage and text features.
+"""The cache of pre-encoded training inputs: VAE latents per stage and text features, and
+LatentDataset, which reads a stage's rows back.
+
+A file format, so it sits in the data layer: training's encode jobs write it and the trainer
+reads it, and sampling reads its training clips' latents from it without importing training.
 
 Open-Sora 1.0 ran the VAE and T5 on every training step; caching them once makes
 training steps several times cheaper (their #393). A shard's cache is
@@ -31,8 +35,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.utils.data import Dataset
 
 from soraflow.core.atomic import atomic_path
+from soraflow.data import table
 from soraflow.data.manifest import shard_ids
 
 # rows buffered before a chunk file is written: what an encode job holds, whatever the shard's
@@ -197,3 +203,23 @@ class CachedRows:
             if len(self._handles) > OPEN_CHUNKS:
                 self._handles.popitem(last=False)
         return self._handles[path].get_slice(name)[index]
+
+
+class LatentDataset(Dataset):
+    """(latents [C,T,h,w], text features [L,C], text mask [L] bool) for each row of a stage index
+    (a clip table whose rows point at their latent and text feature rows in the shard caches),
+    as float32 whatever the cache stores."""
+
+    def __init__(self, index_path):
+        self.index = table.read(index_path)
+        self.rows = CachedRows()
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        row = self.index.iloc[i]
+        latents = self.rows.get(row.latent_path, "latents", int(row.latent_index))
+        y = self.rows.get(row.text_emb_path, "y", int(row.text_emb_index))
+        length = self.rows.get(row.text_emb_path, "lengths", int(row.text_emb_index))
+        return latents.float(), y.float(), mask_from_length(length, y.shape[0])
