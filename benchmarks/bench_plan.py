@@ -59,8 +59,8 @@ def measure(config: dict, steps: int) -> dict:
     from soraflow.training.loop import Trainer
     from soraflow.workflow import plan
 
-    model, latent = plan.build_meta_model(config, config["stages"]["stage1"])
-    width, tokens = model.y_embedder.y_proj.fc1.in_features, model.model_max_length
+    d, latent = plan.stage_dims(config, config["stages"]["stage1"])
+    width, tokens = d["caption"], d["L"]
     root = Path(tempfile.mkdtemp())
     ids = [f"clip{i}" for i in range(8)]
     g = torch.Generator().manual_seed(0)
@@ -71,7 +71,7 @@ def measure(config: dict, steps: int) -> dict:
     table.write(pd.DataFrame({"id": ids, "latent_path": str(root / "latents.safetensors"), "latent_index": range(8),
                               "text_emb_path": str(root / "text.safetensors"), "text_emb_index": range(8)}),
                 root / "index.parquet")
-    del model, g
+    del g
     params = {"stage": config["stages"]["stage1"], **{k: config[k] for k in ("train", "stdit", "diffusion")}}
     baseline = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     trainer = Trainer(root / "index.parquet", root / "out.safetensors", root / "run", params, params)

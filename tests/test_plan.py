@@ -1,5 +1,6 @@
-"""`soraflow plan`: its FLOPs against torch's flop counter, its activations against what autograd
-keeps, its verdict on configs that do not fit, and the workflow running it before any job."""
+"""`soraflow plan`: its parameter counts against the built model, its FLOPs against torch's flop
+counter, its activations against what autograd keeps, its verdict on configs that do not fit,
+the workflow running it before any job, and the workflow parsed (and planned) without torch."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from soraflow.models.stdit import build_model
+from soraflow.models.stdit import build_model, count_parameters
+from soraflow.models.stdit_config import PRESETS, stdit_kwargs
 from soraflow.workflow import plan
 from soraflow.workflow.settings import with_defaults
 
@@ -41,13 +43,38 @@ def inputs(model, batch: int = B):
     return x, torch.tensor([3, 700][:batch]), y, mask
 
 
+# every preset, and odd shapes: other patches and latent channels, caption widths and lengths, an
+# MLP ratio whose hidden size truncates, full attention (no temporal attention)
+ODD_CONFIGS = [
+    {"preset": "STDiT-S/2", "patch_size": [2, 2, 2]},
+    {"preset": "STDiT-S/2", "patch_size": [1, 4, 4], "in_channels": 3},
+    {"preset": "STDiT-tiny", "caption_channels": 1000, "model_max_length": 77},
+    {"preset": "STDiT-B/2", "mlp_ratio": 2.7},
+    {"preset": "STDiT-demo", "attention": "full", "hidden_size": 96, "depth": 3},
+]
+
+
+@pytest.mark.parametrize("cfg", [{"preset": name} for name in PRESETS] + ODD_CONFIGS, ids=str)
+def test_parameter_counts_are_the_built_models(cfg):
+    """The closed-form counts (planning imports no torch) against the STDiT itself on the meta device."""
+    kwargs = stdit_kwargs(cfg)
+    latent = (kwargs["in_channels"], 4, 8, 8)
+    with torch.device("meta"):
+        model = build_model(cfg, input_size=latent[1:])
+    parameters, block_parameters, buffers = plan.parameter_counts(plan.dims(kwargs, latent))
+    assert parameters == count_parameters(model)
+    assert block_parameters == count_parameters(model.blocks[0])
+    state = model.state_dict()  # what a checkpoint and the EMA hold: parameters and saved buffers
+    assert buffers == sum(state[k].numel() for k in set(state) - {name for name, _ in model.named_parameters()})
+
+
 @pytest.mark.parametrize("attention", ["spatial_temporal", "full"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_flops_are_what_torch_counts(attention, checkpointing):
     torch.manual_seed(0)
-    model = build_model({"preset": "STDiT-tiny", "attention": attention, "grad_checkpointing": checkpointing},
-                        input_size=LATENT[1:]).train()
-    d = plan.dims(model, LATENT)
+    cfg = {"preset": "STDiT-tiny", "attention": attention, "grad_checkpointing": checkpointing}
+    model = build_model(cfg, input_size=LATENT[1:]).train()
+    d = plan.dims(stdit_kwargs(cfg), LATENT)
     x, t, y, mask = inputs(model)
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
         model(x, t, y, mask)
@@ -64,9 +91,10 @@ def test_block_activations_are_what_autograd_keeps(attention, bf16):
     autocast's bf16 copies of them, counted as weights), against the plan's count."""
     torch.manual_seed(0)
     # 160 tokens: no activation shares a shape with a weight, so autocast's weight copies are told apart
-    model = build_model({"preset": "STDiT-tiny", "attention": attention}, input_size=(4, 16, 10)).train()
+    cfg = {"preset": "STDiT-tiny", "attention": attention}
+    model = build_model(cfg, input_size=(4, 16, 10)).train()
     block, D = model.blocks[0], model.hidden_size
-    d = plan.dims(model, (4, 4, 16, 10))
+    d = plan.dims(stdit_kwargs(cfg), (4, 4, 16, 10))
     x = torch.randn(1, d["N"], D, requires_grad=True)
     y, t0 = torch.randn(1, d["L"], D), torch.randn(1, 6 * D)
     mask = torch.ones(1, d["L"], dtype=torch.bool)
@@ -127,3 +155,41 @@ def test_the_workflow_plans_before_any_job_and_stops_when_a_stage_does_not_fit(t
     assert result.returncode != 0
     assert "stage1: needs" in result.stdout + result.stderr
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["override.yaml"]  # no job ran
+
+
+# Runs a module as `python -m` would, with any import of torch an error naming the importer.
+WITHOUT_TORCH = """
+import runpy, sys
+
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torch":
+            raise RuntimeError(f"{name} imported")
+
+sys.meta_path.insert(0, NoTorch())
+module, sys.argv = sys.argv[1], sys.argv[1:]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+def test_parsing_and_planning_the_preset_import_no_torch(tmp_path):
+    """Every `snakemake -n` and every Slurm job step parses the Snakefile, which sizes the jobs
+    (soraflow.workflow.resources, from the plan); the onstart check is the plan `soraflow plan`
+    prints. Neither may pay for torch."""
+    preset = REPO / "presets" / "opensora-1.0.yaml"
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.csv").write_text("url\nhttps://example.org/v0.mp4\n")
+    (tmp_path / "pretrained_models").mkdir()
+    (tmp_path / "pretrained_models" / "PixArt-XL-2-512x512.pth").write_bytes(b"")  # no weights load in a dry run
+    without_torch = [sys.executable, "-c", WITHOUT_TORCH]
+    parsed = subprocess.run(
+        [*without_torch, "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+         "--configfile", str(preset), "-n", "--cores", "1"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert parsed.returncode == 0, parsed.stdout[-3000:] + parsed.stderr[-3000:]
+    assert "train_hq_512" in parsed.stdout  # the training jobs were sized
+    planned = subprocess.run([*without_torch, "soraflow.cli", "plan", "--configfile", str(preset)],
+                             capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert planned.returncode == 0, planned.stdout[-3000:] + planned.stderr[-3000:]
+    assert "| hq_512 |" in planned.stdout

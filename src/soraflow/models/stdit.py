@@ -23,27 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-PRESETS: dict[str, dict] = {
-    # Open-Sora 1.0's model: 724M parameters (PixArt-XL/2 plus temporal attention).
-    "STDiT-XL/2": dict(depth=28, hidden_size=1152, num_heads=16),
-    "STDiT-L/2": dict(depth=24, hidden_size=1024, num_heads=16),
-    "STDiT-B/2": dict(depth=12, hidden_size=768, num_heads=12),
-    "STDiT-S/2": dict(depth=12, hidden_size=384, num_heads=6),
-    # Small models for the local workflow, conditioned on MiniLM (384-d) token embeddings.
-    "STDiT-demo": dict(depth=6, hidden_size=192, num_heads=6, caption_channels=384, model_max_length=32),
-    "STDiT-tiny": dict(depth=2, hidden_size=64, num_heads=4, caption_channels=384, model_max_length=32),
-}
-# Shared by every preset unless it says otherwise.
-PRESET_DEFAULTS = dict(
-    patch_size=(1, 2, 2), in_channels=4, caption_channels=4096, model_max_length=120, mlp_ratio=4.0
-)
-# Keys build_model accepts besides `preset`.
-CONFIG_KEYS = {
-    "depth", "hidden_size", "num_heads", "patch_size", "in_channels", "caption_channels",
-    "model_max_length", "mlp_ratio", "space_scale", "time_scale", "attention",
-    "grad_checkpointing", "class_dropout_prob",
-}
-
+# PRESETS and PRESET_DEFAULTS are read from here too; they live in torch-free stdit_config for planning
+from soraflow.models.stdit_config import PRESET_DEFAULTS, PRESETS, patch_grid, stdit_kwargs  # noqa: F401
 
 # --------------------------------------------------------------------------------------
 # Sin-cos position embeddings (MAE/PixArt layout, so PixArt weights see what they expect)
@@ -376,10 +357,7 @@ class STDiT(nn.Module):
 
     def patch_grid(self, size: tuple[int, int, int]) -> tuple[int, int, int]:
         """Latent (T, H, W) -> token grid (t, h, w)."""
-        for n, p in zip(size, self.patch_size):
-            if n % p:
-                raise ValueError(f"latent size {tuple(size)} is not divisible by patch {self.patch_size}")
-        return tuple(n // p for n, p in zip(size, self.patch_size))
+        return patch_grid(size, self.patch_size)
 
     def make_pos_embeds(self, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Spatial [1, 1, h*w, D] and temporal [1, t, D] sin-cos embeddings for a token grid."""
@@ -524,24 +502,9 @@ class STDiT(nn.Module):
 
 
 def build_model(cfg: dict, input_size: tuple[int, int, int], caption_channels: int | None = None) -> STDiT:
-    """cfg = {preset, optional overrides (see CONFIG_KEYS)}; input_size is the latent (T, H, W).
-    `caption_channels` is the text encoder's width; it overrides the preset's."""
-    cfg = {k: v for k, v in cfg.items() if v is not None}  # unset keys take the preset's values
-    preset_name = cfg.pop("preset")
-    if preset_name not in PRESETS:
-        raise ValueError(f"unknown STDiT preset {preset_name!r}; choose from {sorted(PRESETS)}")
-    unknown = set(cfg) - CONFIG_KEYS
-    if unknown:
-        raise ValueError(f"unknown STDiT config keys {sorted(unknown)}")
-    if caption_channels is not None:
-        if cfg.get("caption_channels", caption_channels) != caption_channels:
-            raise ValueError(
-                f"config caption_channels {cfg['caption_channels']} != text encoder width {caption_channels}"
-            )
-        cfg["caption_channels"] = caption_channels
-    kwargs = {**PRESET_DEFAULTS, **PRESETS[preset_name], **cfg}
-    kwargs["patch_size"] = tuple(kwargs["patch_size"])
-    return STDiT(input_size=tuple(input_size), **kwargs)
+    """cfg = {preset, optional overrides (see stdit_config.CONFIG_KEYS)}; input_size is the latent
+    (T, H, W). `caption_channels` is the text encoder's width; it overrides the preset's."""
+    return STDiT(input_size=tuple(input_size), **stdit_kwargs(cfg, caption_channels))
 
 
 def count_parameters(model: nn.Module) -> int:

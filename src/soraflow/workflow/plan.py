@@ -8,9 +8,11 @@ clips per GPU-hour at a stated throughput. A stage or model that does not fit th
 an error naming it and its numbers; the workflow runs this check when a run starts (the
 Snakefile's onstart), so a config that cannot fit never reaches the queue.
 
-Shapes come from the STDiT itself, built on the meta device (no memory, no weights);
-encoder sizes from the headers of local weight files or, for the recipe's hub models, from
-parameter counts taken the same way from their published configs. Nothing heavy loads.
+Shapes and parameter counts follow from the STDiT's settings in closed form (checked against
+the built model in tests/test_plan.py); encoder sizes from the headers of local weight files
+or, for the recipe's hub models, from parameter counts taken on the meta device from their
+published configs. Nothing heavy loads and torch is not imported: the workflow sizes its
+jobs by this plan each time it parses the Snakefile.
 
 The memory model counts what autograd keeps per block (checked against
 torch.autograd.graph.saved_tensors_hooks in tests/test_plan.py, and against measured peaks in
@@ -38,11 +40,9 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from soraflow.core.hub import resolve_model_ref
 from soraflow.data.manifest import count_rows
-from soraflow.models.stdit import build_model, count_parameters
+from soraflow.models.stdit_config import patch_grid, stdit_kwargs
 from soraflow.workflow.settings import processes_per_node
 
 MIB, GIB = 2**20, 2**30
@@ -142,19 +142,14 @@ def weight_parameters(ref: str) -> int | None:
     return total
 
 
-def build_meta_model(config: dict, stage: dict):
-    """The stage's STDiT on the meta device (shapes only) and its latent (C, T, h, w)."""
+def stage_dims(config: dict, stage: dict) -> tuple[dict, tuple[int, int, int, int]]:
+    """The sizes of the stage's STDiT (see dims) and its latent (C, T, h, w)."""
     channels, factor = latent_layout(config["vae"])
     if stage["resolution"] % factor:
         raise PlanError(f"resolution {stage['resolution']} is not a multiple of the autoencoder's factor {factor}")
     size = stage["resolution"] // factor
     latent = (channels, stage["num_frames"], size, size)
-    stdit = {**config["stdit"], "in_channels": channels, "grad_checkpointing": checkpointing(config, stage)}
-    if stage.get("space_scale") is not None:
-        stdit["space_scale"] = stage["space_scale"]
-    with torch.device("meta"):
-        model = build_model(stdit, input_size=latent[1:])
-    return model, latent
+    return dims(stdit_kwargs({**config["stdit"], "in_channels": channels}), latent), latent
 
 
 def checkpointing(config: dict, stage: dict) -> bool:
@@ -163,17 +158,36 @@ def checkpointing(config: dict, stage: dict) -> bool:
     return config["train"]["grad_checkpointing"] if own is None else own
 
 
-def dims(model, latent) -> dict:
-    """The sizes the FLOP and memory counts need, read off the built model."""
-    block = model.blocks[0]
-    t, h, w = model.patch_grid(latent[1:])
+def dims(stdit: dict, latent: tuple[int, int, int, int]) -> dict:
+    """The sizes the parameter, FLOP and memory counts need, from the STDiT's arguments
+    (stdit_config.stdit_kwargs) and its latent (C, T, H, W)."""
+    D, patch = stdit["hidden_size"], stdit["patch_size"]
+    t, h, w = patch_grid(latent[1:], patch)
+    patch_in = math.prod(patch) * stdit["in_channels"]
     return {
-        "D": model.hidden_size, "F": block.mlp.fc1.out_features, "H": block.attn.num_heads,
-        "L": model.model_max_length, "caption": model.y_embedder.y_proj.fc1.in_features,
-        "depth": len(model.blocks), "temporal": block.temporal, "t": t, "s": h * w, "N": t * h * w,
-        "patch_values": model.final_layer.linear.out_features, "patch_in": math.prod(model.patch_size) * latent[0],
-        "latent_elements": math.prod(latent),
+        "D": D, "F": int(D * stdit["mlp_ratio"]), "H": stdit["num_heads"], "L": stdit["model_max_length"],
+        "caption": stdit["caption_channels"], "depth": stdit["depth"], "temporal": stdit["attention"] == "spatial_temporal",
+        "t": t, "s": h * w, "N": t * h * w,
+        "patch_values": 2 * patch_in,  # eps and the variance interpolation
+        "patch_in": patch_in, "latent_elements": math.prod(latent),
     }
+
+
+def parameter_counts(d: dict) -> tuple[int, int, int]:
+    """(parameters, parameters of one block, persistent buffers) of the STDiT. Every Linear has
+    a bias; the buffer is the null caption (L x caption width); the position embeddings are
+    recomputed buffers, never saved."""
+    D, F, caption, patch_values = d["D"], d["F"], d["caption"], d["patch_values"]
+    attention = 4 * D * D + 4 * D  # qkv and proj, or cross-attention's q, kv and proj
+    block = attention * (3 if d["temporal"] else 2) + (2 * D * F + F + D) + 6 * D  # + MLP, scale_shift_table
+    outer = (
+        d["patch_in"] * D + D  # patch embedding (Conv3d, kernel = stride = patch)
+        + 256 * D + D + D * D + D  # timestep MLP from its 256 frequencies
+        + 6 * D * D + 6 * D  # t_block: adaLN-single's shared modulation
+        + caption * D + D + D * D + D  # caption MLP
+        + D * patch_values + patch_values + 2 * D  # final layer and its scale_shift_table
+    )
+    return d["depth"] * block + outer, block, d["L"] * caption
 
 
 # --------------------------------------------------------------------------------------
@@ -277,8 +291,7 @@ def state_bytes(engine: str, parameters: int, block_parameters: int, buffers: in
 
 def stage_plan(config: dict, name: str) -> StagePlan:
     stage, train, assumptions = config["stages"][name], config["train"], config["plan"]
-    model, latent = build_meta_model(config, stage)
-    d = dims(model, latent)
+    d, latent = stage_dims(config, stage)
     nodes, per_node = stage["resources"]["nodes"], processes_per_node(config, name)
     gpus = nodes * per_node  # one GPU per training process
     sp = train["sp_size"]
@@ -293,9 +306,7 @@ def stage_plan(config: dict, name: str) -> StagePlan:
     colossal = engine == "colossalai"
     linear_bytes = 2 if bf16 else 4
     residual_bytes = 2 if (colossal and bf16) else 4  # ZeRO's bf16 module keeps even the residual in bf16
-    parameters = count_parameters(model)
-    block_parameters = count_parameters(model.blocks[0])
-    buffers = model.y_embedder.y_embedding.numel()
+    parameters, block_parameters, buffers = parameter_counts(d)
     memory = state_bytes(engine, parameters, block_parameters, buffers, gpus, bf16,
                          train["colossalai"]["zero_stage"] if colossal else 0)
     checkpoints = checkpointing(config, stage)
@@ -327,9 +338,7 @@ def text_width(config: dict) -> int | None:
     if folder is not None and (folder / "config.json").exists():
         values = json.loads((folder / "config.json").read_text())
         return values.get("d_model", values.get("hidden_size"))
-    with torch.device("meta"):
-        model = build_model(dict(config["stdit"]), input_size=(1, 2, 2))
-    return model.y_embedder.y_proj.fc1.in_features
+    return stdit_kwargs(config["stdit"])["caption_channels"]
 
 
 def model_plans(config: dict) -> list[ModelPlan]:

@@ -40,7 +40,7 @@ def train_job(config: dict, stage: str) -> dict:
     if runtime is None:
         runtime = _minutes(plan.stage_plan(config, stage).gpu_hours / (nodes * processes))
     if mem_mb is None:
-        parameters = plan.count_parameters(plan.build_meta_model(config, config["stages"][stage])[0])
+        parameters, _, _ = plan.parameter_counts(plan.stage_dims(config, config["stages"][stage])[0])
         # fp32 weights built on the CPU, and a checkpoint of the same size read beside them
         mem_mb = processes * (math.ceil(8 * parameters / 2**20) + PROCESS_OVERHEAD_MB)
     limit = config["cluster"]["max_runtime"]
