@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from soraflow.data import table, video
-from soraflow.training.checkpoint import load_for_sampling
+from soraflow.models.checkpoint import load_for_sampling
 from soraflow.workflow.layout import Layout
 
 REPO = Path(__file__).resolve().parents[1]

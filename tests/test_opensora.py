@@ -17,8 +17,14 @@ from test_train import latent_index, train_params  # noqa: F401  (the fixture is
 
 from soraflow.cli import main
 from soraflow.data import video
-from soraflow.models.stdit import build_model, load_pretrained, opensora_state_dict
-from soraflow.training.checkpoint import export_opensora, load_checkpoint_file, save_checkpoint_file
+from soraflow.models.checkpoint import (
+    export_opensora,
+    load_checkpoint_file,
+    load_pretrained,
+    opensora_state_dict,
+    save_checkpoint_file,
+)
+from soraflow.models.stdit import build_model
 from soraflow.training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]

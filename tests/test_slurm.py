@@ -34,7 +34,7 @@ import yaml
 from test_end_to_end import small_config
 
 from soraflow.data import video
-from soraflow.training.checkpoint import load_for_sampling
+from soraflow.models.checkpoint import load_for_sampling
 from soraflow.workflow.layout import Layout
 
 REPO = Path(__file__).resolve().parents[1]

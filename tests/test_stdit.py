@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from soraflow.models.stdit import STDiT, build_model, count_parameters, load_pretrained
+from soraflow.models.checkpoint import load_pretrained
+from soraflow.models.stdit import STDiT, build_model, count_parameters
 
 LATENT = (4, 8, 8)  # T, H, W: 4 frames of 4x4 tokens with patch (1, 2, 2)
 CAPTION_LEN, CAPTION_DIM = 32, 384

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from soraflow.data import cache, table
-from soraflow.training.checkpoint import load_checkpoint_file, load_for_sampling
+from soraflow.models.checkpoint import load_checkpoint_file, load_for_sampling
 from soraflow.training.loop import Trainer, train
 from soraflow.workflow.settings import declared_steps
 

@@ -182,7 +182,7 @@ def cmd_train(args) -> None:
 
 def cmd_sample(args) -> None:
     from soraflow.inference.sample import sample_prompts, sample_training_captions
-    from soraflow.training.checkpoint import is_torch_checkpoint
+    from soraflow.models.checkpoint import is_torch_checkpoint
 
     pth = is_torch_checkpoint(args.ckpt)
     if args.params is None:
@@ -214,7 +214,7 @@ def _pth_settings(args, params: dict) -> dict:
 
 
 def cmd_export_checkpoint(args) -> None:
-    from soraflow.training.checkpoint import export_opensora
+    from soraflow.models.checkpoint import export_opensora
 
     print(export_opensora(args.ckpt, args.out, use_ema=args.weights == "ema"))
 

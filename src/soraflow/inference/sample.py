@@ -17,8 +17,8 @@ from soraflow.data import video
 from soraflow.data.cache import LatentDataset
 from soraflow.inference.comparison import plot_comparison
 from soraflow.models import diffusion
+from soraflow.models.checkpoint import is_torch_checkpoint, load_for_sampling
 from soraflow.models.encoders import TextEncoder, load_autoencoder
-from soraflow.training.checkpoint import is_torch_checkpoint, load_for_sampling
 
 
 class Sampler:

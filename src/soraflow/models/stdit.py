@@ -2,8 +2,8 @@
 
 PixArt-alpha's DiT (adaLN-single timestep conditioning, cross-attention to T5 tokens)
 with a temporal self-attention inserted after each spatial self-attention. Weights load
-from a PixArt image checkpoint: the temporal output projections start at zero, so a
-fresh STDiT computes exactly the image model on every frame.
+from a PixArt image checkpoint (soraflow.models.checkpoint): the temporal output projections
+start at zero, so a fresh STDiT computes exactly the image model on every frame.
 
 Module and state-dict key names follow Open-Sora/PixArt so their checkpoints load.
 Shapes: B batch, C latent channels, T/H/W latent frames/height/width, t/s = T and H*W
@@ -13,8 +13,6 @@ after patching (tokens per frame S = s), N = T*S tokens, L text tokens, D hidden
 from __future__ import annotations
 
 import math
-import pickle
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -497,7 +495,7 @@ class STDiT(nn.Module):
 
 
 # --------------------------------------------------------------------------------------
-# Construction and checkpoints
+# Construction (checkpoints: soraflow.models.checkpoint)
 # --------------------------------------------------------------------------------------
 
 
@@ -510,89 +508,3 @@ def build_model(cfg: dict, input_size: tuple[int, int, int], caption_channels: i
 def count_parameters(model: nn.Module) -> int:
     """Trainable parameters (buffers such as the null caption are not counted)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-# Open-Sora 1.0 saves its position-embedding buffers (pos_embed [1, S, D], pos_embed_temporal
-# [1, T, D]) in its checkpoints and deletes them on load (find_model); ours are recomputed
-# for each grid, so they never load.
-RECOMPUTED_KEYS = ("pos_embed", "pos_embed_temporal")
-# What a .pth may wrap its weights in: Open-Sora 1.0's find_model takes "ema" (its training
-# script's layout), PixArt-alpha saves "state_dict". Tried in this order, as find_model does.
-WRAPPERS = ("ema", "state_dict")
-
-
-def pretrained_state(checkpoint: dict) -> dict[str, torch.Tensor]:
-    """A PixArt-alpha or Open-Sora 1.0 .pth's contents -> a state dict in our layout: unwrapped,
-    PixArt's Conv2d patch weight [D, C, 2, 2] made our Conv3d [D, C, 1, 2, 2], no pos-embeds."""
-    for wrapper in WRAPPERS:
-        if isinstance(checkpoint.get(wrapper), dict):
-            checkpoint = checkpoint[wrapper]
-            break
-    state = {k: v for k, v in checkpoint.items() if k not in RECOMPUTED_KEYS}
-    patch_weight = state.get("x_embedder.proj.weight")
-    if isinstance(patch_weight, torch.Tensor) and patch_weight.dim() == 4:
-        state["x_embedder.proj.weight"] = patch_weight.unsqueeze(2)
-    return state
-
-
-def _listed(keys, limit: int = 8) -> str:
-    keys = list(keys)
-    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
-def load_pretrained(model: STDiT, checkpoint, source=None) -> list[str]:
-    """Initialise from a PixArt-alpha image checkpoint (as Open-Sora 1.0 does from
-    PixArt-XL-2-512x512.pth) or an Open-Sora 1.0 STDiT checkpoint (OpenSora-v1-*.pth), plain
-    or wrapped (see WRAPPERS): a .pth path (read with weights_only) or its loaded contents.
-
-    Every weight of the model must come from the checkpoint, with its shape, and every
-    checkpoint weight must find its place; the one exception is an image checkpoint, which
-    has no temporal attention: that stays at its init (output projection zero, so the model
-    starts as the image model on every frame). Anything else is a ValueError naming the file
-    and the keys. Returns the keys left at init."""
-    if isinstance(checkpoint, (str, Path)):
-        source = source or checkpoint
-        try:
-            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:  # torch's message names what it refused on one line
-            lines = str(err).splitlines()
-            refused = next((line.strip() for line in lines if "WeightsUnpickler error" in line), lines[0])
-            raise ValueError(f"{source}: holds more than tensors, so it is not unpickled ({refused}); "
-                             "save its state dict alone (torch.save(state_dict, path))") from err
-    source = source or "checkpoint"
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{source}: holds a {type(checkpoint).__name__}, not a state dict")
-    state, own = pretrained_state(checkpoint), model.state_dict()
-    matching = sorted(set(state) & set(own))
-    if not matching:
-        raise ValueError(
-            f"{source}: no weight matches STDiT's key names (it holds {_listed(sorted(state))}); "
-            "expected a PixArt-alpha or Open-Sora 1.0 STDiT checkpoint"
-        )
-    temporal = {k for k in own if ".attn_temp." in k}
-    image_checkpoint = not temporal & set(state)
-    missing = sorted(set(own) - set(state))
-    problems = {
-        "trained weights missing": [k for k in missing if not (image_checkpoint and k in temporal)],
-        "weights this model has no place for": sorted(set(state) - set(own)),
-        "shapes that differ (checkpoint vs model)": [
-            f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-            for k in matching
-            if tuple(getattr(state[k], "shape", ())) != tuple(own[k].shape)
-        ],
-    }
-    found = [f"{what}: {_listed(keys)}" for what, keys in problems.items() if keys]
-    if found:
-        raise ValueError(f"{source}: does not fit this STDiT (check its preset and size settings); " + "; ".join(found))
-    model.load_state_dict(state, strict=False)
-    return missing
-
-
-def opensora_state_dict(model: STDiT) -> dict[str, torch.Tensor]:
-    """The model's weights in Open-Sora 1.0's STDiT layout: our key names are theirs; add the
-    position-embedding buffers its state dict holds, for the grid the model was built for."""
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    state["pos_embed"] = model.pos_embed.reshape(1, -1, model.hidden_size).clone()  # [1, 1, S, D] -> [1, S, D]
-    state["pos_embed_temporal"] = model.pos_embed_temporal.clone()  # [1, T, D]
-    return state

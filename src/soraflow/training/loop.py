@@ -7,7 +7,7 @@ So the step number is the whole data position: a resumed run, or a run on a diff
 number of processes with the same global batch, sees exactly the same samples. Samples
 are read and drawn by DataLoader workers ahead of the step (pinned for the GPU), and the
 host waits on the device once per log interval (loss, and whether a rank was told to
-stop), not once per step. Checkpoints are in soraflow.training.checkpoint's format; the model is spread
+stop), not once per step. Checkpoints are in soraflow.models.checkpoint's format; the model is spread
 over the processes by an engine (soraflow.training.engines); a checkpoint resumes only
 under its own run identity (soraflow.training.identity). Loss goes to
 `<run_dir>/loss.csv` (each row the mean loss and gradient norm over the steps since the previous row) and to
@@ -35,17 +35,10 @@ from torch.utils.data import DataLoader
 from soraflow.core.atomic import atomic_path
 from soraflow.core.progress import progress
 from soraflow.data.cache import LatentDataset
+from soraflow.models.checkpoint import load_checkpoint_file, save_checkpoint_file, saved, weights_digest
 from soraflow.models.diffusion import IDDPM
 from soraflow.models.stdit import build_model
-from soraflow.training.checkpoint import (
-    initialise,
-    load_checkpoint_file,
-    optimizer_from_tensors,
-    optimizer_tensors,
-    save_checkpoint_file,
-    saved,
-    weights_digest,
-)
+from soraflow.training.checkpoint import initialise, optimizer_from_tensors, optimizer_tensors
 from soraflow.training.dataset import StepBatches, TrainingSamples
 from soraflow.training.engines import load_engine
 from soraflow.training.engines.base import compute_dtype

@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from soraflow.training.checkpoint import check_fit, saved
+from soraflow.models.checkpoint import check_fit, saved
 
 # full (gathered) states on the CPU; with sharded parameters only rank 0 receives them
 GATHERED = StateDictOptions(full_state_dict=True, cpu_offload=True)

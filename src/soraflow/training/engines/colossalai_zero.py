@@ -27,7 +27,7 @@ import torch.distributed as dist
 from colossalai.booster import Booster
 from colossalai.booster.plugin import LowLevelZeroPlugin
 
-from soraflow.training.checkpoint import check_fit, saved
+from soraflow.models.checkpoint import check_fit, saved
 from soraflow.training.engines.base import Engine, compute_dtype
 
 PLUGIN_PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16"}
