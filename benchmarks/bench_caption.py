@@ -25,7 +25,7 @@ import yaml
 
 from soraflow.data import table
 from soraflow.data.video import write_video
-from soraflow.models.tiny import build_tiny_llava
+from soraflow.demo.models import build_tiny_llava
 from soraflow.scoring.caption import caption_shard, load_captioner
 from soraflow.workflow.settings import with_defaults
 

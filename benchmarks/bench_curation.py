@@ -42,10 +42,10 @@ import yaml
 from tables import print_table
 
 from soraflow.data import table
-from soraflow.data.demo import make_demo_videos
 from soraflow.data.ingest import ingest_shard
 from soraflow.data.probe import probe
 from soraflow.data.split import split_shard, split_video
+from soraflow.demo.videos import make_demo_videos
 from soraflow.workflow.settings import with_defaults
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import yaml
 
-from soraflow.data.demo import demo_cut_frames, make_demo_videos, scene_frames
+from soraflow.demo.videos import demo_cut_frames, make_demo_videos, scene_frames
 from soraflow.workflow.settings import with_defaults
 
 REPO = Path(__file__).resolve().parents[1]

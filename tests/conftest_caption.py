@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from soraflow.data import table, video
-from soraflow.models.tiny import build_all
+from soraflow.demo.models import build_all
 
 
 @pytest.fixture(scope="session")

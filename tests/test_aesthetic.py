@@ -13,7 +13,7 @@ from conftest import section
 from soraflow.data import table
 from soraflow.data.ingest import ingest_shard
 from soraflow.data.split import split_shard
-from soraflow.models.tiny import build_tiny_aesthetic
+from soraflow.demo.models import build_tiny_aesthetic
 from soraflow.scoring import aesthetic
 from soraflow.scoring.aesthetic import (
     HEAD_CONFIG,

@@ -9,8 +9,8 @@ from conftest import bare_section
 
 from soraflow.data import cache, table, video
 from soraflow.data.cache import LatentDataset
+from soraflow.demo.models import build_tiny_t5, build_tiny_vae
 from soraflow.models.encoders import PixelPackAutoencoder, TextEncoder, load_autoencoder
-from soraflow.models.tiny import build_tiny_t5, build_tiny_vae
 from soraflow.training import encode
 from soraflow.training.dataset import build_stage_index
 

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from soraflow.data.demo import demo_cut_frames, make_demo_videos
 from soraflow.data.probe import probe
 from soraflow.data.video import read_frames
+from soraflow.demo.videos import demo_cut_frames, make_demo_videos
 
 
 def frame_differences(path) -> np.ndarray:

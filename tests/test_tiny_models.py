@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest_caption import tiny_models  # noqa: F401  (session fixture)
 
-from soraflow.models.tiny import IMAGE_TOKEN, build_all, build_tiny_vae, train_tokenizer
+from soraflow.demo.models import IMAGE_TOKEN, build_all, build_tiny_vae, train_tokenizer
 
 
 def parameter_count(model) -> int:

@@ -24,7 +24,7 @@ def _params(text: str) -> dict:
 
 
 def cmd_demo_videos(args) -> None:
-    from soraflow.data.demo import make_demo_videos
+    from soraflow.demo.videos import make_demo_videos
 
     params = args.params
     make_demo_videos(params["out_dir"], params["videos"])
@@ -114,7 +114,7 @@ def cmd_score(args) -> None:
 
 
 def cmd_models(args) -> None:
-    from soraflow.models.tiny import build_all
+    from soraflow.demo.models import build_all
 
     build_all(args.out_dir, args.params)
 

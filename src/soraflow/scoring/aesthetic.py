@@ -13,7 +13,7 @@ is a from_pretrained-style id or directory holding
     `safetensors.torch.save_file(torch.load(path))` and `write_head_config([1024, 128, 64, 16], 768)`.
 
 A clip's score is the mean over a few frames (three by default, at 10/50/90% of the clip).
-`soraflow.models.tiny.build_tiny_aesthetic` writes a random-weight model of the same layout.
+`soraflow.demo.models.build_tiny_aesthetic` writes a random-weight model of the same layout.
 """
 
 from __future__ import annotations
