@@ -45,9 +45,24 @@ def test_split_a_video_file(synthetic_cut_video, tmp_path):
     assert all(Path(p).exists() for p in clips["path"])
 
 
+def test_split_takes_the_workflow_config_as_snakemake_does(synthetic_cut_video, tmp_path):
+    """--configfile FILE over workflow_config.yaml, then --config KEY=VALUE over both: the 128 px
+    video's clips come out at the file's frame rate and size, and its raw file is a copy (the
+    default hard-links it)."""
+    override = tmp_path / "override.yaml"
+    override.write_text("split: {fps: 12.0, shorter_side: 64}\ningest: {local_sources: in_place}\n")
+    result = soraflow("split", str(synthetic_cut_video["path"]), "--out-dir", str(tmp_path / "out"),
+                      "--configfile", str(override), "--config", "ingest={local_sources: copy}")
+    assert result.returncode == 0, result.stderr
+    clips = table.read(tmp_path / "out" / "clips.parquet")
+    assert set(clips["fps"]) == {12.0} and set(clips["width"]) == set(clips["height"]) == {64}
+    (raw,) = (tmp_path / "out" / "raw").iterdir()
+    assert not raw.samefile(synthetic_cut_video["path"])
+
+
 def test_split_without_a_config_says_what_to_pass(synthetic_cut_video, tmp_path):
     result = soraflow("split", str(synthetic_cut_video["path"]), cwd=tmp_path)
-    assert result.returncode != 0 and "--params or --config" in result.stderr
+    assert result.returncode != 0 and "workflow_config.yaml not found: pass the step's --params, or --configfile" in result.stderr
 
 
 def test_inspect_summarises_clips_and_rejects(tmp_path):

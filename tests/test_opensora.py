@@ -272,14 +272,14 @@ def test_sample_runs_from_an_opensora_pth(tmp_path):
 
 
 def test_sample_takes_a_pth_s_settings_from_config_files_laid_over_each_other(tmp_path):
-    """--config workflow_config.yaml --config PRESET: the preset's keys win, as with snakemake
+    """--configfile PRESET over the default config: the preset's keys win, as with snakemake
     --configfile. The default config's STDiT-demo would not fit these weights; the preset's
     STDiT-tiny does."""
     torch.save(opensora_weights(opensora_stdit_shapes(**TINY, in_channels=12)), tmp_path / "OpenSora-tiny.pth")
     preset = tmp_path / "preset.yaml"
     preset.write_text("stdit: {preset: STDiT-tiny, space_scale: 0.5}\ndiffusion: {sample_steps: 2}\n")
     main(["sample", "--ckpt", str(tmp_path / "OpenSora-tiny.pth"), "--prompt", "a red square", "--out",
-          str(tmp_path / "x.mp4"), "--config", str(REPO / "workflow_config.yaml"), "--config", str(preset),
+          str(tmp_path / "x.mp4"), "--defaults", str(REPO / "workflow_config.yaml"), "--configfile", str(preset),
           "--num-frames", "2", "--resolution", "16"])  # fmt: skip
     assert tuple(video.read_frames(tmp_path / "x.mp4").shape) == (2, 16, 16, 3)
 

@@ -49,31 +49,37 @@ def cmd_ingest(args) -> None:
     ingest_shard(args.table, args.raw_dir, args.out, args.rejects, args.params)
 
 
-def _config_section(args, section: str) -> dict:
-    """--params if given, else the section of the --config files (workflow_config.yaml by default)."""
-    return args.params if args.params is not None else _load_config_section(args.config, section)
-
-
-def _load_config_section(config_paths: list[str] | None, section: str) -> dict:
-    """A section of workflow config files, each over the ones before it key by key (as
-    snakemake --configfile PRESET over workflow_config.yaml), validated and with the schema's defaults."""
+def _workflow_config(args) -> dict:
+    """The workflow config as the Snakefile assembles it: --defaults, then the --configfile files
+    key by key (their stages whole), then the --config values; validated, with the schema's defaults."""
     import yaml
+    from snakemake.cli import parse_config
+    from snakemake.utils import update_config
 
-    from soraflow.workflow.settings import merged, with_defaults
+    from soraflow.workflow.settings import stages_as_listed, with_defaults
 
-    config_paths = config_paths or ["workflow_config.yaml"]
-    config: dict = {}
-    for path in map(Path, config_paths):
+    files = [args.defaults, *args.configfile]
+    for path in map(Path, files):
         if not path.exists():
-            raise SystemExit(f"no --params given and config file {path} not found: pass --params or --config")
-        config = merged(config, yaml.safe_load(path.read_text()) or {})
+            raise SystemExit(f"config file {path} not found: pass the step's --params, or --configfile FILE "
+                             "(over --defaults, by default workflow_config.yaml)")
+    config = yaml.safe_load(Path(args.defaults).read_text()) or {}
+    for path in args.configfile:
+        update_config(config, yaml.safe_load(Path(path).read_text()) or {})
+    update_config(config, parse_config(args.config))
+    stages_as_listed(config, args.configfile)
     try:
-        return with_defaults(config, source=" over ".join(reversed(config_paths)))[section]
-    except ValueError as error:
+        return with_defaults(config, source=" + ".join(files))
+    except ValueError as error:  # a wrong key or type: the message names it
         raise SystemExit(str(error)) from None
 
 
-def _clip_table(inputs: list[str], work_dir: Path, config_paths: list[str] | None) -> str:
+def _config_section(args, section: str) -> dict:
+    """--params if given, else the section of the workflow config (_workflow_config)."""
+    return args.params if args.params is not None else _workflow_config(args)[section]
+
+
+def _clip_table(inputs: list[str], work_dir: Path, args) -> str:
     """A clip table as given, or one made from video files (copied and probed like the ingest rule)."""
     if len(inputs) == 1 and inputs[0].endswith(".parquet"):
         return inputs[0]
@@ -88,7 +94,7 @@ def _clip_table(inputs: list[str], work_dir: Path, config_paths: list[str] | Non
     manifest = work_dir / "videos_manifest.parquet"
     table.write(pd.DataFrame({"id": ids, "video_id": ids, "url": [str(Path(p).resolve()) for p in inputs]}), manifest)
     videos = work_dir / "videos.parquet"
-    ingest_params = _load_config_section(config_paths, "ingest")
+    ingest_params = _workflow_config(args)["ingest"]
     ingest_shard(manifest, work_dir / "raw", videos, work_dir / "rejects_ingest.parquet", ingest_params)
     return str(videos)
 
@@ -100,7 +106,7 @@ def cmd_split(args) -> None:
     params = _config_section(args, "split")
     if args.threads is not None:  # the job's threads, as Snakemake gives them
         params = {**params, "threads": args.threads}
-    clips = _clip_table(args.inputs, out_dir, args.config)
+    clips = _clip_table(args.inputs, out_dir, args)
     out = args.out or str(out_dir / "clips.parquet")
     rejects = args.rejects or str(out_dir / "rejects_split.parquet")
     split_shard(clips, args.clip_dir or str(out_dir), out, rejects, params, drop_raw_in=args.drop_raw)
@@ -125,7 +131,7 @@ def cmd_caption(args) -> None:
 
     out_dir = Path(args.out_dir)
     params = _config_section(args, "caption")
-    clips = _clip_table(args.inputs, out_dir, args.config)
+    clips = _clip_table(args.inputs, out_dir, args)
     out = args.out or str(out_dir / "captioned.parquet")
     caption_shard(clips, out, args.rejects or str(out_dir / "rejects_caption.parquet"), params)
     if args.out is None:  # a person ran this: show the captions
@@ -187,7 +193,8 @@ def cmd_sample(args) -> None:
     pth = is_torch_checkpoint(args.ckpt)
     if args.params is None:
         sections = ("sample", "text_encoder", "vae", "diffusion") + (("stdit",) if pth else ())
-        args.params = {key: _config_section(args, key) for key in sections}
+        config = _workflow_config(args)
+        args.params = {key: config[key] for key in sections}
     if pth:
         args.params = _pth_settings(args, args.params)
     if args.from_captions:
@@ -207,7 +214,7 @@ def _pth_settings(args, params: dict) -> dict:
     if args.num_frames is None or args.resolution is None or "preset" not in stdit:
         raise SystemExit(
             f"{args.ckpt} holds weights only: give --num-frames and --resolution, and the STDiT settings "
-            "(--preset, --space-scale, or --config files with a stdit section); "
+            "(--preset, --space-scale, or --configfile files with a stdit section); "
             "OpenSora-v1-HQ-16x512x512.pth: --num-frames 16 --resolution 512 --preset STDiT-XL/2 --space-scale 1.0"
         )
     return {**params, "stdit": stdit, "size": {"num_frames": args.num_frames, "resolution": args.resolution}}
@@ -227,23 +234,12 @@ def cmd_report_figures(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    import yaml
-    from snakemake.cli import parse_config
-    from snakemake.utils import update_config
-
     from soraflow.workflow.plan import check
-    from soraflow.workflow.settings import stages_as_listed, with_defaults
 
-    # as the Snakefile assembles it: defaults, then --configfile files key by key (their stages
-    # whole), then --config
-    config = yaml.safe_load(Path(args.defaults).read_text())
-    for path in args.configfile:
-        update_config(config, yaml.safe_load(Path(path).read_text()) or {})
-    update_config(config, parse_config(args.config))
-    stages_as_listed(config, args.configfile)
+    config = _workflow_config(args)
     try:
-        print(check(with_defaults(config, source=" + ".join([args.defaults, *args.configfile]))))
-    except ValueError as error:  # an invalid config, or one that does not fit (PlanError)
+        print(check(config))
+    except ValueError as error:  # a config that does not fit (PlanError)
         raise SystemExit(str(error)) from None
 
 
@@ -294,13 +290,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--rejects", required=True)
 
-    def with_config(p):
-        p.add_argument("--params", type=_params, help="the step's settings as JSON (default: from --config)")
-        p.add_argument("--operational", type=_params, default={}, help="with --params: its operational settings as JSON")
-        p.add_argument("--config", action="append", metavar="YAML",
-                       help="workflow config to take settings from (default: workflow_config.yaml); repeat it to "
-                            "lay a preset over it key by key, as snakemake --configfile does")
+    def with_workflow_config(p):
+        """The workflow config, given as to snakemake."""
+        p.add_argument("--configfile", nargs="+", action="extend", default=[], metavar="FILE",
+                       help="config files over the defaults, each over the one before it key by key, as snakemake's")
+        p.add_argument("--config", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                       help="values over those, as snakemake's")
+        p.add_argument("--defaults", default="workflow_config.yaml", help="the default config (default: workflow_config.yaml)")
         return p
+
+    def with_config(p):
+        p.add_argument("--params", type=_params, help="the step's settings as JSON (default: from the workflow config)")
+        p.add_argument("--operational", type=_params, default={}, help="with --params: its operational settings as JSON")
+        return with_workflow_config(p)
 
     p = with_config(command("split", cmd_split, "cut videos (files, or a clip table) into scene clips"))
     p.add_argument("inputs", nargs="+", metavar="VIDEO_OR_TABLE")
@@ -383,9 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("plan", cmd_plan, "tokens, FLOPs, memory per GPU, cache sizes and GPU-hours of every stage of a "
                 "config; exits non-zero naming what does not fit the planned GPU (plan.gpu)")
-    p.add_argument("--configfile", nargs="+", default=[], metavar="FILE", help="config files over the defaults, as snakemake's")
-    p.add_argument("--config", nargs="+", default=[], metavar="KEY=VALUE", help="values over those, as snakemake's")
-    p.add_argument("--defaults", default="workflow_config.yaml", help="the default config (default: workflow_config.yaml)")
+    with_workflow_config(p)
 
     p = command("inspect", cmd_inspect, "summarise the clip tables and rejects of a workflow run")
     p.add_argument("--root", default="data", help="the workflow's data.root (default: data)")
