@@ -142,7 +142,7 @@ def test_score_fills_aes_and_min_aes_filters_on_it(tmp_path, tiny_aes, synthetic
 
 
 def test_build_all_builds_the_aesthetic_model(tmp_path, monkeypatch):
-    from soraflow.models import tiny as tiny_models
+    from soraflow.demo import models as tiny_models
 
     built = []
     for name in ("tiny-llava", "tiny-vae", "tiny-t5"):
