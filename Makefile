@@ -48,7 +48,7 @@ demo: setup
 	@echo "samples: results/samples/ (one mp4 per prompt and stage); checkpoints: results/checkpoints/"
 
 test: setup-dev /usr/bin/chromedriver $(COLOSSALAI_STAMP) lint
-	PATH=$(abspath $(VENV))/bin:$$PATH pytest -q
+	PATH=$(abspath $(VENV))/bin:$$PATH pytest -q --durations=25
 
 # The layering contract (import-linter, pyproject.toml), Python and Snakemake style, Snakemake's own lint.
 lint: setup-dev

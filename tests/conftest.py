@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -12,11 +14,22 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import yaml
+from workflow_run import run_snakemake, small_config
 
 from soraflow.demo.videos import demo_cut_frames, make_demo_videos, scene_frames
+from soraflow.workflow.layout import Layout
 from soraflow.workflow.settings import with_defaults
 
 REPO = Path(__file__).resolve().parents[1]
+SLOW_TIMEOUT = 1800  # s: a slow test may build a whole tiny run or a Slurm cluster first
+
+
+def pytest_collection_modifyitems(items):
+    """A hang fails with a stack (pytest-timeout) after the suite's timeout (pyproject.toml), or
+    SLOW_TIMEOUT for the end-to-end tests marked slow, unless a test names its own."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))
 
 
 def section(name: str, **values) -> dict:
@@ -134,3 +147,21 @@ def bad_videos(tmp_path_factory) -> dict[str, Path]:
         "good": good, "truncated": truncated, "zero_byte": zero, "text": text,
         "audio_only": audio, "one_frame": one_frame, "too_big": huge,
     }  # fmt: skip
+
+
+class FinishedRun(NamedTuple):
+    workdir: Path
+    layout: Layout
+    seconds: float  # its wall time, one clean run of the whole tiny DAG
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory) -> FinishedRun:
+    """The whole tiny workflow (tests/workflow_run.py), run once for the session by real
+    Snakemake. Tests only read it; a test that changes it works on a copy (copy_run)."""
+    workdir = tmp_path_factory.mktemp("workflow")
+    config = small_config(workdir)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    started = time.monotonic()
+    run_snakemake(workdir)
+    return FinishedRun(workdir, Layout(config), time.monotonic() - started)

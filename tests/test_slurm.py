@@ -31,7 +31,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from test_end_to_end import small_config
+from workflow_run import small_config
 
 from soraflow.data import video
 from soraflow.models.checkpoint import load_for_sampling

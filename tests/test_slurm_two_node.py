@@ -32,8 +32,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from test_end_to_end import small_config
 from test_slurm import _why_no_cluster, profile_for_test, seconds
+from workflow_run import small_config
 
 from soraflow.workflow import settings
 from soraflow.workflow.layout import Layout
