@@ -14,23 +14,26 @@ rule demo_videos:
         "soraflow demo-videos --params {params.cfg:q} > {log} 2>&1"
 
 
+# One job per shard, run again only when its rows change: the manifest is ancient() (its
+# modification time re-runs nothing) and the job's params hold a digest of its rows, which
+# Snakemake compares. One job writing every table would not do: Snakemake deletes a job's
+# outputs before running it, so every table would be new and every shard's jobs would run
+# again. So appended rows re-run the last shard and the new ones; an edited row, its shard.
 rule shard:
     input:
-        L.manifest,
+        ancient(L.manifest),
     output:
-        L.shard_files("manifest"),
+        L.shard_file("manifest"),
     log:
-        "logs/shard.log",
+        "logs/shard/{shard}.log",
     conda:
         "../envs/soraflow.yaml"
     params:
         shard_size=config["data"]["shard_size"],
-        # the folder and the count, not {output}: 10k paths pass the kernel's argument limit
-        shards_dir=lambda w, output: folder(output, levels=2),
-        num_shards=len(L.shards),
+        rows=lambda w: L.shard_digest(w.shard),
     shell:
-        "soraflow shard {input} --shard-size {params.shard_size}"
-        " --shards-dir {params.shards_dir} --num-shards {params.num_shards} > {log} 2>&1"
+        "soraflow shard {input} --shard-size {params.shard_size} --shard {wildcards.shard}"
+        " --out {output} > {log} 2>&1"
 
 
 # Raw files (downloads, hard links, copies under data/raw/) are not declared outputs: Snakemake

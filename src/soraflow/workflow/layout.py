@@ -11,9 +11,10 @@ import json
 import os
 import shlex
 import sys
+from functools import cached_property
 from pathlib import Path
 
-from soraflow.data.manifest import num_shards, shard_ids
+from soraflow.data.manifest import num_shards, shard_digests, shard_ids
 from soraflow.workflow import resources, settings
 
 
@@ -43,7 +44,10 @@ class Layout:
         self.config = config
         data = config["data"]
         self.root = data["root"]
-        self.manifest = data["manifest"]
+        # relative inside the working folder, so a run moved or copied with its manifest finds
+        # its shard jobs' input unchanged
+        manifest = os.path.abspath(data["manifest"])
+        self.manifest = os.path.relpath(manifest) if manifest.startswith(os.getcwd() + os.sep) else data["manifest"]
         self.shards = shard_ids(num_shards(self.manifest, data["shard_size"]))
         self.stages = list(config["stages"])  # in the order they run
         self.models_dir = config["local_models"]["out_dir"]
@@ -59,6 +63,15 @@ class Layout:
 
     def shard_files(self, name: str) -> list[str]:
         return [self.shard_file(name, s) for s in self.shards]
+
+    def shard_digest(self, shard: str) -> str:
+        """A digest of the shard's manifest rows: the shard job's params, so it re-runs when its
+        rows change, never for rows added after them. The manifest is read at most once."""
+        return self._shard_digests[int(shard)]
+
+    @cached_property
+    def _shard_digests(self) -> list[str]:
+        return shard_digests(self.manifest, self.config["data"]["shard_size"], len(self.shards))
 
     def raw_dir(self) -> str:
         return f"{self.root}/raw"
