@@ -14,9 +14,11 @@ outside the GIL. The clip table keeps the shard's order whatever order videos fi
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import queue
+import signal
 import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -32,10 +34,13 @@ from scenedetect import AdaptiveDetector, ContentDetector, FrameTimecode
 
 from soraflow.core.progress import ShardProgress
 from soraflow.data import table
-from soraflow.data.video import count_frames
+from soraflow.data.video import count_frames, is_video_fault
 
 DETECT_WIDTH = 256  # PySceneDetect's own default working width
 CLIPS_PER_FFMPEG = 16  # one decode of the source feeds this many clip encoders
+# errors of the machine, not of the video, when ffmpeg reports them
+MACHINE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM,
+                  errno.ENOENT, errno.ENOMEM, errno.EMFILE, errno.ENFILE)  # fmt: skip
 
 
 class SplitError(Exception):
@@ -100,6 +105,8 @@ def detect_scenes(path: str | Path, params: dict, threads: int = 0) -> tuple[lis
             cuts += detector.process_frame(FrameTimecode(len(timestamps), rate), image)
             timestamps.append(timestamp)
     except av.FFmpegError as error:
+        if not is_video_fault(error):
+            raise
         if not timestamps:
             raise SplitError(f"cannot decode {path}: {error}") from None
     finally:
@@ -182,11 +189,25 @@ def _cut_command(
 def _cut(
     source: Path, clips: list[tuple[int, int, float, Path]], size: tuple[int, int], fps: float | None, threads: int
 ) -> None:
+    """Cut the clips with ffmpeg. A failure of the video is a SplitError (a reject); one of the
+    machine (no ffmpeg, ffmpeg killed, a full disk, an unwritable folder) raises anything else
+    and fails the job, or every video after it would be rejected too."""
     for first in range(0, len(clips), CLIPS_PER_FFMPEG):
         batch = clips[first : first + CLIPS_PER_FFMPEG]
-        result = subprocess.run(_cut_command(source, batch, size, fps, threads), capture_output=True, text=True)
+        try:
+            result = subprocess.run(_cut_command(source, batch, size, fps, threads), capture_output=True, text=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, "ffmpeg, which cuts the clips, is not on PATH") from None
+        stderr = result.stderr.strip()
+        if result.returncode < 0:
+            raise ChildProcessError(f"ffmpeg cutting {source} was killed by {signal.Signals(-result.returncode).name} "
+                                    f"(out of memory, or a limit of the machine): {stderr[-500:]}")  # fmt: skip
+        # ffmpeg names these by their strerror text, and may exit 0 all the same (5.1 does on a full disk)
+        for code in MACHINE_ERRNOS:
+            if os.strerror(code) in stderr:
+                raise OSError(code, f"ffmpeg cutting {source}: {os.strerror(code)}: {stderr[-500:]}")
         if result.returncode != 0:
-            raise SplitError(f"ffmpeg failed cutting {source}: {result.stderr.strip()[-500:]}")
+            raise SplitError(f"ffmpeg failed cutting {source}: {stderr[-500:]}")
 
 
 def _ms(seconds: float) -> float:
@@ -274,6 +295,8 @@ def _split_or_reject(video: dict, clip_dir: Path, params: dict, threads: int) ->
     try:
         rows, rejects = split_video(video, clip_dir, params, threads)
     except (SplitError, av.FFmpegError) as error:
+        if not is_video_fault(error):
+            raise
         return [], [{"id": video["id"], "url": video["url"], "stage": "split", "reason": str(error)}]
     if not rows and not any(r["id"] == video["id"] for r in rejects):
         rejects.append({"id": video["id"], "url": video["url"], "stage": "split", "reason": "no clip survived"})

@@ -16,6 +16,15 @@ import torch.nn.functional as F
 from soraflow.core.atomic import atomic_path
 
 
+def is_video_fault(error: BaseException) -> bool:
+    """Whether an error raised reading or decoding a video is the video's own (undecodable or
+    truncated data, no video stream, too few frames: a reject) or the machine's (any OSError, a
+    missing file, no permission, a full disk, an I/O error, or no memory: the job must fail, or
+    every video after it would be rejected too). PyAV raises errno errors as OSErrors, bad data
+    as ValueErrors."""
+    return not isinstance(error, (OSError, MemoryError))
+
+
 def count_frames(path: str | Path) -> int:
     """Frames a decoder actually yields (container metadata can be wrong)."""
     with av.open(str(path)) as container:

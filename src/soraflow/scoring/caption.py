@@ -283,7 +283,9 @@ def caption_shard(table_path: str | Path, out_table: str | Path, rejects_path: s
             try:
                 frames.append(_load_frames(row["path"], row["num_frames"], params["positions"]))
                 ids.append(row["id"])
-            except (ValueError, OSError, av.FFmpegError) as err:
+            except (ValueError, av.FFmpegError) as err:
+                if not video.is_video_fault(err):
+                    raise  # the machine's fault (a missing clip file, an I/O error): fail, reject nothing
                 results.append({"id": row["id"], "text_generated": None, "reason": f"cannot decode frames: {err}"})
         if frames:
             model, processor = load_captioner(params["model"])
