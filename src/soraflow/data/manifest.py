@@ -82,7 +82,7 @@ def _load(path: Path) -> pd.DataFrame:
 
 def _clean(values: pd.Series) -> pd.Series:
     """Strings stripped of whitespace; missing values become ''."""
-    return values.astype(object).where(values.notna(), "").astype(str).str.strip()
+    return values.astype("string").fillna("").str.strip()
 
 
 def _id_from_url(url: str) -> str:
@@ -90,17 +90,20 @@ def _id_from_url(url: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).lstrip(".") or "video"
 
 
-# urlsplit's path of a URL whose scheme is plain and whose host needs no checks
-PLAIN_URL_PATH = r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#\[\]]*([^?#]*)"
+# what urlsplit takes for a scheme: the text before the first ':', if made of these
+SCHEME_PREFIX = r"^[A-Za-z][A-Za-z0-9+.-]*:"
+KNOWN_SCHEME_PREFIX = rf"^(?i:{'|'.join(sorted(REMOTE_SCHEMES | LOCAL_SCHEMES - {''}))}):"
+# a URL with such a scheme and a host urlsplit needs not check, and its path
+PLAIN_URL = r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#\[\]]*([^?#]*)(?:[?#].*)?$"
 
 
 def _ids_from_urls(urls: pd.Series) -> pd.Series:
     """_id_from_url of every URL, as column operations where the file name is plain (no
     percent-escapes, not empty or '.'), which it is for nearly every URL; the others one by one."""
     remote = urls.str.contains("://", regex=False)
-    paths = urls.where(~remote, urls.str.extract(PLAIN_URL_PATH, expand=False))
-    names = paths.str.extract("([^/]*)$", expand=False)
-    plain = paths.notna() & ~urls.str.contains(r"[%\t\r\n]") & ~names.isin(["", "."])
+    paths = urls.where(~remote, urls.str.replace(PLAIN_URL, r"\1", regex=True))
+    names = paths.str.replace(r"^.*/", "", regex=True)
+    plain = (~remote | urls.str.match(PLAIN_URL)) & ~urls.str.contains(r"[%\t\r\n]") & ~names.isin(["", "."])
     # Path.stem: the name less its last suffix, a suffix being a '.' neither first nor last
     stems = names[plain].str.replace(r"^(.+)\.[^.]+$", r"\1", regex=True)
     ids = stems.str.replace(r"[^A-Za-z0-9._-]+", "_", regex=True).str.lstrip(".").replace("", "video")
@@ -108,11 +111,11 @@ def _ids_from_urls(urls: pd.Series) -> pd.Series:
     return pd.concat([ids, pd.Series([_id_from_url(url) for url in others], index=others.index, dtype=object)]).loc[urls.index]
 
 
-def _fill_ids(ids: pd.Series, urls: pd.Series) -> list[str]:
+def _fill_ids(ids: pd.Series, urls: pd.Series) -> pd.Series | list[str]:
     """Missing ids from the URL's file stem; a taken stem gets _1, _2, ... in row order."""
     missing = ids == ""
     if not missing.any():
-        return ids.tolist()
+        return ids
     stems = _ids_from_urls(urls[missing])
     taken = set(ids[~missing])
     filled = ids.tolist()
@@ -153,24 +156,14 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
 def _first_bad_row(manifest: pd.DataFrame) -> int | None:
     """Position of the first row that fails a check, or None."""
     urls, ids, sha = manifest["url"], manifest["id"], manifest["sha256"]
-    # a URL's scheme is what precedes its first ':', so each distinct prefix is checked once
-    prefixes = urls[urls.str.contains("://", regex=False)].str.extract("^([^:]*)", expand=False)
-    unknown = [prefix for prefix in prefixes.unique() if not _known_scheme(prefix + "://")]
+    unknown_scheme = urls.str.contains("://", regex=False) & urls.str.match(SCHEME_PREFIX) & ~urls.str.match(KNOWN_SCHEME_PREFIX)
     failed = (
         (urls == "")
-        | urls.index.isin(prefixes.index[prefixes.isin(unknown)])
+        | unknown_scheme
         | ((sha != "") & ~sha.str.match(SHA256_PATTERN.pattern))
         | ((ids != "") & (~ids.str.match(ID_PATTERN.pattern) | ids.duplicated()))
     ).to_numpy()
     return int(failed.argmax()) if failed.any() else None
-
-
-def _known_scheme(url: str) -> bool:
-    try:
-        url_scheme(url)
-    except ValueError:
-        return False
-    return True
 
 
 def _problem(manifest: pd.DataFrame, row: int) -> str:
@@ -235,36 +228,24 @@ def shard_table_paths(shards_dir: str | Path, num_shards: int, name: str) -> lis
     return [Path(shards_dir) / shard / f"{name}.parquet" for shard in shard_ids(num_shards)]
 
 
-def clip_rows(manifest_path: str | Path) -> pd.DataFrame:
-    """The manifest as clip-table rows, one per source video."""
-    manifest = read_manifest(manifest_path)
-    return pd.DataFrame(
-        {
-            "id": manifest["id"],
-            "video_id": manifest["id"],
-            "url": manifest["url"],
-            "sha256": manifest["sha256"].replace("", None),
-            "text_manifest": manifest["text"].replace("", None),
-        }
-    )
-
-
-def _shard(rows: pd.DataFrame, shard_size: int, shard: int) -> pd.DataFrame:
-    """Rows [shard*shard_size, (shard+1)*shard_size); empty past the end (count_rows overestimates)."""
-    return rows.iloc[shard * shard_size : (shard + 1) * shard_size]
-
-
 def shard_digests(manifest_path: str | Path, shard_size: int, num_shards: int) -> list[str]:
     """A digest of each shard's rows, ids filled in: the workflow re-runs a shard's job when its
     digest changes, so rows appended to the manifest re-run only the shards they land in."""
-    rows = clip_rows(manifest_path)
-    needed = math.ceil(len(rows) / shard_size)
+    manifest = read_manifest(manifest_path)
+    needed = math.ceil(len(manifest) / shard_size)
     if needed > num_shards:
-        raise ValueError(f"manifest {manifest_path}: {len(rows)} rows need {needed} shards of {shard_size}, not {num_shards}")
-    return [hashlib.sha256(json.dumps(_shard(rows, shard_size, k).to_numpy().tolist()).encode()).hexdigest()
-            for k in range(num_shards)]
+        raise ValueError(f"manifest {manifest_path}: {len(manifest)} rows need {needed} shards of {shard_size}, not {num_shards}")
+    digests = []
+    for k in range(num_shards):
+        rows = manifest.iloc[k * shard_size : (k + 1) * shard_size]
+        digests.append(hashlib.sha256(json.dumps([rows[column].tolist() for column in rows]).encode()).hexdigest())
+    return digests
 
 
 def write_shard(manifest_path: str | Path, shard_size: int, shard: int, out_path: str | Path) -> None:
-    """Write shard `shard` (0-based) of the manifest to out_path as a clip table."""
-    table.write(_shard(clip_rows(manifest_path), shard_size, shard), out_path)
+    """Write rows [shard*shard_size, (shard+1)*shard_size) of the manifest to out_path as a clip
+    table; past the manifest's end (count_rows overestimates) an empty one."""
+    rows = read_manifest(manifest_path).iloc[shard * shard_size : (shard + 1) * shard_size]
+    clips = {"id": rows["id"], "video_id": rows["id"], "url": rows["url"],
+             "sha256": rows["sha256"].replace("", None), "text_manifest": rows["text"].replace("", None)}  # fmt: skip
+    table.write(pd.DataFrame(clips), out_path)
