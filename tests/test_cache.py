@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import bare_section
+from safetensors import safe_open
 
 from soraflow.data import cache, table, video
 from soraflow.data.cache import LatentDataset
@@ -112,8 +113,9 @@ def test_pixel_pack_declares_its_latent_range_for_sampling():
 
 
 def test_chunked_store_writes_rows_as_they_come_and_reuses_them(tmp_path, monkeypatch):
-    """Rows are written in chunks of at most CHUNK_BYTES while batches arrive; a second job with
-    the same settings finds every row, and one with other settings removes the old chunks."""
+    """Rows are written in chunks of whole batches once CHUNK_BYTES are held, while batches
+    arrive; a second job with the same settings finds every row, and one with other settings
+    removes the old chunks."""
     row_bytes = 4 * 8 * 4  # [4, 8] float32
     monkeypatch.setattr(cache, "CHUNK_BYTES", 3 * row_bytes)  # three rows per chunk
     values = torch.arange(10 * 4 * 8, dtype=torch.float32).reshape(10, 4, 8)
@@ -121,12 +123,14 @@ def test_chunked_store_writes_rows_as_they_come_and_reuses_them(tmp_path, monkey
     store = cache.ChunkStore(tmp_path / "00000.json", {"vae": "a"})
     assert store.missing(keys) == list(range(10))
     written = []
-    for start in range(0, 10, 4):  # batches of 4 rows cross chunk boundaries
+    for start in range(0, 10, 4):  # batches of 4 rows, more than a chunk's 3
         store.add(ids[start : start + 4], keys[start : start + 4], {"latents": values[start : start + 4]})
         written.append(len(list((tmp_path / "00000").glob("*.safetensors"))))
-    assert written == [1, 2, 3]  # a chunk leaves memory as soon as it is full
+    assert written == [1, 2, 2]  # a chunk leaves memory as soon as it is full; 2 rows wait
     store.finish(ids, keys)
-    assert len(list((tmp_path / "00000").glob("*.safetensors"))) == 4  # 3 + 3 + 3 + 1 rows
+    rows_per_chunk = sorted(safe_open(str(p), "pt").get_slice("latents").get_shape()[0]
+                            for p in tmp_path.glob("00000/*.safetensors"))
+    assert rows_per_chunk == [2, 4, 4]  # never a batch split over two chunks
     rows = cache.CachedRows()
     for clip_id, (path, row) in cache.locate(tmp_path / "00000.json").items():
         assert torch.equal(rows.get(path, "latents", row), values[ids.index(clip_id)])

@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-
 import pandas as pd
 import pytest
 import torch
@@ -231,38 +225,3 @@ def test_bad_params_name_the_key(clips, tiny_models, tmp_path):
         run_shard(clips, tmp_path, "o", {**params, "existing_text": "merge"})
     with pytest.raises(ValueError, match="positions"):
         run_shard(clips, tmp_path, "o", {**params, "num_frames": 2})
-
-
-def test_killed_shard_resumes_without_captioning_twice(clips, tiny_models, tmp_path):
-    params = section("caption", model=str(tiny_models["tiny-llava"]), prompt=PROMPT, max_new_tokens=24, batch_size=1)
-    out, rejects = tmp_path / "out.parquet", tmp_path / "rej.parquet"
-    partial = tmp_path / "out.parquet.partial"
-    script = (
-        "from soraflow.scoring.caption import caption_shard\n"
-        f"caption_shard({str(clips)!r}, {str(out)!r}, {str(rejects)!r}, {params!r})"
-    )
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-c", script], env=env)
-    try:
-        deadline = time.monotonic() + 60
-        while not (partial / "part-00000.parquet").exists():
-            assert process.poll() is None, "the captioning subprocess ended before writing a part"
-            assert time.monotonic() < deadline, "no partial results after 60 s"
-            time.sleep(0.005)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
-    assert not out.exists(), "the subprocess finished before it was killed"
-    done_before = pd.concat([table.read(p) for p in partial.glob("part-*.parquet")])
-    assert 1 <= len(done_before) < 6
-
-    summary = caption_shard(clips, out, rejects, params)
-    assert summary["resumed"] == len(done_before)
-    assert summary["processed"] == 6 - len(done_before)
-    assert not partial.exists()
-    result = table.read(out)
-    assert sorted(result["id"]) == [f"clip{i}" for i in range(6)]
-
-    run_shard(clips, tmp_path, "whole", params)
-    assert captions(out) == captions(tmp_path / "whole.parquet")

@@ -23,10 +23,11 @@ class ShardProgress:
     """A shard job's progress line: videos done of the shard, videos/s, clips/s, bytes/s and an ETA.
 
     Videos/s and the ETA are tqdm's (smoothed); clips/s and bytes/s are averages since the start.
-    Call `advance` once per finished video, in any order (workers finish out of order)."""
+    Call `advance` once per finished video, in any order (workers finish out of order); `done`
+    videos were finished by an earlier attempt of the job (they count, but not in the rates)."""
 
-    def __init__(self, total: int, desc: str):
-        self.bar = progress(total=total, desc=desc, unit=" videos", bar_format=SHARD_FORMAT)
+    def __init__(self, total: int, desc: str, done: int = 0):
+        self.bar = progress(total=total, initial=done, desc=desc, unit=" videos", bar_format=SHARD_FORMAT)
         self.clips = 0
         self.bytes = 0
 

@@ -9,7 +9,7 @@ training steps several times cheaper (their #393). A shard's cache is
 
     {name}.json        the index (the encode rule's output): the cache key (settings), and
                        for every clip its id, per-clip key, chunk file and row
-    {name}/*.safetensors  chunk files of at most CHUNK_BYTES each, written as they fill
+    {name}/*.safetensors  chunk files of whole batches, written once they hold CHUNK_BYTES
 
 so an encode job holds one chunk in memory, never the shard. Each chunk names its
 settings key, clip ids and per-clip keys in its metadata. A per-clip key is the hash of
@@ -18,6 +18,12 @@ job reuses every row of an earlier chunk whose key it still wants and encodes on
 clips it is missing, so a filter change, a retried job or new captions for a few clips
 re-encode only those clips. Chunks of other settings are removed when a job finishes;
 chunks of the same settings stay (a filter loosened again finds its clips there).
+
+The chunk files are an encode job's progress too: Snakemake deletes only the index before a
+retry, and a killed job's retry encodes the clips after its last chunk. A chunk holds whole
+batches, so the retry's batches start where the killed job's did and hold the same clips:
+an encoder's output can depend on what shares its batch, and the cache a retry finishes is
+the one an uninterrupted job writes, byte for byte.
 
 Latents and text features are stored in `cache.dtype` (bf16 by default, half of fp32;
 LatentDataset reads them back as float32); the text mask is stored as each caption's
@@ -41,8 +47,9 @@ from soraflow.core.atomic import atomic_path
 from soraflow.data import table
 from soraflow.data.manifest import shard_ids
 
-# rows buffered before a chunk file is written: what an encode job holds, whatever the shard's
-# size (16 MiB: 32 latent rows at 16 x 512 px, 16 T5-XXL captions per file)
+# rows buffered before a chunk file is written (then one batch more at most): what an encode job
+# holds, whatever the shard's size (16 MiB: 32 latent rows at 16 x 512 px; a batch of T5-XXL
+# captions is 64 MiB)
 CHUNK_BYTES = 16 * 2**20
 OPEN_CHUNKS = 64  # chunk files a reader keeps open (memory maps), least recently used closed first
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -54,11 +61,17 @@ def digest(value) -> str:
 
 def write_cache(tensors: dict[str, torch.Tensor], ids: list[str], key: dict, path: str | Path,
                 clip_keys: list[str] | None = None) -> None:
-    """One chunk file: row i of every tensor belongs to clip ids[i]."""
-    metadata = {"ids": json.dumps(ids), "cache_key": json.dumps(key, sort_keys=True),
-                "clip_keys": json.dumps(clip_keys or [])}
+    """One chunk file: row i of every tensor belongs to clip ids[i]. Its metadata is one entry
+    (safetensors writes several in a random order, so equal chunks would differ in bytes)."""
+    metadata = {"chunk": json.dumps({"ids": ids, "cache_key": key, "clip_keys": clip_keys or []}, sort_keys=True)}
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def chunk_metadata(path: str | Path) -> dict:
+    """A chunk file's ids, cache_key (the settings its rows were encoded with) and clip_keys."""
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["chunk"])
 
 
 def text_tensors(features: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> dict:
@@ -99,8 +112,7 @@ def read_key(path: str | Path) -> dict:
 
 def chunk_key(path: str | Path) -> dict:
     """The settings a chunk file's rows were encoded with."""
-    with safe_open(str(path), "pt") as f:
-        return json.loads(f.metadata()["cache_key"])
+    return chunk_metadata(path)["cache_key"]
 
 
 def locate(path: str | Path) -> dict[str, tuple[str, int]]:
@@ -129,8 +141,7 @@ class ChunkStore:
         for partial in self.folder.glob("*.tmp"):
             partial.unlink()  # a chunk a killed job was writing (one job per store runs at a time)
         for chunk in sorted(self.folder.glob(f"{self.prefix}-*.safetensors")):
-            with safe_open(str(chunk), "pt") as f:
-                keys = json.loads(f.metadata()["clip_keys"])
+            keys = chunk_metadata(chunk)["clip_keys"]
             self.found.update({key: (chunk.name, row) for row, key in enumerate(keys)})
         self.pending: list[tuple[list[str], list[str], dict[str, torch.Tensor]]] = []
         self.pending_rows = 0
@@ -147,30 +158,23 @@ class ChunkStore:
             self.rows_per_chunk = max(1, CHUNK_BYTES // max(row_bytes, 1))
         self.pending.append((list(ids), list(clip_keys), tensors))
         self.pending_rows += len(ids)
-        while self.pending_rows >= self.rows_per_chunk:
-            self._write(self.rows_per_chunk)
+        if self.pending_rows >= self.rows_per_chunk:
+            self._write()
 
-    def _write(self, count: int) -> None:
-        """Write the first `count` pending rows as one chunk."""
-        ids, keys, parts = [], [], []
-        while len(ids) < count:
-            batch_ids, batch_keys, tensors = self.pending.pop(0)
-            take = count - len(ids)
-            ids += batch_ids[:take]
-            keys += batch_keys[:take]
-            parts.append({name: t[:take] for name, t in tensors.items()})
-            if take < len(batch_ids):  # the rest of the batch waits for the next chunk
-                self.pending.insert(0, (batch_ids[take:], batch_keys[take:], {n: t[take:] for n, t in tensors.items()}))
-        self.pending_rows -= count
+    def _write(self) -> None:
+        """Write the pending batches as one chunk."""
+        ids = [i for batch_ids, _, _ in self.pending for i in batch_ids]
+        keys = [key for _, batch_keys, _ in self.pending for key in batch_keys]
+        tensors = {n: torch.cat([batch[n] for _, _, batch in self.pending]) for n in self.pending[0][2]}
+        self.pending, self.pending_rows = [], 0
         name = f"{self.prefix}-{digest(keys)[:16]}.safetensors"
-        tensors = {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
         write_cache(tensors, ids, self.settings, self.folder / name, clip_keys=keys)
         self.found.update({key: (name, row) for row, key in enumerate(keys)})
 
     def finish(self, ids: list[str], clip_keys: list[str]) -> None:
         """Write the last chunk and the index over `ids` (each must have been added or found)."""
         if self.pending_rows:
-            self._write(self.pending_rows)
+            self._write()
         absent = [i for i, key in zip(ids, clip_keys) if key not in self.found]
         if absent:
             raise RuntimeError(f"{self.index_path}: clips never encoded: {absent[:5]}")

@@ -7,7 +7,9 @@ fetched again. Failed requests (connection errors, timeouts, 429 and 5xx) are re
 urllib3's `Retry` on the requests session; a body cut mid-stream, which urllib3 does not
 retry, is resumed with an HTTP Range request where the server allows it. Local sources are
 hard-linked into raw_dir, read in place or copied (`local_sources`). One bad video becomes a
-row in the rejects table; the rest of the shard carries on.
+row in the rejects table; the rest of the shard carries on. Each finished video (its row or its
+reject) is kept as a part beside the output table (core.resume), so a killed job's retry probes
+only the videos it had not finished.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from urllib3.exceptions import HTTPError, MaxRetryError, ProtocolError
 from urllib3.util.retry import Retry
 
 from soraflow.core.progress import ShardProgress
+from soraflow.core.resume import JobProgress, file_digest, progress_folder
 from soraflow.data import table
 from soraflow.data.manifest import is_remote, resolve_url
 from soraflow.data.probe import ProbeError, probe
@@ -38,6 +41,8 @@ LOCAL_SOURCES = ("link", "in_place", "copy")
 RETRY_STATUSES = frozenset({429, *range(500, 600)})
 CHUNK_BYTES = 1 << 20
 EXTENSION_PATTERN = re.compile(r"^\.[A-Za-z0-9]{1,5}$")
+# settings that never change the tables (schemas/affects.yaml), left out of the progress key
+OPERATIONAL = ("timeout_s", "retries", "backoff_s", "concurrency", "per_host", "keep_raw")
 
 
 class FetchError(Exception):
@@ -352,23 +357,34 @@ def ingest_shard(
     raw_dir = Path(raw_dir)
     raw_dir.mkdir(parents=True, exist_ok=True)
     records = table.read(shard_table).to_dict("records")
+    settings = {k: v for k, v in params.items() if k not in OPERATIONAL}
+    progress = JobProgress(progress_folder(out_table), {"ingest": settings, "raw_dir": str(raw_dir),
+                                                        "table": file_digest(shard_table)})
+    # a finished video whose file has gone since (deleted by hand) is fetched again
+    done = {item: part for item, part in progress.parts().items()
+            if part["video"] is None or Path(part["video"]["raw_path"]).exists()}
+    todo = [record for record in records if record["id"] not in done]
     slots = HostSlots(int(params["per_host"]))
-    workers = max(1, min(int(params["concurrency"]), len(records)))
+    workers = max(1, min(int(params["concurrency"]), len(todo)))
     with (
         http_session(params) as session,
         ThreadPoolExecutor(workers, thread_name_prefix="ingest") as pool,
-        ShardProgress(len(records), "ingest") as bar,
+        ShardProgress(len(records), "ingest", done=len(records) - len(todo)) as bar,
     ):
-        futures = [pool.submit(ingest_video, record, raw_dir, params, session, slots) for record in records]
+        futures = {pool.submit(ingest_video, record, raw_dir, params, session, slots): record for record in todo}
         try:
             for future in as_completed(futures):
-                bar.advance(nbytes=future.result()[2])
+                video, reject, nbytes = future.result()
+                progress.add(futures[future]["id"], {"video": video, "reject": reject})
+                bar.advance(nbytes=nbytes)
         except BaseException:  # an unexpected error (disk full, ...) fails the job now, not after the shard
             for future in futures:
                 future.cancel()
             raise
-        results = [future.result() for future in futures]
-    videos = [video for video, _, _ in results if video]
-    rejects = [reject for _, reject, _ in results if reject]
+    finished = progress.parts()  # read back, as a retry reads them: the tables are the same either way
+    parts = [finished[record["id"]] for record in records]
+    videos = [part["video"] for part in parts if part["video"]]
+    rejects = [part["reject"] for part in parts if part["reject"]]
     table.write(pd.DataFrame(videos) if videos else table.empty(), out_table)
     table.write_rejects(rejects, rejects_path)
+    progress.remove()

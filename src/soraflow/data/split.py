@@ -10,6 +10,11 @@ then decoded again to check it has exactly the frames the table says.
 A shard's videos are split `threads` at a time, each by its own worker thread: the heavy
 work (decoding, scaling, encoding) runs in FFmpeg, in PyAV's C code or ffmpeg processes,
 outside the GIL. The clip table keeps the shard's order whatever order videos finish in.
+
+A finished video's clips and table rows are kept in a progress folder beside the clip folder
+(core.resume), which Snakemake, deleting the clip folder before a retry, leaves alone: a
+killed job's retry splits only the videos it had not finished, and moves every clip into the
+clip folder once the shard is done.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from av.video.reformatter import VideoReformatter
 from scenedetect import AdaptiveDetector, ContentDetector, FrameTimecode
 
 from soraflow.core.progress import ShardProgress
+from soraflow.core.resume import JobProgress, file_digest, progress_folder
 from soraflow.data import table
 from soraflow.data.video import count_frames, is_video_fault
 
@@ -41,6 +47,7 @@ CLIPS_PER_FFMPEG = 16  # one decode of the source feeds this many clip encoders
 # errors of the machine, not of the video, when ffmpeg reports them
 MACHINE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM,
                   errno.ENOENT, errno.ENOMEM, errno.EMFILE, errno.ENFILE)  # fmt: skip
+OPERATIONAL = ("threads",)  # settings that never change a clip (schemas/affects.yaml), left out of the progress key
 
 
 class SplitError(Exception):
@@ -219,12 +226,16 @@ def short_scene_id(video_id: str, start: int, end: int) -> str:
     return f"{video_id}_frames-{start:06d}-{end:06d}"
 
 
-def split_video(video: dict, clip_dir: Path, params: dict, threads: int = 0) -> tuple[list[dict], list[dict]]:
+def split_video(
+    video: dict, clip_dir: Path, params: dict, threads: int = 0, write_dir: Path | None = None
+) -> tuple[list[dict], list[dict]]:
     """Clip rows and clip-level rejects for one source video (a row of the ingest table),
-    decoding and filtering with `threads` threads (0: one per core).
+    decoding and filtering with `threads` threads (0: one per core). The clips are written to
+    `write_dir` (default clip_dir) and named in the rows at clip_dir, where the caller moves them.
 
     Scenes shorter than min_seconds are rejects (id from short_scene_id); a video left with
     no clip is a reject too."""
+    write_dir = clip_dir if write_dir is None else write_dir
     source = Path(video["raw_path"])
     if not source.exists():  # not a bad video: the file is gone, and the job says so
         raise FileNotFoundError(
@@ -247,9 +258,12 @@ def split_video(video: dict, clip_dir: Path, params: dict, threads: int = 0) -> 
     target_fps = params.get("fps")
     width, height = output_size(int(video["width"]), int(video["height"]), params.get("shorter_side"))
     planned = [
-        (a, b, times[b] - times[a], clip_dir / f"{video['video_id']}_scene-{k:03d}.tmp.mp4")
+        (a, b, times[b] - times[a], write_dir / f"{video['video_id']}_scene-{k:03d}.tmp.mp4")
         for k, (a, b) in enumerate(clips)
     ]
+    for *_, tmp in planned:
+        # a new file, not the one a killed attempt's ffmpeg (orphaned, maybe still running) writes
+        tmp.unlink(missing_ok=True)
     try:
         _cut(source, planned, (width, height), target_fps, threads)
         rows, rejects = [], short
@@ -263,14 +277,13 @@ def split_video(video: dict, clip_dir: Path, params: dict, threads: int = 0) -> 
                 rejects.append({"id": clip_id, "url": video["url"], "stage": "split",
                                 "reason": f"clip decodes to {decoded} frames, expected {expected}"})  # fmt: skip
                 continue
-            path = tmp.with_name(f"{clip_id}.mp4")
-            tmp.replace(path)
+            tmp.replace(tmp.with_name(f"{clip_id}.mp4"))
             start_s, end_s = _ms(times[start]), _ms(times[end])
             rows.append(
                 {
                     **video,
                     "id": clip_id,
-                    "path": str(path),
+                    "path": str(clip_dir / f"{clip_id}.mp4"),
                     "start_frame": start,
                     "end_frame": end,
                     "start_s": start_s,
@@ -290,10 +303,12 @@ def split_video(video: dict, clip_dir: Path, params: dict, threads: int = 0) -> 
     return rows, rejects
 
 
-def _split_or_reject(video: dict, clip_dir: Path, params: dict, threads: int) -> tuple[list[dict], list[dict]]:
+def _split_or_reject(
+    video: dict, clip_dir: Path, params: dict, threads: int, write_dir: Path
+) -> tuple[list[dict], list[dict]]:
     """split_video, with a video that cannot be split as a reject of its own."""
     try:
-        rows, rejects = split_video(video, clip_dir, params, threads)
+        rows, rejects = split_video(video, clip_dir, params, threads, write_dir)
     except (SplitError, av.FFmpegError) as error:
         if not is_video_fault(error):
             raise
@@ -334,21 +349,39 @@ def split_shard(
     clip_dir = Path(clip_dir)
     clip_dir.mkdir(parents=True, exist_ok=True)
     videos = table.read(table_path).to_dict("records")
+    settings = {k: v for k, v in params.items() if k not in OPERATIONAL}
+    progress = JobProgress(progress_folder(clip_dir), {"split": settings, "clip_dir": str(clip_dir),
+                                                       "table": file_digest(table_path)})
+    # a video counts as done only while its clips wait in the progress folder (a job killed
+    # while moving them into the clip folder, which a retry starts without, splits it again)
+    done = {item for item, part in progress.parts().items()
+            if all((progress.folder / Path(row["path"]).name).exists() for row in part["rows"])}
+    todo = [video for video in videos if video["id"] not in done]
     threads = int(params["threads"])
-    workers = max(1, min(threads, len(videos)))
-    with ThreadPoolExecutor(workers, thread_name_prefix="split") as pool, ShardProgress(len(videos), "split") as bar:
-        futures = {pool.submit(_split_or_reject, video, clip_dir, params, max(1, threads // workers)): video for video in videos}
+    workers = max(1, min(threads, len(todo)))
+    with (
+        ThreadPoolExecutor(workers, thread_name_prefix="split") as pool,
+        ShardProgress(len(videos), "split", done=len(videos) - len(todo)) as bar,
+    ):
+        futures = {pool.submit(_split_or_reject, video, clip_dir, params, max(1, threads // workers), progress.folder): video
+                   for video in todo}  # fmt: skip
         try:
             for future in as_completed(futures):
-                bar.advance(clips=len(future.result()[0]), nbytes=Path(futures[future]["raw_path"]).stat().st_size)
+                rows, rejects = future.result()
+                progress.add(futures[future]["id"], {"rows": rows, "rejects": rejects})
+                bar.advance(clips=len(rows), nbytes=Path(futures[future]["raw_path"]).stat().st_size)
         except BaseException:  # an unexpected error fails the job now, not after the shard
             for future in futures:
                 future.cancel()
             raise
-        results = [future.result() for future in futures]
-    clips = [row for rows, _ in results for row in rows]
-    rejects = [row for _, video_rejects in results for row in video_rejects]
+    finished = progress.parts()  # read back, as a retry reads them: the tables are the same either way
+    parts = [finished[video["id"]] for video in videos]
+    clips = [row for part in parts for row in part["rows"]]
+    rejects = [row for part in parts for row in part["rejects"]]
+    for row in clips:
+        (progress.folder / Path(row["path"]).name).replace(row["path"])
     table.write(pd.DataFrame(clips) if clips else table.empty(), out_table)
     table.write_rejects(rejects, rejects_path)
+    progress.remove()
     if drop_raw_in is not None:
         drop_raw_files(videos, drop_raw_in)

@@ -7,17 +7,15 @@ token, so only the first frame reached the model (issue #289); here the chat tem
 gets one image entry per frame. Captions that come out empty, or cut off at the token
 limit, go to the rejects table with a reason instead of into training (issue #167).
 
-A shard is resumable: every batch's results are written as a parquet part under
-`{out_table}.partial/`, and a rerun skips the clips found there.
+A shard is resumable: every batch's results are kept as a part beside the output table
+(core.resume), and a retry captions only the clips missing there.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
-import shutil
 import time
 import unicodedata
 from pathlib import Path
@@ -37,14 +35,16 @@ from transformers import (
 from soraflow.core.devices import device_and_dtype
 from soraflow.core.hub import resolve_model_ref
 from soraflow.core.progress import progress
+from soraflow.core.resume import JobProgress, file_digest, input_signature, progress_folder
 from soraflow.data import table, video
 
 log = logging.getLogger(__name__)
 
 EXISTING_TEXT_MODES = ("keep", "replace", "both")
+OPERATIONAL = ("batch_size",)  # settings that never change a caption (schemas/affects.yaml), left out of the progress key
 
-# One partial result per clip: the generated caption, or why the clip was rejected.
-PART_SCHEMA = pa.schema(
+# One result per clip: the generated caption, or why the clip was rejected.
+RESULT_SCHEMA = pa.schema(
     [
         pa.field("id", pa.string()),
         pa.field("text_generated", pa.string()),
@@ -218,35 +218,6 @@ def _load_frames(path: str, num_frames, positions: list[float]) -> torch.Tensor:
     return video.read_frames(path, frame_indices(int(num_frames), positions))
 
 
-class PartialResults:
-    """Per-batch parquet parts beside the output table; valid only for identical params."""
-
-    def __init__(self, out_table: Path, params: dict):
-        self.dir = out_table.with_name(out_table.name + ".partial")
-        self.params_file = self.dir / "params.json"
-        fingerprint = json.dumps(params, sort_keys=True, default=str)
-        if self.dir.exists() and (not self.params_file.exists() or self.params_file.read_text() != fingerprint):
-            log.info("%s: caption params changed since the partial results were written; starting over", self.dir)
-            shutil.rmtree(self.dir)
-        if not self.dir.exists():
-            self.dir.mkdir(parents=True)
-            self.params_file.write_text(fingerprint)
-
-    def parts(self) -> list[Path]:
-        return sorted(self.dir.glob("part-*.parquet"))
-
-    def load(self) -> pd.DataFrame:
-        frames = [table.read(p) for p in self.parts()]
-        return pd.concat(frames, ignore_index=True) if frames else table.empty(PART_SCHEMA)
-
-    def append(self, rows: list[dict]) -> None:
-        part = self.dir / f"part-{len(self.parts()):05d}.parquet"
-        table.write(pd.DataFrame(rows, columns=PART_SCHEMA.names), part, PART_SCHEMA)
-
-    def remove(self) -> None:
-        shutil.rmtree(self.dir)
-
-
 def caption_shard(table_path: str | Path, out_table: str | Path, rejects_path: str | Path, params: dict) -> dict:
     """Caption a shard's clips and write its table (text_generated, text) and rejects.
 
@@ -268,9 +239,11 @@ def caption_shard(table_path: str | Path, out_table: str | Path, rejects_path: s
     has_manifest_text = clips["text_manifest"].fillna("").str.strip() != ""
     wanted = ~has_manifest_text if params["existing_text"] == "keep" else pd.Series(True, index=clips.index)
 
-    partial = PartialResults(out_table, params)
-    done = partial.load()
-    todo = clips[wanted & ~clips["id"].isin(done["id"])]
+    settings = {k: v for k, v in params.items() if k not in OPERATIONAL}
+    job = JobProgress(progress_folder(out_table), {"caption": settings, "model": input_signature(params["model"]),
+                                                    "table": file_digest(table_path)})
+    done = [result for batch in job.parts().values() for result in batch]
+    todo = clips[wanted & ~clips["id"].isin([result["id"] for result in done])]
     resumed = int(wanted.sum()) - len(todo)
     if resumed:
         log.info("%s: resuming, %d clips already captioned", table_path, resumed)
@@ -295,11 +268,12 @@ def caption_shard(table_path: str | Path, out_table: str | Path, rejects_path: s
             for clip_id, (text, truncated) in zip(ids, generated):
                 caption, reason = _verdict(text, truncated, params)
                 results.append({"id": clip_id, "text_generated": caption, "reason": reason, "seconds": per_clip})
-        partial.append(results)
+        job.add(results[0]["id"], results)
         new_results.extend(results)
 
-    results = pd.concat([done, pd.DataFrame(new_results, columns=PART_SCHEMA.names)], ignore_index=True)
-    results = results.set_index("id")
+    # read back, as a retry reads them: the tables are the same either way
+    results = [result for batch in job.parts().values() for result in batch]
+    results = pd.DataFrame(results, columns=RESULT_SCHEMA.names).set_index("id")
     out = clips.copy()
     out["text_generated"] = out["id"].map(results["text_generated"])
     reasons = out["id"].map(results["reason"])
@@ -316,7 +290,7 @@ def caption_shard(table_path: str | Path, out_table: str | Path, rejects_path: s
     ]
     table.write(out[~rejected], out_table)
     table.write_rejects(reject_rows, rejects_path)
-    partial.remove()
+    job.remove()
 
     timed = results["seconds"].dropna()
     summary = {
