@@ -42,7 +42,9 @@ for stage in L.stages:
             loss=L.loss_log(stage),
         log:
             f"logs/train/{stage}.log",
-        # a stage longer than the cluster's time limit is a chain of jobs, each resuming the last
+        # a stage longer than the cluster's time limit is a chain of jobs, each resuming the last;
+        # a failure a retry would repeat (NaN loss, bad settings) ends the retries at once
+        # (--attempt: soraflow.training.failure)
         retries: L.train_job(stage)["retries"]
         conda:
             L.train_environment(workflow.basedir)["conda"]
@@ -54,6 +56,7 @@ for stage in L.stages:
             operational=L.operational("train", stage),
             # the colossalai engine's own environment (a resource, so choosing it re-runs nothing)
             soraflow=L.train_environment(workflow.basedir)["command"],
+            attempt=lambda wildcards, attempt: attempt,
         params:
             run_dir=L.run_dir(stage),
             init=" ".join(f"--init {path}" for path in L.init_checkpoint(stage)),
@@ -61,8 +64,8 @@ for stage in L.stages:
         shell:
             "{resources.soraflow} train {input.index} --out {output.checkpoint} --loss-log {output.loss}"
             " --run-dir {params.run_dir} {params.init}"
-            " --nproc {resources.processes_per_node} --nodes {resources.nodes} --params {params.cfg:q}"
-            " --operational {resources.operational:q} > {log} 2>&1"
+            " --nproc {resources.processes_per_node} --nodes {resources.nodes} --attempt {resources.attempt}"
+            " --params {params.cfg:q} --operational {resources.operational:q} > {log} 2>&1"
 
     rule:
         name:

@@ -3,8 +3,9 @@
 The step's randomness is drawn for the global batch, so 2 processes x batch 2 must give
 the losses and weights of 1 process x batch 4. Both ranks print the digest of the full
 weights they hold at the end (the trainer all-gathers them); they must be equal. FSDP2
-(`fully_shard`) runs on gloo/CPU in torch 2.13 and is tested the same way, and a
-checkpoint written by one engine resumes under the other.
+(`fully_shard`) runs on gloo/CPU in torch 2.13 and is tested the same way, a
+checkpoint written by one engine resumes under the other, and one written at one world
+size resumes at another.
 """
 
 from __future__ import annotations
@@ -116,3 +117,25 @@ def test_preempted_two_process_run_checkpoints_and_resumes_under_the_other_engin
     assert f"from step {step}" in output and "engine fsdp x2" in output
     assert load_file(str(tmp_path / "out.safetensors"))
     assert pd.read_csv(run_dir / "loss.csv")["step"].iloc[-1] == step + 2
+
+
+def test_a_checkpoint_resumes_at_another_world_size(latent_index, single_process, tmp_path):  # noqa: F811
+    """Steps 1-2 on two fsdp ranks (each writes its own shards), step 3 on one process, step 4 on
+    two ranks again: the one-process run of the same global batch, step for step."""
+    run_dir = tmp_path / "run"
+    for nproc, steps, start in ((2, 2, 0), (1, 3, 2), (2, 4, 3)):
+        process = launch(latent_index, tmp_path / "out.safetensors", run_dir,
+                         params_for("fsdp", batch_size=4, steps=steps, checkpoint_every=1), nproc=nproc)
+        output = finish(process)
+        assert process.returncode == 0, output
+        assert f"from step {start}," in output
+        if nproc == 2:  # each rank wrote its own shards
+            written = {p.name: p.stat().st_size for p in (run_dir / f"step-{steps:07d}").glob("*.distcp")}
+            assert sorted(written) == ["__0_0.distcp", "__1_0.distcp"] and min(written.values()) > 0, written
+    reference_weights, reference_log = single_process
+    log = pd.read_csv(run_dir / "loss.csv")
+    assert log["step"].tolist() == reference_log["step"].tolist()
+    assert (log["loss"] - reference_log["loss"]).abs().max() < 1e-5, (log, reference_log)
+    weights = load_file(str(tmp_path / "out.safetensors"))
+    for key, value in weights.items():
+        torch.testing.assert_close(value, reference_weights[key], rtol=1e-4, atol=1e-5, msg=key)

@@ -120,3 +120,12 @@ def test_sigusr1_and_sigterm_reach_the_child_and_its_status_comes_back(tmp_path)
     assert launch.run_forwarding_signals([sys.executable, "-c", child]) == 128 + signal.SIGTERM
     # and our own handlers are back afterwards
     assert {sig: signal.getsignal(sig) for sig in launch.FORWARDED} == before
+
+
+def test_the_jobs_end_time_comes_from_slurm():
+    """SLURM_JOB_END_TIME (Slurm 23.02 on) as it is; squeue's %e is local time (the test cluster's
+    Slurm 22.05 path, run by tests/test_slurm.py); no limit or no Slurm: no end time."""
+    assert launch.job_end_time({"SLURM_JOB_ID": "9", "SLURM_JOB_END_TIME": "1767225600"}) == 1767225600
+    assert launch.job_end_time({}) is None
+    assert launch.slurm_time("2026-05-01T12:34:56") == time.mktime((2026, 5, 1, 12, 34, 56, 0, 0, -1))
+    assert launch.slurm_time("N/A") is None and launch.slurm_time("NONE") is None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +19,9 @@ from safetensors.torch import load_file
 
 from soraflow.data import cache, table
 from soraflow.models.checkpoint import load_checkpoint_file, load_for_sampling
-from soraflow.training.loop import Trainer, train
+from soraflow.training import failure
+from soraflow.training.identity import identity_parts
+from soraflow.training.loop import EXIT_SECONDS, Trainer, checkpoints, train
 from soraflow.workflow.settings import declared_steps
 
 NUM_CLIPS = 6
@@ -49,19 +53,27 @@ def train_params(steps: int, **train_overrides) -> dict:
     }
 
 
+def write_shard_cache(index_path: Path, ids: list[str], tensors: dict[str, torch.Tensor]) -> dict:
+    """A shard's cache as the encode jobs write it (index + chunk files); clip id -> (chunk, row)."""
+    store = cache.ChunkStore(index_path, {"test": index_path.stem})
+    store.add(ids, ids, tensors)
+    store.finish(ids, ids)
+    return cache.locate(index_path)
+
+
 @pytest.fixture(scope="module")
 def latent_index(tmp_path_factory) -> Path:
     """An index over one shard: latents [4, 2, 8, 8] and text features [32, 384] per clip."""
     root = tmp_path_factory.mktemp("cache")
     g = torch.Generator().manual_seed(0)
     ids = [f"clip{i}" for i in range(NUM_CLIPS)]
-    cache.write_cache({"latents": torch.randn(NUM_CLIPS, 4, 2, 8, 8, generator=g)}, ids, {}, root / "latents.safetensors")
+    latents = write_shard_cache(root / "latents.json", ids, {"latents": torch.randn(NUM_CLIPS, 4, 2, 8, 8, generator=g)})
     mask = torch.zeros(NUM_CLIPS, 32, dtype=torch.long)
     mask[:, :5] = 1
-    cache.write_cache(cache.text_tensors(torch.randn(NUM_CLIPS, 32, 384, generator=g), mask), ids, {}, root / "text.safetensors")
+    texts = write_shard_cache(root / "text.json", ids, cache.text_tensors(torch.randn(NUM_CLIPS, 32, 384, generator=g), mask))
     index = pd.DataFrame({
-        "id": ids, "latent_path": str(root / "latents.safetensors"), "latent_index": range(NUM_CLIPS),
-        "text_emb_path": str(root / "text.safetensors"), "text_emb_index": range(NUM_CLIPS),
+        "id": ids, "latent_path": [latents[i][0] for i in ids], "latent_index": [latents[i][1] for i in ids],
+        "text_emb_path": [texts[i][0] for i in ids], "text_emb_index": [texts[i][1] for i in ids],
     })
     table.write(index, root / "index.parquet")
     return root / "index.parquet"
@@ -95,10 +107,11 @@ def test_next_stage_starts_from_previous_weights(latent_index, tmp_path):
         assert torch.equal(state[key], value), key
 
 
-def run_training_process(index, out, run_dir, params) -> subprocess.Popen:
+def run_training_process(index, out, run_dir, params, env=None, args=()) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "soraflow.cli", "train", str(index), "--out", str(out), "--run-dir", str(run_dir),
-           *cli_settings(params)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+           *cli_settings(params), *args]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
 
 
 def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> None:
@@ -131,18 +144,121 @@ def test_killed_run_resumes_to_identical_weights(latent_index, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_sigterm_checkpoints_and_exits_for_requeue(latent_index, tmp_path):
-    params = train_params(steps=10_000, checkpoint_every=10_000)
+def stopped_run(run_dir: Path, output: str) -> int:
+    """The step a stopped run checkpointed: the last step it ran and logged (the stop's own log
+    row, off the log_every grid), with no failure recorded (a retry resumes it)."""
+    saved = checkpoints(run_dir)
+    assert saved, output
+    step = json.loads((saved[-1] / "state.json").read_text())["step"]
+    assert pd.read_csv(run_dir / "loss.csv")["step"].tolist()[-1] == step, output
+    assert not (run_dir / failure.RECORD).exists()
+    return step
+
+
+def test_sigterm_checkpoints_the_step_under_way_and_exits_for_requeue(latent_index, tmp_path):
+    """The stop flag is checked after every step, not at the next log step (log_every 1000 here)."""
+    params = train_params(steps=10_000, checkpoint_every=10_000, log_every=1000)
     process = run_training_process(latent_index, tmp_path / "out.safetensors", tmp_path / "run", params)
-    wait_for(tmp_path / "run" / "loss.csv", process)
+    wait_for(tmp_path / "run" / "tensorboard", process)  # made once the stop handlers are in place
     process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=120)[0].decode()
     assert process.returncode != 0
     assert "preempted" in output
-    saved = sorted((tmp_path / "run").glob("step-*"))
-    assert saved, output
-    step = json.loads((saved[-1] / "state.json").read_text())["step"]
-    assert 0 < step < 10_000
+    step = stopped_run(tmp_path / "run", output)
+    assert 0 < step < 1000, output
+
+
+def test_a_run_stops_ahead_of_the_jobs_end_time(latent_index, tmp_path):
+    """Slurm's end time of the job (here SLURM_JOB_END_TIME, as Slurm 23.02 on exports it): the run
+    checkpoints and exits as a preempted job does before it, with no signal at all."""
+    params = train_params(steps=10_000, checkpoint_every=10_000, log_every=1000)
+    end = time.time() + EXIT_SECONDS + 20  # about 20 s of training (less after a slow start)
+    process = run_training_process(latent_index, tmp_path / "out.safetensors", tmp_path / "run", params,
+                                   env={"SLURM_JOB_END_TIME": str(int(end))})
+    output = process.communicate(timeout=300)[0].decode()
+    assert process.returncode != 0 and "preempted" in output, output
+    assert "the job ends in" in output
+    assert 0 < stopped_run(tmp_path / "run", output) < 10_000
+
+
+def test_a_failure_a_retry_repeats_is_not_run_again(latent_index, tmp_path):
+    """A setting that does not fit (sp_size 2 on one process) fails the first attempt, which records
+    it; the retry (Snakemake's attempt 2) exits at once with that error, starting no training; a
+    new Snakemake run (attempt 1) removes the record and runs."""
+    params = train_params(steps=4, sp_size=2)
+    run_dir = tmp_path / "run"
+    outputs = []
+    for attempt in (1, 2, 1):
+        process = run_training_process(latent_index, tmp_path / "out.safetensors", run_dir, params,
+                                       args=["--attempt", str(attempt)])
+        outputs.append(process.communicate(timeout=120)[0].decode())
+        assert process.returncode != 0
+    first, retry, new_run = outputs
+    assert "ValueError: train.sp_size 2 does not divide the 1 training processes" in first
+    assert "not run again" in retry and "sp_size 2" in retry and "Traceback" not in retry
+    assert "not run again" not in new_run and "Traceback" in new_run
+    assert json.loads((run_dir / failure.RECORD).read_text())["error"].startswith("ValueError: train.sp_size")
+
+
+def test_a_non_finite_loss_is_recorded_as_a_failure_a_retry_repeats(latent_index, tmp_path):
+    params = train_params(steps=4)
+    params["stage"]["lr"] = 1e30
+    with pytest.raises(FloatingPointError, match="mean loss is"):
+        train(latent_index, tmp_path / "out.safetensors", tmp_path / "run", params, params)
+    assert "FloatingPointError: mean loss is" in failure.recorded(tmp_path / "run", attempt=2)
+    assert failure.recorded(tmp_path / "run", attempt=1) is None  # a new Snakemake run tries again
+
+
+def test_snakemake_does_not_retry_a_failure_a_retry_repeats(latent_index, tmp_path):
+    """The train rule under real Snakemake, its retries (a chain's links plus two) intact: a loss
+    that turns NaN fails attempt 1; attempts 2 and 3 exit at once with its error, training nothing."""
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    config = yaml.safe_load((repo / "workflow_config.yaml").read_text())
+    config["data"]["manifest"] = str(repo / config["data"]["manifest"])
+    config["stages"] = {"stage1": {**config["stages"]["stage1"], "steps": 3, "batch_size": 2, "lr": 1e30}}
+    config["stdit"] = {"preset": "STDiT-tiny"}
+    config["train"].update(log_every=1, data_workers=0, mixed_precision="fp32")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    index = tmp_path / "data" / "train" / "stage1" / "index.parquet"
+    index.parent.mkdir(parents=True)
+    shutil.copyfile(latent_index, index)
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "results/checkpoints/stage1.safetensors",
+           "--configfile", "config.yaml", "--cores", "1", "--allowed-rules", "train_stage1"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert result.stderr.count("Trying to restart job") == 2, result.stderr[-3000:]  # retries: 2
+    log = (tmp_path / "logs" / "train" / "stage1.log").read_text()  # the last attempt's
+    assert "not run again" in log and "FloatingPointError: mean loss is nan" in log and "training" not in log, log
+
+
+def test_the_identity_digests_shard_cache_indexes_once(tmp_path):
+    """The identity reads each shard cache's index (the encode job's output), never its chunks,
+    and remembers every digest in the run folder by size, time and inode: the next link of a
+    chain reads no file again, and a file that changes is read again."""
+    ids = ["a", "b", "c"]
+    where = write_shard_cache(tmp_path / "latents" / "00000.json", ids, {"latents": torch.zeros(3, 4)})
+    table.write(pd.DataFrame({"id": ids, "latent_path": [where[i][0] for i in ids], "latent_index": [where[i][1] for i in ids],
+                              "text_emb_path": [where[i][0] for i in ids], "text_emb_index": [where[i][1] for i in ids]}),
+                tmp_path / "index.parquet")
+    init = tmp_path / "init.safetensors"
+    init.write_bytes(b"weights")
+    memo = tmp_path / "run" / "digests.json"
+    memo.parent.mkdir()
+    parts = identity_parts({"stage": {"lr": 1}}, tmp_path / "index.parquet", init, memo)
+    shard_index = tmp_path / "latents" / "00000.json"
+    assert parts["caches"] == {str(shard_index): hashlib.sha256(shard_index.read_bytes()).hexdigest()}
+    assert parts["init"] == hashlib.sha256(b"weights").hexdigest()
+
+    stat = init.stat()
+    init.write_bytes(b"WEIGHTS")  # same size, its time put back by hand: not read again
+    os.utime(init, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert identity_parts({"stage": {"lr": 1}}, tmp_path / "index.parquet", init, memo) == parts
+    os.utime(init)  # a new time: read again
+    assert identity_parts({"stage": {"lr": 1}}, tmp_path / "index.parquet", init, memo)["init"] == \
+        hashlib.sha256(b"WEIGHTS").hexdigest()
 
 
 def test_changed_settings_start_afresh_but_more_steps_resume(latent_index, tmp_path):

@@ -166,8 +166,12 @@ def cmd_dataset(args) -> None:
 def cmd_train(args) -> None:
     import os
 
-    from soraflow.training import launch
+    from soraflow.training import failure, launch
 
+    if "RANK" not in os.environ:  # the job's own process, not a torchrun worker
+        earlier = failure.recorded(args.run_dir, args.attempt)
+        if earlier:
+            raise SystemExit(f"not run again: an earlier attempt failed in a way a retry repeats: {earlier}")
     if launch.needs_launch(args.nproc, args.nodes, os.environ):
         argv = ["train", args.index, "--out", args.out, "--run-dir", args.run_dir,
                 "--params", json.dumps(args.output_settings), "--operational", json.dumps(args.operational)]
@@ -351,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-log", default=None, help="where to copy the finished run's loss log")
     p.add_argument("--nproc", type=int, default=1, help="processes per node; >1 starts torchrun")
     p.add_argument("--nodes", type=int, default=1, help="nodes; >1 starts srun + torchrun inside a Slurm job")
+    p.add_argument("--attempt", type=int, default=1,
+                   help="Snakemake's attempt: a retry exits at once after a failure a retry repeats (NaN loss, bad settings)")
 
     p = with_config(command("sample", cmd_sample, "sample one video per prompt from a checkpoint"))
     p.add_argument("--ckpt", required=True,

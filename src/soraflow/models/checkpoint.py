@@ -1,10 +1,10 @@
 """Model weights in and out: the checkpoint file format, and PixArt-α / Open-Sora 1.0 weights.
 
 Our files are safetensors holding named state dicts, JSON metadata beside them. One file holds
-several state dicts as `<group>.<key>` tensors (a stage's final file: `model` and `ema`; a
-resumable step: `model`, `ema` and `optim`, the optimizer state by parameter name). Nothing is
-unpickled. Position embeddings are recomputed for each input size, so they never travel in
-checkpoints.
+several state dicts as `<group>.<key>` tensors (a stage's final file: `model` and `ema`). Nothing
+is unpickled. Position embeddings are recomputed for each input size, so they never travel in
+checkpoints. (A run's resumable step checkpoints are torch.distributed.checkpoint folders that
+only training reads: soraflow.training.engines.base.)
 
 Besides our own files, PixArt-α and Open-Sora 1.0 .pth files load as a stage's initial weights
 and for sampling (load_pretrained), and a final checkpoint exports as a .pth that Open-Sora 1.0's

@@ -20,6 +20,9 @@ CPUs and GPUs and give each node's torchrun all of the job's CPUs and GPUs on th
 `launch_command` builds the command from an environment and a host list and does nothing
 else, so it is tested with a fake Slurm environment.
 
+The trainer stops ahead of the job's time limit on its own (soraflow.training.loop): `job_end_time`
+asks Slurm when the job ends.
+
 Preemption: SIGTERM and SIGUSR1 reaching the launcher are forwarded to its child;
 torchrun is told to forward both to the workers (`--signals-to-handle`) and to give
 them time to write their checkpoint (`--shutdown-timeout`). The workers checkpoint and
@@ -34,6 +37,7 @@ import shlex
 import signal
 import subprocess
 import sys
+from datetime import datetime
 
 RDZV_PORT = 29500
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
@@ -42,7 +46,8 @@ TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 SHUTDOWN_TIMEOUT_S = 300
 # The Slurm variables that name the job (the ones the executor plugin keeps for its own srun);
 # every other SLURM_* describes the step the launcher runs in.
-JOB_VARIABLES = {"SLURM_JOB_ID", "SLURM_JOBID", "SLURM_CLUSTER_NAME", "SLURM_CONF", "SLURM_SUBMIT_DIR", "SLURM_SUBMIT_HOST"}
+JOB_VARIABLES = {"SLURM_JOB_ID", "SLURM_JOBID", "SLURM_CLUSTER_NAME", "SLURM_CONF", "SLURM_SUBMIT_DIR", "SLURM_SUBMIT_HOST",
+                 "SLURM_JOB_END_TIME"}
 
 
 def needs_launch(nproc: int, nodes: int, env) -> bool:
@@ -116,6 +121,32 @@ def job_hosts(job_id: str) -> list[str]:
     nodelist = subprocess.run(["squeue", "--noheader", "--jobs", job_id, "--format", "%N"],
                               capture_output=True, text=True, check=True).stdout.strip()
     return slurm_hosts(nodelist) if nodelist else []
+
+
+def job_end_time(env) -> float | None:
+    """When Slurm ends this job at its time limit (seconds since the epoch), or None outside
+    Slurm or without a limit: SLURM_JOB_END_TIME where the Slurm version exports it (23.02 on),
+    else the controller's end time of the job (`squeue -j $SLURM_JOB_ID -o %e`)."""
+    if env.get("SLURM_JOB_END_TIME", "").isdigit():
+        return float(env["SLURM_JOB_END_TIME"])
+    if "SLURM_JOB_ID" not in env:
+        return None
+    cmd = ["squeue", "--noheader", "--jobs", env["SLURM_JOB_ID"], "--format", "%e"]
+    try:
+        end = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError) as err:
+        print(f"the job's end time is unknown ({shlex.join(cmd)}: {err}): stopping on signals only", flush=True)
+        return None
+    return slurm_time(end)
+
+
+def slurm_time(text: str) -> float | None:
+    """A Slurm timestamp (2026-05-01T12:34:56, local time) in seconds since the epoch; None for
+    the words Slurm prints where there is none (N/A, NONE, Unknown)."""
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
 
 
 def slurm_hosts(nodelist: str) -> list[str]:

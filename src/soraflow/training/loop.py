@@ -6,12 +6,20 @@ in the global batch), so each rank draws only its own share (soraflow.training.d
 So the step number is the whole data position: a resumed run, or a run on a different
 number of processes with the same global batch, sees exactly the same samples. Samples
 are read and drawn by DataLoader workers ahead of the step (pinned for the GPU), and the
-host waits on the device once per log interval (loss, and whether a rank was told to
-stop), not once per step. Checkpoints are in soraflow.models.checkpoint's format; the model is spread
-over the processes by an engine (soraflow.training.engines); a checkpoint resumes only
-under its own run identity (soraflow.training.identity). Loss goes to
-`<run_dir>/loss.csv` (each row the mean loss and gradient norm over the steps since the previous row) and to
-TensorBoard (`<run_dir>/tensorboard`). A stop signal takes effect at the next log step.
+host waits on the device for the loss once per log interval, not once per step. The model is
+spread over the processes by an engine (soraflow.training.engines); a checkpoint resumes only
+under its own run identity (soraflow.training.identity), which rank 0 works out once and shares.
+Loss goes to `<run_dir>/loss.csv` (each row the mean loss and gradient norm over the steps since
+the previous row) and to TensorBoard (`<run_dir>/tensorboard`).
+
+Checkpoints: every `checkpoint_every` steps, and when the job must stop, each rank writes its
+share of the model, EMA and optimizer state in parallel into `<run_dir>/step-N`
+(torch.distributed.checkpoint; any world size and engine resumes it). A run stops after the step
+in which a rank was told to (SIGTERM, SIGUSR1), or when the job's time limit (Slurm's end time of
+the job) is nearer than the last step, twice the last checkpoint write and the time to exit: the
+ranks agree on it after every step (one all-reduce of a flag on the CPU), checkpoint that step
+and exit non-zero (Preempted) for the chain's next job to resume it. The stage's result, read by
+sampling and export, is one safetensors file (soraflow.models.checkpoint).
 """
 
 from __future__ import annotations
@@ -35,14 +43,23 @@ from torch.utils.data import DataLoader
 from soraflow.core.atomic import atomic_path
 from soraflow.core.progress import progress
 from soraflow.data.cache import LatentDataset
-from soraflow.models.checkpoint import load_checkpoint_file, save_checkpoint_file, saved, weights_digest
+from soraflow.models.checkpoint import save_checkpoint_file, saved, weights_digest
 from soraflow.models.diffusion import IDDPM
 from soraflow.models.stdit import build_model
-from soraflow.training.checkpoint import initialise, optimizer_from_tensors, optimizer_tensors
+from soraflow.training import failure
+from soraflow.training.checkpoint import initialise
 from soraflow.training.dataset import StepBatches, TrainingSamples
 from soraflow.training.engines import load_engine
 from soraflow.training.engines.base import compute_dtype
 from soraflow.training.identity import digest, identity_parts, what_changed
+from soraflow.training.launch import job_end_time
+
+# a step folder's layout (state.json says it): an earlier soraflow wrote one safetensors file
+CHECKPOINT_FORMAT = "torch.distributed.checkpoint"
+# how far ahead of the job's end time a run stops: the step under way, then the checkpoint write
+# (twice the last one measured: a shared filesystem's speed varies; before the first, its bytes at
+# WRITE_BYTES_PER_S), then EXIT_SECONDS for the workers, torchrun and Snakemake's job step to exit
+WRITE_SAFETY, WRITE_BYTES_PER_S, EXIT_SECONDS = 2.0, 100e6, 15.0
 
 
 class Preempted(Exception):
@@ -73,9 +90,11 @@ class Trainer:
             torch.cuda.set_device(self.device)
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        # stop flags and start-up facts travel on the CPU, so the host never waits for the device for them
+        self.cpu_group = dist.new_group(backend="gloo") if self.world > 1 else None
         if self.world > 1:  # where the ranks run, in rank order (a multi-node run names its nodes)
             hosts = [None] * self.world
-            dist.all_gather_object(hosts, socket.gethostname())
+            dist.all_gather_object(hosts, socket.gethostname(), group=self.cpu_group)
             if self.rank == 0:
                 print(f"ranks on hosts: {' '.join(hosts)}", flush=True)
         # sequence parallelism: each group of sp_size consecutive ranks shares its samples, each
@@ -106,9 +125,15 @@ class Trainer:
             else self.opts["grad_checkpointing"],
         }
         self.input_size = (frames, height, width)
+        # worked out by rank 0 alone and shared: the run's identity (digests of its inputs), the
+        # checkpoint it resumes from (another run's moved aside) and when the job must end
+        self.identity_parts, self.checkpoint, self.position, self.deadline = self.from_rank_0(
+            lambda: self.find_start(output_settings, index_path, init_path))
+        self.identity = digest(self.identity_parts)
         torch.manual_seed(self.opts["seed"])  # same initial weights on every rank
         self.model = build_model(self.model_config, input_size=self.input_size)
-        self.init_report = initialise(self.model, init_path)
+        # a resumed run reads its checkpoint instead: the initial weights are not read at all
+        self.init_report = f"resuming {self.checkpoint.name}" if self.checkpoint else initialise(self.model, init_path)
         self.model.to(self.device)
         if self.sp_size > 1:
             self.model.enable_sequence_parallel(sequence_parallel_group(self.rank, self.world, self.sp_size))
@@ -120,71 +145,86 @@ class Trainer:
         self.diffusion = IDDPM(num_timesteps=params["diffusion"]["num_timesteps"])
         self.samples = TrainingSamples(self.data, self.opts["seed"], self.diffusion.num_timesteps,
                                        self.model.y_embedder.uncond_prob)
-        self.identity_parts = identity_parts(output_settings, index_path, init_path)
-        self.identity = digest(self.identity_parts)
         self.step = 0
         self.data_wait = 0.0  # seconds the loop waited for a batch (train/data_wait_share)
         self.stop_requested = False
+        self.last_check = time.monotonic()  # of the stop flag: the time between two is a step's
+        # seconds a checkpoint takes to write: measured by each save (and kept in the checkpoint for
+        # the next job); until then estimated from this rank's share of the states
+        states_bytes = 4 * sum(t.numel() * t.element_size() for t in self.ema.values())  # model, EMA, 2 moments
+        self.write_seconds = self.position["write_seconds"] if self.position else states_bytes / WRITE_BYTES_PER_S
         self.writer = None
+
+    # --- start-up ----------------------------------------------------------------------
+    def from_rank_0(self, work):
+        """work() on rank 0, its result sent to every rank (a collective)."""
+        result = [work() if self.rank == 0 else None]
+        if self.world > 1:
+            dist.broadcast_object_list(result, src=0, group=self.cpu_group)
+        return result[0]
+
+    def find_start(self, output_settings: dict, index_path, init_path) -> tuple:
+        """(identity parts, the checkpoint to resume or None, its state.json, the job's end time)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        parts = identity_parts(output_settings, index_path, init_path, self.run_dir / "digests.json")
+        checkpoint = latest_checkpoint(self.run_dir)
+        position = json.loads((checkpoint / "state.json").read_text()) if checkpoint else None
+        if position and (position.get("run") != digest(parts) or position.get("format") != CHECKPOINT_FORMAT):
+            self.supersede(position, parts)
+            checkpoint = position = None
+        return parts, checkpoint, position, job_end_time(os.environ)
 
     # --- checkpoints -------------------------------------------------------------------
     def save(self) -> None:
-        # gathering full states is a collective: every rank takes part, rank 0 writes
-        model_state = self.engine.model_state(self.model)
-        optim_state = self.engine.optimizer_state(self.model, self.optimizer)
-        ema_state = self._ema_to_save()
+        """This step's resumable checkpoint: every rank writes its share (a collective), then rank 0
+        names the folder (step-N, complete once its state.json is in) and prunes the oldest."""
+        started = time.perf_counter()
+        folder = self.run_dir / f"step-{self.step:07d}"
+        partial = folder.with_name(folder.name + ".tmp")
+        if self.rank == 0 and partial.exists():
+            shutil.rmtree(partial)  # left by a save that was killed
+        self.barrier()
+        self.engine.save_checkpoint(partial, self.model, self.optimizer, self.ema)
         if self.rank == 0:
-            with atomic_path(self.run_dir / f"step-{self.step:07d}") as tmp:
-                tmp.mkdir(parents=True)
-                optim, param_groups = optimizer_tensors(optim_state)
-                save_checkpoint_file(
-                    tmp / "weights.safetensors",
-                    {"model": model_state, "ema": ema_state, "optim": optim},
-                    {"param_groups": param_groups, "engine": self.engine.name, "world_size": self.world},
-                )
-                state = {"step": self.step, "run": self.identity, "identity": self.identity_parts}
-                (tmp / "state.json").write_text(json.dumps(state))
+            state = {"step": self.step, "run": self.identity, "identity": self.identity_parts,
+                     "format": CHECKPOINT_FORMAT, "engine": self.engine.name, "world_size": self.world,
+                     "write_seconds": time.perf_counter() - started}
+            (partial / "state.json").write_text(json.dumps(state))
+            if folder.exists():
+                shutil.rmtree(folder)
+            partial.replace(folder)
             for old in checkpoints(self.run_dir)[: -self.opts["keep_checkpoints"]]:
                 shutil.rmtree(old)
-        if self.world > 1:
-            dist.barrier()
+        self.barrier()
+        self.write_seconds = time.perf_counter() - started
 
     def _ema_to_save(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.engine.gather(self.ema).items() if saved(k)}
 
     def resume(self) -> None:
-        checkpoint = latest_checkpoint(self.run_dir)
-        position = json.loads((checkpoint / "state.json").read_text()) if checkpoint else None
-        if self.world > 1:  # every rank has looked before rank 0 may move the folder's contents
-            dist.barrier()
-        if position is None:
+        """Continue from the checkpoint found at start-up, if any: each rank reads its share into
+        its model, EMA and optimizer (at any world size, from any engine)."""
+        if self.checkpoint is None:
             return
-        if position.get("run") != self.identity:
-            if self.rank == 0:
-                self.supersede(position)
-            if self.world > 1:
-                dist.barrier()
-            return
-        weights = checkpoint / "weights.safetensors"
-        model_state, metadata = load_checkpoint_file(weights, "model")
-        self.engine.load_model_state(self.model, {k: v.to(self.device) for k, v in model_state.items()})
-        ema_state, _ = load_checkpoint_file(weights, "ema")
-        self.ema.update(self.engine.scatter(ema_state, self.ema))
-        optim, _ = load_checkpoint_file(weights, "optim")
-        state = optimizer_from_tensors(optim, metadata["param_groups"])
-        self.engine.load_optimizer_state(self.model, self.optimizer, state)
-        self.step = position["step"]
+        self.engine.load_checkpoint(self.checkpoint, self.model, self.optimizer, self.ema)
+        self.step = self.position["step"]
 
-    def supersede(self, position: dict) -> None:
+    def supersede(self, position: dict, parts: dict) -> None:
         """Move another run's checkpoints and logs aside (never delete them), saying what changed."""
         aside = self.run_dir / "superseded" / str(position.get("run"))
-        changes = what_changed(position.get("identity", {}), self.identity_parts)
+        changes = what_changed(position.get("identity", {}), parts)
+        if position.get("format") != CHECKPOINT_FORMAT:
+            changes.append("the checkpoint format (an earlier soraflow's)")
         print(f"{self.run_dir}: its checkpoints (step {position['step']}) belong to another run; moved to {aside} "
               f"and starting afresh. Changed: {'; '.join(changes) or 'unknown (older checkpoint)'}", flush=True)
         aside.mkdir(parents=True, exist_ok=True)
         for old in [*checkpoints(self.run_dir), self.run_dir / "loss.csv", self.run_dir / "tensorboard"]:
             if old.exists():
                 old.replace(aside / old.name)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier(group=self.cpu_group)
 
     def write_final(self) -> None:
         model_state, ema_state = self.engine.model_state(self.model), self._ema_to_save()
@@ -241,17 +281,32 @@ class Trainer:
         self.step += 1
         return torch.stack([loss.detach().float(), grad_norm.float()])
 
-    def sync(self, sums: torch.Tensor, steps: int) -> tuple[float, float, bool]:
+    def sync(self, sums: torch.Tensor, steps: int) -> tuple[float, float]:
         """The global batch's mean loss and gradient norm over the last `steps` steps (from the sums
-        of train_step's results), and whether any rank was told to stop (so all ranks checkpoint
-        and stop after the same step): one all-reduce, and the host's one wait on the device in
-        the interval."""
-        stop = torch.tensor([float(self.stop_requested)], dtype=torch.float64, device=sums.device)
-        packed = torch.cat([sums.double() / steps, stop])
+        of train_step's results): one all-reduce, and the host's one wait on the device in the
+        interval."""
+        packed = sums.double() / steps
         if self.world > 1:
             dist.all_reduce(packed)
-        mean_loss, grad_norm, stops = packed.tolist()
-        return mean_loss / self.world, grad_norm / self.world, stops > 0
+        mean_loss, grad_norm = packed.tolist()
+        return mean_loss / self.world, grad_norm / self.world
+
+    def must_stop(self) -> bool:
+        """Whether any rank was told to stop, or sees the job's end nearer than the step under way,
+        twice the last checkpoint write and the time to exit: one all-reduce of a flag on the CPU
+        (the cpu_group), so every rank stops after the same step and the host never waits on the
+        device for it."""
+        now = time.monotonic()
+        step_seconds, self.last_check = now - self.last_check, now
+        lead = step_seconds + WRITE_SAFETY * self.write_seconds + EXIT_SECONDS
+        near_end = self.deadline is not None and time.time() + lead >= self.deadline
+        if near_end and not self.stop_requested:
+            print(f"rank {self.rank}: the job ends in {self.deadline - time.time():.0f} s: checkpointing step "
+                  f"{self.step} ({lead:.0f} s ahead), then exiting", flush=True)
+        flag = torch.tensor([float(self.stop_requested or near_end)])
+        if self.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.cpu_group)
+        return flag.item() > 0
 
     def update_ema(self) -> None:
         # one foreach call per tensor kind: under FSDP parameters are DTensors, buffers are not
@@ -266,7 +321,7 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------
     def request_stop(self, signum, _frame) -> None:
         self.stop_requested = True
-        print(f"signal {signum}: checkpointing at the next log step, then exiting", flush=True)
+        print(f"signal {signum}: checkpointing after this step, then exiting", flush=True)
 
     def run(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -281,6 +336,10 @@ class Trainer:
             print(f"training {len(self.data)} clips, input {self.input_size}, from step {self.step}, "
                   f"{sum(p.numel() for p in self.model.parameters()):,} parameters, engine {self.engine.name} "
                   f"x{self.world}, init {self.init_report}", flush=True)
+            if self.deadline is not None:
+                print(f"the job ends at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.deadline))}: "
+                      f"the run stops {WRITE_SAFETY * self.write_seconds + EXIT_SECONDS:.0f} s and a step ahead",
+                      flush=True)
         bar = progress(total=total, initial=self.step, disable=self.rank != 0, desc="train")
         started, start_step = time.time(), self.step
         batches = self.batches(total)
@@ -293,9 +352,9 @@ class Trainer:
                 sums += self.train_step(batch)
                 interval_steps += 1
                 bar.update(1)
-                stop = False
-                if self.step % self.opts["log_every"] == 0 or self.step == total:
-                    loss, grad_norm, stop = self.sync(sums, interval_steps)
+                stop = self.step < total and self.must_stop()  # the same on every rank
+                if self.step % self.opts["log_every"] == 0 or self.step == total or stop:
+                    loss, grad_norm = self.sync(sums, interval_steps)
                     sums.zero_()
                     interval_steps = 0
                     if not math.isfinite(loss):
@@ -366,14 +425,18 @@ def tensorboard_writer(log_dir: Path, step: int):
 
 def train(index_path, out_path, run_dir, params: dict, output_settings: dict, init_path=None, loss_out=None) -> None:
     """params: the step's full settings; output_settings: those that change its result (the
-    run's identity). loss_out: where the finished run's loss log is copied."""
-    trainer = Trainer(index_path, out_path, run_dir, params, output_settings, init_path, loss_out)
+    run's identity). loss_out: where the finished run's loss log is copied. A failure that a
+    retry would repeat is recorded in the run folder (soraflow.training.failure)."""
     try:
+        trainer = Trainer(index_path, out_path, run_dir, params, output_settings, init_path, loss_out)
         trainer.run()
         if dist.is_initialized():
             # rank 0 may still be writing the final checkpoint: no rank tears its gloo
             # connections down while a peer still holds them (one CI run aborted there)
             dist.barrier()
+    except failure.DETERMINISTIC as error:
+        failure.record(run_dir, error, int(os.environ.get("RANK", 0)))
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

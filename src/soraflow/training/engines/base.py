@@ -1,17 +1,29 @@
 """The engine interface, and the single-process engine that implements it for a plain module.
 
 The trainer talks to an engine only through the methods of `Engine`: it wraps the model and
-builds the optimizer (`wrap`), steps (`update`), and moves states across the seam in full and
-by parameter name (`model_state`, `optimizer_state` and their loads; `weights`, `gather` and
-`scatter` for the EMA). For a plain module, DDP and FSDP those go through torch's
-`torch.distributed.checkpoint.state_dict` API, so a checkpoint written by one engine resumes
-under another and the file format never depends on the engine. The engines (ddp, fsdp,
-colossalai_zero) build on this module, which imports none of them.
+builds the optimizer (`wrap`), steps (`update`), writes and reads a resumable checkpoint
+(`save_checkpoint`, `load_checkpoint`), and gathers full states by parameter name for the
+final checkpoint and the replica check (`model_state`; `weights` and `gather` for the EMA).
+
+A resumable checkpoint is a torch.distributed.checkpoint folder: every rank writes its own
+share in parallel (FSDP its shards; DDP's replicated tensors are spread over the ranks by
+size) and reads back only what it holds, into its tensors in place, so no rank ever holds a
+full copy of the model, EMA and optimizer state beside its own. The folder stores global
+tensors by parameter name: `model`, `ema` and the optimizer's `state` (exp_avg, exp_avg_sq,
+step per parameter; its param_groups come from the settings), so it loads at any world size
+and under any engine. For a plain module, DDP and FSDP the states come from torch's
+`torch.distributed.checkpoint.state_dict` API. The engines (ddp, fsdp, colossalai_zero) build
+on this module, which imports none of them.
 """
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
+
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -24,8 +36,18 @@ from soraflow.models.checkpoint import check_fit, saved
 
 # full (gathered) states on the CPU; with sharded parameters only rank 0 receives them
 GATHERED = StateDictOptions(full_state_dict=True, cpu_offload=True)
-# full states given on every rank, each taking its own shard; position embeddings are absent
-SCATTERED = StateDictOptions(full_state_dict=True, strict=False)
+# each rank's own tensors (FSDP: its shards); position embeddings are never saved
+PLACED = StateDictOptions(strict=False)
+
+
+@contextmanager
+def one_process_quietly():
+    """torch.distributed.checkpoint warns on each call without a process group that it reads or
+    writes in this one process: that is the single engine's case, not news for the log."""
+    with warnings.catch_warnings():
+        if not dist.is_initialized():
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        yield
 
 
 def compute_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
@@ -63,18 +85,33 @@ class Engine:
         state = get_model_state_dict(model, options=GATHERED)
         return {k: v for k, v in state.items() if saved(k)} if self.rank == 0 else {}
 
-    def load_model_state(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-        """A full state dict, given on every rank."""
-        check_fit(set_model_state_dict(model, state, options=SCATTERED), "checkpoint")
+    def save_checkpoint(self, path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        ema: dict[str, torch.Tensor]) -> None:
+        """Write the model, EMA (placed like `weights`) and optimizer state into the folder `path`,
+        every rank its share (a collective)."""
+        with one_process_quietly():
+            dcp.save(self.checkpoint_state(model, optimizer, ema)[0], checkpoint_id=path)
 
-    def optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """{"state": {param name: {k: tensor}}, "param_groups": [... "params": [names]]}, full,
-        CPU, on rank 0 (a collective)."""
-        state = get_optimizer_state_dict(model, optimizer, options=GATHERED)
-        return state if self.rank == 0 else {}
+    def load_checkpoint(self, path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        ema: dict[str, torch.Tensor]) -> None:
+        """Read a folder save_checkpoint wrote (at any world size, by any engine) into the model,
+        the EMA and the optimizer, each rank its own share (a collective)."""
+        state, param_groups = self.checkpoint_state(model, optimizer, ema)
+        with one_process_quietly():
+            dcp.load(state, checkpoint_id=path)  # into the tensors themselves
+        check_fit(set_model_state_dict(model, state["model"], options=PLACED), path)
+        set_optimizer_state_dict(model, optimizer, {**state["optim"], "param_groups": param_groups})
 
-    def load_optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    def checkpoint_state(self, model, optimizer, ema) -> tuple[dict, list]:
+        """(the tensors a checkpoint holds, as this rank places them: its own, not copies), the
+        optimizer's param_groups). An optimizer that has not stepped yet is given its state first."""
+        optim = get_optimizer_state_dict(model, optimizer)
+        state = {
+            "model": {k: v for k, v in get_model_state_dict(model).items() if saved(k)},
+            "ema": {k: v for k, v in ema.items() if saved(k)},
+            "optim": {"state": optim["state"]},
+        }
+        return state, optim["param_groups"]
 
     def weights(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The weights the optimizer steps (and the EMA follows), by name, placed as this
@@ -85,12 +122,5 @@ class Engine:
         """Tensors placed like `weights`, in full on the CPU on every rank (a collective)."""
         return {k: self.full_tensor(v).cpu() for k, v in placed.items()}
 
-    def scatter(self, full: dict[str, torch.Tensor], placed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Full tensors placed (and sharded) like their namesakes in `placed`."""
-        return {k: self.like(v, placed[k]) for k, v in full.items()}
-
     def full_tensor(self, t: torch.Tensor) -> torch.Tensor:
         return t.detach()
-
-    def like(self, full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        return full.to(ref.device, ref.dtype)

@@ -26,10 +26,3 @@ class FSDPEngine(Engine):
         from torch.distributed.tensor import DTensor
 
         return (t.full_tensor() if isinstance(t, DTensor) else t).detach()
-
-    def like(self, full, ref):
-        from torch.distributed.tensor import DTensor, distribute_tensor
-
-        if isinstance(ref, DTensor):
-            return distribute_tensor(full.to(ref.device, ref.dtype), ref.device_mesh, ref.placements)
-        return full.to(ref.device, ref.dtype)
