@@ -15,7 +15,7 @@ configfile: f"{workflow.basedir}/workflow_config.yaml"
 
 from soraflow.workflow.settings import stages_as_listed
 
-stages_as_listed(config, workflow.overwrite_configfiles)
+stages_as_listed(config, workflow.overwrite_configfiles, workflow.config_settings.config)
 validate(config, "src/soraflow/workflow/schemas/config.schema.yaml")
 
 from soraflow.workflow.layout import Layout, folder, use_running_environment

@@ -196,3 +196,17 @@ def test_a_finished_run_re_runs_only_the_shard_a_row_changes(finished_run, tmp_p
     planned = planned_jobs(workdir)
     assert shard_jobs(planned) == {"00000": chain}
     assert {job for job in planned if "shard=" not in job[1]} == over_all
+
+
+def test_config_overrides_reach_the_stages_a_config_file_lists(tmp_path):
+    """A config file that lists stages replaces the default ones; --config values still apply
+    over them (they were dropped when the listed stages were restored). Snakemake's --config
+    reads nested values as strings: a stage's init is one."""
+    stages = default_config()["stages"]
+    listed = override(tmp_path, stages={"late": stages["stage1"], "early": {**stages["stage2"], "init": "late"}})
+    pixart = tmp_path / "pixart.pth"
+    pixart.touch()
+    result = snakemake("-n", "-p", "--forceall", "--cores", "1", "--configfile", listed,
+                       "--config", f"stages={{early: {{init: {pixart}}}}}", "--", "results/checkpoints/early.safetensors")  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    assert f"--init {pixart}" in result.stdout and "train_late" not in result.stdout, result.stdout[-3000:]

@@ -66,8 +66,9 @@ def _workflow_config(args) -> dict:
     config = yaml.safe_load(Path(args.defaults).read_text()) or {}
     for path in args.configfile:
         update_config(config, yaml.safe_load(Path(path).read_text()) or {})
-    update_config(config, parse_config(args.config))
-    stages_as_listed(config, args.configfile)
+    overrides = parse_config(args.config)
+    update_config(config, overrides)
+    stages_as_listed(config, args.configfile, overrides)
     try:
         return with_defaults(config, source=" + ".join(files))
     except ValueError as error:  # a wrong key or type: the message names it

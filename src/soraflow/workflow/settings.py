@@ -11,9 +11,11 @@ receives both merged (`merged`). Defaults live in the schema, which validation f
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from functools import cache
 from importlib import resources
 from pathlib import Path
+from types import MappingProxyType
 
 import yaml
 
@@ -78,14 +80,17 @@ def processes_per_node(config: dict, stage: str) -> int:
     return processes
 
 
-def stages_as_listed(config: dict, configfiles) -> None:
+def stages_as_listed(config: dict, configfiles, overrides: Mapping = MappingProxyType({})) -> None:
     """The stages are an ordered set, not a mapping to merge: a config file that lists stages
     (a preset given with --configfile) replaces the default config's, instead of adding its own
-    beside them and overriding them key by key. The last file that lists stages wins."""
+    beside them and overriding them key by key. The last file that lists stages wins; the
+    --config values (`overrides`) then apply over its stages, as over every other key."""
     for path in configfiles:
         listed = yaml.safe_load(Path(path).read_text()) or {}
         if "stages" in listed:
             config["stages"] = listed["stages"]
+    if "stages" in overrides:
+        config["stages"] = merged(config["stages"], overrides["stages"])
 
 
 def declared_steps(path: str) -> list[str]:
