@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest_caption import tiny_models  # noqa: F401 (fixture)
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from soraflow.models.stdit import build_model, count_parameters
@@ -193,3 +194,69 @@ def test_parsing_and_planning_the_preset_import_no_torch(tmp_path):
                              capture_output=True, text=True, timeout=300, cwd=REPO)
     assert planned.returncode == 0, planned.stdout[-3000:] + planned.stderr[-3000:]
     assert "| hq_512 |" in planned.stdout
+
+
+def preset_config(**caption) -> dict:
+    """The Open-Sora 1.0 preset over the default config, as `soraflow plan --configfile` reads it."""
+    from snakemake.utils import update_config
+
+    from soraflow.workflow.settings import stages_as_listed
+
+    preset = REPO / "presets" / "opensora-1.0.yaml"
+    config = yaml.safe_load((REPO / "workflow_config.yaml").read_text())
+    update_config(config, yaml.safe_load(preset.read_text()))
+    stages_as_listed(config, [str(preset)])
+    config["caption"].update(caption)
+    return with_defaults(config)
+
+
+def test_the_preset_captioner_spreads_over_its_two_gpus_for_its_kv_cache():
+    """LLaVA-1.6-34B's 65 GiB of weights fit one 80 GB GPU, but not with the KV cache of 8 clips
+    of 3 anyres frames: the plan says so, and that 4 clips would fit one GPU per replica."""
+    report = plan.check(preset_config())
+    line = next(line for line in report.splitlines() if line.startswith("caption on H800-80GB:"))
+    assert "layers spread over 2 GPUs" in line and "weights 64.7 GiB" in line and "KV cache 16.8 GiB" in line
+    assert "2,928 per frame" in line and "batch_size 4 would fit one" in line
+    assert "one replica per GPU (2)" in plan.check(preset_config(batch_size=4))
+
+
+def test_a_captioner_that_fits_no_gpus_stops_the_plan():
+    config = preset_config()
+    config["resources"]["caption"]["gpus"] = 1
+    with pytest.raises(plan.PlanError, match=r"caption: llava-hf/llava-v1.6-34b-hf: .* exceeds 1 GPU\(s\)"):
+        plan.check(config)
+
+
+def test_image_tokens_per_frame_are_what_the_llava_next_processor_makes():
+    """The anyres bound, against transformers' own count for the frame that takes most: one of the
+    2x2 grid's size (672 px square)."""
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    from soraflow.demo.models import train_tokenizer
+    from soraflow.scoring.captioner_memory import HUB_CONFIGS, image_tokens_per_frame
+
+    config = HUB_CONFIGS["llava-hf/llava-v1.6-34b-hf"]
+    tokenizer = train_tokenizer(None, "llama")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    processor = LlavaNextProcessor(
+        LlavaNextImageProcessor(image_grid_pinpoints=config["image_grid_pinpoints"], size={"shortest_edge": 336},
+                                crop_size={"height": 336, "width": 336}),
+        tokenizer, patch_size=14, vision_feature_select_strategy="default", image_token="<image>",
+        num_additional_image_tokens=1)
+    frame = torch.zeros(672, 672, 3, dtype=torch.uint8).numpy()
+    ids = processor(images=[frame], text=["<image>"], return_tensors="pt")["input_ids"]
+    assert (ids == tokenizer.convert_tokens_to_ids("<image>")).sum() == image_tokens_per_frame(config) == 2928
+
+
+def test_a_tokens_keys_and_values_are_what_the_captioner_caches(tiny_models):  # noqa: F811
+    """kv_bytes_per_token against the cache the tiny LLaVA's decoder keeps (bf16, as on a GPU)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from soraflow.scoring.captioner_memory import kv_bytes_per_token
+
+    path = tiny_models["tiny-llava"]
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16)
+    tokens = 37
+    cache = model.model.language_model(input_ids=torch.ones(1, tokens, dtype=torch.long), use_cache=True).past_key_values
+    kept = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert kept == tokens * kv_bytes_per_token(AutoConfig.from_pretrained(path).to_dict())

@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 
 from soraflow.core.atomic import atomic_path
+from soraflow.core.devices import device_and_dtype
 from soraflow.data import video
 from soraflow.data.cache import LatentDataset
 from soraflow.inference.comparison import plot_comparison
@@ -22,15 +23,18 @@ from soraflow.models.encoders import TextEncoder, load_autoencoder
 
 
 class Sampler:
-    """A stage checkpoint (or a PixArt-α / Open-Sora 1.0 .pth) with the autoencoder that decodes its latents."""
+    """A stage checkpoint (or a PixArt-α / Open-Sora 1.0 .pth) with the autoencoder that decodes its
+    latents, on the job's device (in fp32, as it was trained and checkpointed)."""
 
     def __init__(self, checkpoint, params: dict):
         self.params = params
+        self.device, _ = device_and_dtype()
         self.autoencoder = load_autoencoder(params["vae"])
         pth_settings = self.pth_settings(checkpoint, params) if is_torch_checkpoint(checkpoint) else {}
-        self.model, (self.frames, self.height, self.width) = load_for_sampling(
+        model, (self.frames, self.height, self.width) = load_for_sampling(
             checkpoint, use_ema=params["sample"]["use_ema"], **pth_settings
         )
+        self.model = model.to(self.device)
 
     def pth_settings(self, checkpoint, params: dict) -> dict:
         """A .pth holds weights only: the STDiT settings come from params["stdit"], the video size
@@ -47,13 +51,13 @@ class Sampler:
         }
 
     def generate(self, y: torch.Tensor, mask: torch.Tensor, seed: int) -> torch.Tensor:
-        """One caption's features [1, L, C] and mask [1, L] -> pixels [T, 3, H, W] in [-1, 1]."""
+        """One caption's features [1, L, C] and mask [1, L] -> pixels [T, 3, H, W] in [-1, 1] on the CPU."""
         steps = self.params["diffusion"]
         latents = diffusion.sample(
             self.model,
             shape=(1, self.model.in_channels, self.frames, self.height, self.width),
-            y=y,
-            mask=mask,
+            y=y.to(self.device),
+            mask=mask.to(self.device),
             cfg_scale=steps["cfg_scale"],
             num_steps=steps["sample_steps"],
             seed=seed,
@@ -64,8 +68,8 @@ class Sampler:
         return self.decode(latents[0])
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """[C, T, h, w] -> [T, 3, H, W]"""
-        return self.autoencoder.decode(latents.transpose(0, 1)).float()
+        """[C, T, h, w] -> [T, 3, H, W] on the CPU"""
+        return self.autoencoder.decode(latents.transpose(0, 1)).float().cpu()
 
     def write(self, pixels: torch.Tensor, out_path, label: str) -> None:
         video.write_video(Path(out_path), video.to_uint8(pixels), fps=self.params["sample"]["fps"])

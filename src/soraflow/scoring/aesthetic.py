@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from soraflow.core.devices import device_and_dtype
 from soraflow.core.hub import resolve_model_ref
 from soraflow.data import video
 
@@ -90,7 +91,7 @@ class AestheticScorer:
         from transformers import AutoConfig, AutoImageProcessor, CLIPConfig, CLIPVisionModelWithProjection
 
         path = resolve_model_ref(model_ref)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or device_and_dtype()[0]
         config = AutoConfig.from_pretrained(path)
         if isinstance(config, CLIPConfig):
             # a full CLIPModel checkpoint: take its vision tower and visual projection, whose

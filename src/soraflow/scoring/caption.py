@@ -7,6 +7,12 @@ token, so only the first frame reached the model (issue #289); here the chat tem
 gets one image entry per frame. Captions that come out empty, or cut off at the token
 limit, go to the rejects table with a reason instead of into training (issue #167).
 
+The job uses every GPU it was given: one replica of the model per GPU, the shard's batches
+shared between them, where the model and a batch's generation fit one GPU; the model's layers
+spread over the GPUs (accelerate's balanced device_map) where they do not
+(soraflow.scoring.captioner_memory decides, and `soraflow plan` says which and why). Captions
+are the same either way: each clip's depends on its own frames and generator alone.
+
 A shard is resumable: every batch's results are kept as a part beside the output table
 (core.resume), and a retry captions only the clips missing there.
 """
@@ -15,9 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
 import re
 import time
 import unicodedata
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import av
@@ -32,11 +40,12 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from soraflow.core.devices import device_and_dtype
+from soraflow.core.devices import device_memory, job_devices, model_dtype, use_device
 from soraflow.core.hub import resolve_model_ref
 from soraflow.core.progress import progress
 from soraflow.core.resume import JobProgress, file_digest, input_signature, progress_folder
 from soraflow.data import table, video
+from soraflow.scoring.captioner_memory import RESERVED, captioner_memory, placement
 
 log = logging.getLogger(__name__)
 
@@ -93,19 +102,44 @@ def clean_caption(text: str) -> str:
 _CAPTIONERS: dict[str, tuple] = {}
 
 
-def load_captioner(model_ref: str) -> tuple:
-    """(model, processor) for an id or path, loaded once per process."""
-    if model_ref not in _CAPTIONERS:
+def load_captioner(model_ref: str, devices: tuple[torch.device, ...] | None = None) -> tuple:
+    """(model, processor) for an id or path on one device (the job's first by default), or with
+    its layers spread over several (accelerate's balanced device_map); loaded once per process."""
+    devices = devices or tuple(job_devices()[:1])
+    if (model_ref, devices) not in _CAPTIONERS:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        device, dtype = device_and_dtype()
         path = resolve_model_ref(model_ref)
         processor = AutoProcessor.from_pretrained(path)
         # batched generation appends new tokens on the right, so prompts pad on the left
         processor.tokenizer.padding_side = "left"
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
-        _CAPTIONERS[model_ref] = (model, processor)
-    return _CAPTIONERS[model_ref]
+        dtype = model_dtype(devices[0])
+        if len(devices) > 1:
+            memory = {d.index: device_memory(d) - RESERVED for d in devices}
+            model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, device_map="balanced",
+                                                                max_memory=memory)
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(devices[0])
+        _CAPTIONERS[model_ref, devices] = (model.eval(), processor)
+    return _CAPTIONERS[model_ref, devices]
+
+
+def replica_devices(params: dict) -> list[tuple[torch.device, ...]]:
+    """The devices of each replica the job runs: one per device where the model and a batch fit
+    one, else one replica over all of them (see captioner_memory)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    devices = job_devices()
+    config = AutoConfig.from_pretrained(resolve_model_ref(params["model"]))
+    with torch.device("meta"):  # parameters counted without memory
+        parameters = sum(p.numel() for p in AutoModelForImageTextToText.from_config(config).parameters())
+    kind, why = placement(captioner_memory(parameters, config.to_dict(), params), device_memory(devices[0]),
+                          len(devices))
+    log.info("%s: %s", params["model"], why)
+    if kind == "none":
+        raise RuntimeError(f"caption: {params['model']} does not fit this job's devices: {why}; "
+                           "lower caption.batch_size or give the job more GPUs (resources.caption.gpus)")
+    return [tuple(devices)] if kind == "device_map" else [(d,) for d in devices]
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -144,7 +178,7 @@ class PerClipSampling(LogitsProcessor):
     The row's distribution is what generate(do_sample=True) samples from: the temperature, then
     the model's own top-k and top-p (transformers' defaults, 50 and 1.0, where it sets none)."""
 
-    def __init__(self, generation_config, temperature: float, generators: list[torch.Generator]):
+    def __init__(self, generation_config, temperature: float, seed: int, clip_ids: list[str]):
         top_k = 50 if generation_config.top_k is None else generation_config.top_k
         top_p = 1.0 if generation_config.top_p is None else generation_config.top_p
         self.warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
@@ -152,9 +186,11 @@ class PerClipSampling(LogitsProcessor):
             self.warpers.append(TopKLogitsWarper(top_k))
         if top_p < 1.0:
             self.warpers.append(TopPLogitsWarper(top_p))
-        self.generators = generators
+        self.seed, self.clip_ids, self.generators = seed, clip_ids, None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.generators is None:  # on the logits' device: the last layer's, when spread over several
+            self.generators = [clip_generator(self.seed, clip_id, scores.device) for clip_id in self.clip_ids]
         probs = self.warpers(input_ids, scores).softmax(dim=-1)
         # row by row: a row's draw never depends on how many rows the batch holds
         chosen = torch.stack([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, self.generators)])
@@ -173,8 +209,7 @@ def generate_captions(
     eos_ids = _eos_ids(model, tokenizer)
     sampling = []
     if params["temperature"] > 0:
-        generators = [clip_generator(params["seed"], clip_id, model.device) for clip_id in clip_ids]
-        sampling = [PerClipSampling(model.generation_config, params["temperature"], generators)]
+        sampling = [PerClipSampling(model.generation_config, params["temperature"], params["seed"], clip_ids)]
     output = model.generate(
         **inputs,
         max_new_tokens=params["max_new_tokens"],
@@ -218,6 +253,30 @@ def _load_frames(path: str, num_frames, positions: list[float]) -> torch.Tensor:
     return video.read_frames(path, frame_indices(int(num_frames), positions))
 
 
+def caption_batch(batch: pd.DataFrame, devices: tuple[torch.device, ...], params: dict) -> list[dict]:
+    """A batch's results in its order, a caption or a reject reason per clip, from the replica on
+    `devices` (loaded at its first batch)."""
+    results, frames, ids = [], [], []
+    for _, row in batch.iterrows():
+        try:
+            frames.append(_load_frames(row["path"], row["num_frames"], params["positions"]))
+            ids.append(row["id"])
+        except (ValueError, av.FFmpegError) as err:
+            if not video.is_video_fault(err):
+                raise  # the machine's fault (a missing clip file, an I/O error): fail, reject nothing
+            results.append({"id": row["id"], "text_generated": None, "reason": f"cannot decode frames: {err}"})
+    if frames:
+        with use_device(devices[0]):
+            model, processor = load_captioner(params["model"], devices)
+            started = time.perf_counter()
+            generated = generate_captions(model, processor, frames, ids, params)
+        per_clip = (time.perf_counter() - started) / len(frames)
+        for clip_id, (text, truncated) in zip(ids, generated):
+            caption, reason = _verdict(text, truncated, params)
+            results.append({"id": clip_id, "text_generated": caption, "reason": reason, "seconds": per_clip})
+    return results
+
+
 def caption_shard(table_path: str | Path, out_table: str | Path, rejects_path: str | Path, params: dict) -> dict:
     """Caption a shard's clips and write its table (text_generated, text) and rejects.
 
@@ -249,27 +308,26 @@ def caption_shard(table_path: str | Path, out_table: str | Path, rejects_path: s
         log.info("%s: resuming, %d clips already captioned", table_path, resumed)
 
     new_results = []
-    for start in progress(range(0, len(todo), params["batch_size"]), desc="caption batches"):
-        batch = todo.iloc[start : start + params["batch_size"]]
-        results, frames, ids = [], [], []
-        for _, row in batch.iterrows():
+    batches = [todo.iloc[start : start + params["batch_size"]] for start in range(0, len(todo), params["batch_size"])]
+    if batches:
+        replicas = queue.SimpleQueue()  # each free replica's devices: a batch takes one, then returns it
+        for devices in replica_devices(params):
+            replicas.put(devices)
+
+        def caption_on_a_replica(batch: pd.DataFrame) -> list[dict]:
+            devices = replicas.get()
             try:
-                frames.append(_load_frames(row["path"], row["num_frames"], params["positions"]))
-                ids.append(row["id"])
-            except (ValueError, av.FFmpegError) as err:
-                if not video.is_video_fault(err):
-                    raise  # the machine's fault (a missing clip file, an I/O error): fail, reject nothing
-                results.append({"id": row["id"], "text_generated": None, "reason": f"cannot decode frames: {err}"})
-        if frames:
-            model, processor = load_captioner(params["model"])
-            started = time.perf_counter()
-            generated = generate_captions(model, processor, frames, ids, params)
-            per_clip = (time.perf_counter() - started) / len(frames)
-            for clip_id, (text, truncated) in zip(ids, generated):
-                caption, reason = _verdict(text, truncated, params)
-                results.append({"id": clip_id, "text_generated": caption, "reason": reason, "seconds": per_clip})
-        job.add(results[0]["id"], results)
-        new_results.extend(results)
+                return caption_batch(batch, devices, params)
+            finally:
+                replicas.put(devices)
+
+        pool = ThreadPoolExecutor(replicas.qsize(), thread_name_prefix="caption")
+        try:  # results in the shard's order, whichever replica finished first
+            for results in progress(pool.map(caption_on_a_replica, batches), total=len(batches), desc="caption batches"):
+                job.add(results[0]["id"], results)
+                new_results.extend(results)
+        finally:
+            pool.shutdown(cancel_futures=True)
 
     # read back, as a retry reads them: the tables are the same either way
     results = [result for batch in job.parts().values() for result in batch]

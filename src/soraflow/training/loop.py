@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
+from soraflow.core import devices
 from soraflow.core.atomic import atomic_path
 from soraflow.core.progress import progress
 from soraflow.data.cache import LatentDataset
@@ -85,11 +86,10 @@ class Trainer:
         self.rank = int(os.environ.get("RANK", 0))
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+        self.device = devices.rank_device(local_rank)
+        devices.set_process_device(self.device)
         if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            dist.init_process_group(devices.collective_backend(self.device))
         # stop flags and start-up facts travel on the CPU, so the host never waits for the device for them
         self.cpu_group = dist.new_group(backend="gloo") if self.world > 1 else None
         if self.world > 1:  # where the ranks run, in rank order (a multi-node run names its nodes)

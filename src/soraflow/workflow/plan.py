@@ -4,7 +4,9 @@ For every training stage: tokens per sample, FLOPs per step, memory per GPU unde
 chosen engine (weights, gradients, optimizer, EMA, activations with and without gradient
 checkpointing), the stage's latent cache on disk, and GPU-hours at the stated MFU of the
 named GPU (`plan` section of the config). For caption and encode: each model's memory and
-clips per GPU-hour at a stated throughput. A stage or model that does not fit the GPU is
+clips per GPU-hour at a stated throughput; for caption also how its job places the model on
+its GPUs (a replica per GPU, or its layers spread over them) and why: weights plus the KV cache
+of a batch of clips' frames (soraflow.scoring.captioner_memory, which the caption job uses too). A stage or model that does not fit the GPU is
 an error naming it and its numbers; the workflow runs this check when a run starts (the
 Snakefile's onstart), so a config that cannot fit never reaches the queue.
 
@@ -43,6 +45,7 @@ from pathlib import Path
 from soraflow.core.hub import resolve_model_ref
 from soraflow.data.manifest import count_rows
 from soraflow.models.stdit_config import patch_grid, stdit_kwargs
+from soraflow.scoring.captioner_memory import HUB_CONFIGS, RESERVED, captioner_memory, placement
 from soraflow.workflow.settings import processes_per_node
 
 MIB, GIB = 2**20, 2**30
@@ -54,7 +57,6 @@ GPUS: dict[str, tuple[int, float]] = {
     "H800-80GB": (81_559 * MIB, 989e12),
     "H200-141GB": (143_771 * MIB, 989e12),
 }
-RESERVED = 2 * GIB  # per GPU: CUDA context, NCCL buffers, allocator slack
 # parameters of the recipe's hub models, counted on the meta device from their published
 # configs (diffusers AutoencoderKL; transformers T5EncoderModel and LlavaNextForConditionalGeneration)
 HUB_PARAMETERS = {
@@ -97,6 +99,7 @@ class ModelPlan:
     model: str
     parameters: int | None
     clips_per_gpu_hour: float
+    placement: tuple[str, str] | None = None  # caption: (replicas | device_map | none, why)
 
 
 # --------------------------------------------------------------------------------------
@@ -341,10 +344,29 @@ def text_width(config: dict) -> int | None:
     return stdit_kwargs(config["stdit"])["caption_channels"]
 
 
+def captioner_config(ref: str) -> dict | None:
+    """The captioner's config.json (a local folder), else the recipe's record of its hub config."""
+    folder = local_model_dir(ref)
+    if folder is not None and (folder / "config.json").exists():
+        return json.loads((folder / "config.json").read_text())
+    return HUB_CONFIGS.get(ref)
+
+
+def caption_placement(config: dict, parameters: int | None) -> tuple[str, str] | None:
+    """How the caption job places its model on the plan's GPUs, and why (None: sizes unknown)."""
+    model_config = captioner_config(config["caption"]["model"])
+    if parameters is None or model_config is None:
+        return None
+    gpus = config["resources"]["caption"]["gpus"]
+    memory, _ = GPUS[config["plan"]["gpu"]]
+    return placement(captioner_memory(parameters, model_config, config["caption"]), memory, 1 if gpus is None else gpus)
+
+
 def model_plans(config: dict) -> list[ModelPlan]:
     a = config["plan"]
-    plans = [ModelPlan("caption", config["caption"]["model"], weight_parameters(config["caption"]["model"]),
-                       3600 * a["caption_clips_per_s"]),
+    captioner = weight_parameters(config["caption"]["model"])
+    plans = [ModelPlan("caption", config["caption"]["model"], captioner, 3600 * a["caption_clips_per_s"],
+                       caption_placement(config, captioner)),
              ModelPlan("encode_text", config["text_encoder"]["model"], weight_parameters(config["text_encoder"]["model"]),
                        3600 * a["text_clips_per_s"])]
     vae = config["vae"]
@@ -386,8 +408,10 @@ def check(config: dict) -> str:
     problems += [
         f"{m.step}: {m.model} needs {gib(m.parameters * INFERENCE_BYTES)} for its weights alone but "
         f"{config['plan']['gpu']} has {gib(usable)} usable"
-        for m in models if m.parameters and m.parameters * INFERENCE_BYTES > usable
+        for m in models if m.placement is None and m.parameters and m.parameters * INFERENCE_BYTES > usable
     ]
+    problems += [f"{m.step}: {m.model}: {m.placement[1]} (resources.caption.gpus, caption.batch_size)"
+                 for m in models if m.placement is not None and m.placement[0] == "none"]
     if problems:
         raise PlanError(report + "\n\ndoes not fit:\n  " + "\n  ".join(problems))
     return report
@@ -459,4 +483,5 @@ def render(config: dict, stages: list[StagePlan], models: list[ModelPlan]) -> st
                      f"{m.clips_per_gpu_hour:,.0f}", hours, cache])
     lines += ["", *markdown(["step", "model", "params", "weights (bf16)", "clips/GPU-hour (stated)", "GPU-hours",
                              "cache/clip"], rows)]
+    lines += [f"\n{m.step} on {a['gpu']}: {m.placement[1]}" for m in models if m.placement is not None]
     return "\n".join(lines)
