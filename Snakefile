@@ -29,10 +29,11 @@ wildcard_constraints:
     stage="|".join(L.stages),
 
 
-# Before any job is submitted (never in a dry run): the plan's table (soraflow plan prints the
-# same), and a stop naming any stage or model that does not fit the planned GPU (plan.gpu).
+# Before any job is submitted (never in a dry run): the plan's tables and every job's runtime and
+# memory (soraflow plan prints the same), and a stop naming any stage or model that does not fit
+# the planned GPU (plan.gpu).
 onstart:
-    from soraflow.workflow.plan import check
+    from soraflow.workflow.resources import check
 
     print(check(config))
 

@@ -10,6 +10,8 @@ rule caption:
         rejects=L.shard_file("rejects_caption"),
     log:
         "logs/caption/{shard}.log",
+    # a job longer than cluster.max_runtime is a chain of jobs, each resuming the last
+    retries: L.step_retries("caption")
     conda:
         "../envs/soraflow.yaml"
     # torch steps use two threads; the scheduler keeps them from sharing cores

@@ -57,6 +57,8 @@ rule ingest:
         rejects=L.shard_file("rejects_ingest"),
     log:
         "logs/ingest/{shard}.log",
+    # a job longer than cluster.max_runtime is a chain of jobs, each resuming the last
+    retries: L.step_retries("ingest")
     conda:
         "../envs/soraflow.yaml"
     resources:
@@ -80,6 +82,8 @@ rule split:
         clips=directory(L.clip_dir()),
     log:
         "logs/split/{shard}.log",
+    # a job longer than cluster.max_runtime is a chain of jobs, each resuming the last
+    retries: L.step_retries("split")
     conda:
         "../envs/soraflow.yaml"
     # videos split at once; each one's ffmpeg and PyAV decoders share them
@@ -107,6 +111,8 @@ rule score:
         L.shard_file("scored"),
     log:
         "logs/score/{shard}.log",
+    # a job longer than cluster.max_runtime is a chain of jobs, each resuming the last
+    retries: L.step_retries("score")
     conda:
         "../envs/soraflow.yaml"
     resources:

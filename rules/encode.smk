@@ -12,6 +12,8 @@ rule encode_video:
         L.latent_cache(),
     log:
         "logs/encode_video/{stage}/{shard}.log",
+    # a job longer than cluster.max_runtime is a chain of jobs, each resuming the last
+    retries: L.step_retries("encode_video")
     conda:
         "../envs/soraflow.yaml"
     # torch steps use two threads; the scheduler keeps them from sharing cores
@@ -35,6 +37,8 @@ rule encode_text:
         L.text_cache(),
     log:
         "logs/encode_text/{shard}.log",
+    # a job longer than cluster.max_runtime is a chain of jobs, each resuming the last
+    retries: L.step_retries("encode_text")
     conda:
         "../envs/soraflow.yaml"
     # torch steps use two threads; the scheduler keeps them from sharing cores

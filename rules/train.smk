@@ -89,12 +89,14 @@ for stage in L.stages:
             ],
         log:
             f"logs/sample/{stage}.log",
+        # a job longer than cluster.max_runtime is a chain of jobs, each resuming the last
+        retries: L.step_retries("sample", stage)
         conda:
             "../envs/soraflow.yaml"
         threads: 2
         resources:
             # what the job needs (config), and settings that never change its outputs (resources never re-run a job)
-            **L.step_job("sample"),
+            **L.step_job("sample", stage),
             operational=L.operational("sample"),
         params:
             cfg=L.params("sample"),

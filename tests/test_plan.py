@@ -194,6 +194,7 @@ def test_parsing_and_planning_the_preset_import_no_torch(tmp_path):
                              capture_output=True, text=True, timeout=300, cwd=REPO)
     assert planned.returncode == 0, planned.stdout[-3000:] + planned.stderr[-3000:]
     assert "| hq_512 |" in planned.stdout
+    assert "| split | 10,000 videos |" in planned.stdout  # every job's runtime and memory
 
 
 def preset_config(**caption) -> dict:

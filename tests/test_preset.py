@@ -9,6 +9,7 @@ the plugin builds for it.
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import sys
@@ -245,3 +246,46 @@ def test_a_gpu_step_keeps_its_gpu_when_the_config_sets_only_its_memory():
     config = preset_config()
     config["resources"]["sample"] = {"gpus": None, "cpus": None, "mem_mb": 2000, "runtime": None}
     assert step_job(config, "sample")["gpu"] == 1 and "gpu" not in step_job(config, "split")
+
+
+def test_shard_jobs_ask_for_their_shards_items_times_the_cost_of_one(tmp_path):
+    """At 10,000 videos a shard, what Slurm receives for split, score and sample is the shard's
+    items times the per-item cost the config states (measured in benchmarks/README.md), with the
+    plan's margin (a quarter more, plus 10 minutes of startup); a shard job longer than the
+    cluster's limit is a chain of jobs at the limit, each resuming the last."""
+    from soraflow.workflow.plan import stage_plan
+    from soraflow.workflow.resources import step_job
+
+    config = preset_config()
+    costs, videos = config["plan"], config["data"]["shard_size"]
+    assert videos == 10_000
+    plan = dry_run(tmp_path, "--profile", str(PROFILE), "--forceall", "--cores", "1024")
+    planned = planned_resources(plan)
+    partitions = tmp_path / "partitions.yaml"
+    partitions.write_text(yaml.safe_dump(CLUSTER_PARTITIONS))
+
+    def minutes(rule: str) -> int:
+        call = sbatch_command(rule, planned[rule], partitions, threads=planned[rule]["threads"])
+        print(f"{rule}: {call}")
+        return int(re.search(r"-t '?(\d+)", call).group(1))
+
+    def asked(hours: float) -> int:
+        return math.ceil(hours * 60 * 1.25) + 10
+
+    # split: every video's seconds at the split's cost per video-second, split.threads at once
+    split_hours = videos * costs["video_seconds"] * costs["split_s_per_video_s"] / config["split"]["threads"] / 3600
+    assert minutes("split") == asked(split_hours)
+    # score: every clip at the motion score's cost (the preset has no aesthetic model)
+    assert config["score"]["aesthetic_model"] is None
+    assert minutes("score") == asked(videos * costs["clips_per_video"] * costs["score_s_per_clip"] / 3600)
+    # sample: every video's sampling steps, each two STDiT forwards (guidance), at the plan's MFU
+    samples = len(config["sample"]["prompts"]) + config["sample"]["training_captions"]
+    flops = samples * config["diffusion"]["sample_steps"] * 2 * stage_plan(config, "hq_512").forward_flops
+    assert minutes("sample_hq_512") == asked(flops / (989e12 * costs["mfu"]) / 3600)  # H800's bf16 peak
+
+    # a corpus of 10-minute videos: the split needs more than the cluster's 48 hours
+    config["plan"]["video_seconds"] = 600
+    long = step_job(config, "split")
+    links = math.ceil(asked(10 * split_hours) / config["cluster"]["max_runtime"])
+    assert links == 2 and long["runtime"] == config["cluster"]["max_runtime"]
+    assert long["retries"] == links - 1 + 2  # the chain's second link, and two failure retries

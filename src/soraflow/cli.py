@@ -239,7 +239,7 @@ def cmd_report_figures(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    from soraflow.workflow.plan import check
+    from soraflow.workflow.resources import check
 
     config = _workflow_config(args)
     try:
@@ -391,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True)
 
     p = command("plan", cmd_plan, "tokens, FLOPs, memory per GPU, cache sizes and GPU-hours of every stage of a "
-                "config; exits non-zero naming what does not fit the planned GPU (plan.gpu)")
+                "config, and every job's planned runtime and memory; exits non-zero naming what does not fit "
+                "the planned GPU (plan.gpu)")
     with_workflow_config(p)
 
     p = command("inspect", cmd_inspect, "summarise the clip tables and rejects of a workflow run")

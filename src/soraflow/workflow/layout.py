@@ -153,9 +153,14 @@ class Layout:
         command = f'PATH={shlex.quote(str(venv_bin))}:"$PATH" PYTHONPATH={python_path} python -m soraflow.cli'
         return {"conda": "../envs/colossalai.yaml", "command": command}
 
-    def step_job(self, step: str) -> dict:
-        """A per-shard job's Slurm resources (caption, encode_video, ...)."""
-        return resources.step_job(self.config, step)
+    def step_job(self, step: str, stage: str | None = None) -> dict:
+        """A per-shard (or per-stage: sample) job's Slurm resources (caption, encode_video, ...)."""
+        return {k: v for k, v in resources.step_job(self.config, step, stage).items() if k != "retries"}
+
+    def step_retries(self, step: str, stage: str | None = None) -> int:
+        """How many times the job may be resubmitted: the links of its chain, when it needs longer
+        than cluster.max_runtime (each resumes the last), and FAILURE_RETRIES."""
+        return resources.step_job(self.config, step, stage)["retries"]
 
     def samples(self, stage: str) -> list[str]:
         count = len(self.config["sample"]["prompts"])
