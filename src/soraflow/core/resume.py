@@ -32,11 +32,9 @@ def progress_folder(output: str | Path) -> Path:
 
 
 def file_digest(path: str | Path) -> str:
-    digest = hashlib.sha256()
+    """The file's sha256, hex."""
     with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def input_signature(path: str | Path) -> str | list:

@@ -14,7 +14,6 @@ only the videos it had not finished.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -61,14 +60,6 @@ def raw_name(video_id: str, url: str) -> str:
     """`{id}{ext}` with the URL's extension, `.bin` when it has none (ffmpeg sniffs the content)."""
     suffix = Path(urlsplit(url).path if "://" in url else url).suffix.lower()
     return video_id + (suffix if EXTENSION_PATTERN.match(suffix) else ".bin")
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def http_retry(params: dict) -> Retry:
@@ -271,7 +262,7 @@ def fetch(url: str, dest: Path, params: dict, session: requests.Session, sha256:
     mode = local_sources_mode(params)
     remote = is_remote(url)
     if remote or mode != "in_place":
-        if dest.exists() and (not sha256 or sha256_of(dest) == sha256):
+        if dest.exists() and (not sha256 or file_digest(dest) == sha256):
             return dest
         dest.unlink(missing_ok=True)
     if remote and is_video_site(url, params):
@@ -283,7 +274,7 @@ def fetch(url: str, dest: Path, params: dict, session: requests.Session, sha256:
     else:
         path = _place_local(_local_source(url, int(params["max_bytes"])), dest, mode)
     if sha256:
-        actual = sha256_of(path)
+        actual = file_digest(path)
         if actual != sha256:
             if path == dest:  # never a source file
                 dest.unlink()
