@@ -108,7 +108,8 @@ rule score:
         table=L.shard_file("clips"),
         model=L.model_input(config["score"]["aesthetic_model"]),
     output:
-        L.shard_file("scored"),
+        table=L.shard_file("scored"),
+        rejects=L.shard_file("rejects_score"),
     log:
         "logs/score/{shard}.log",
     # a job longer than cluster.max_runtime is a chain of jobs, each resuming the last
@@ -120,7 +121,8 @@ rule score:
     params:
         cfg=L.params("score"),
     shell:
-        "soraflow score {input.table} --out {output} --params {params.cfg:q} > {log} 2>&1"
+        "soraflow score {input.table} --out {output.table} --rejects {output.rejects}"
+        " --params {params.cfg:q} > {log} 2>&1"
 
 
 # After captioning: all shards as one table, Open-Sora 1.0's and 1.1+'s CSVs beside it, every reject in one place.

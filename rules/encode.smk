@@ -9,7 +9,9 @@ rule encode_video:
         table=L.shard_file("scored"),
         model=L.model_input(config["vae"].get("model", "")),
     output:
-        L.latent_cache(),
+        cache=L.latent_cache(),
+        # clips too short for the stage's frames, or whose files do not decode
+        rejects=L.shard_file("rejects_encode_video_{stage}"),
     log:
         "logs/encode_video/{stage}/{shard}.log",
     # a job longer than cluster.max_runtime is a chain of jobs, each resuming the last
@@ -25,8 +27,8 @@ rule encode_video:
     params:
         cfg=lambda w: L.params("encode_video", w.stage),
     shell:
-        "soraflow encode-video {input.table} --out {output} --params {params.cfg:q}"
-        " --operational {resources.operational:q} > {log} 2>&1"
+        "soraflow encode-video {input.table} --out {output.cache} --rejects {output.rejects}"
+        " --params {params.cfg:q} --operational {resources.operational:q} > {log} 2>&1"
 
 
 rule encode_text:

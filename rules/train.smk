@@ -3,6 +3,8 @@
 
 rule dataset:
     input:
+        # the score and encode jobs' rejects tables (clips left out of the stage) come with the
+        # scored tables and latent caches, so they are not inputs of their own
         tables=L.shard_files("captioned"),
         scores=L.shard_files("scored"),
         latents=lambda w: [L.latent_cache(w.stage, s) for s in L.shards],
@@ -24,7 +26,7 @@ rule dataset:
         cfg=lambda w: L.params("dataset", w.stage),
     shell:
         "soraflow dataset --shards-dir {params.shards_dir} --num-shards {params.num_shards}"
-        " --latent-dir {params.latent_dir} --text-dir {params.text_dir}"
+        " --latent-dir {params.latent_dir} --text-dir {params.text_dir} --stage {wildcards.stage}"
         " --out {output.index} --rejects {output.rejects} --params {params.cfg:q} > {log} 2>&1"
 
 

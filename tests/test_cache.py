@@ -22,10 +22,10 @@ UNFILTERED = {**STAGE, "filters": {}}
 
 @pytest.fixture(scope="module")
 def clip_table(tmp_path_factory) -> tuple:
-    """Two short clips (20 and 5 frames) in a clip table, with captions."""
+    """Two short clips (20 and 7 frames, the second just long enough for STAGE) in a clip table, with captions."""
     root = tmp_path_factory.mktemp("clips")
     rows = []
-    for i, num_frames in enumerate([20, 5]):
+    for i, num_frames in enumerate([20, 7]):
         frames = torch.randint(0, 255, (num_frames, 48, 64, 3), dtype=torch.uint8)
         path = root / f"clip{i}.mp4"
         video.write_video(path, frames, fps=10)
@@ -85,7 +85,7 @@ def test_caches_and_stage_index_round_trip(clip_table, tmp_path):
     build_stage_index([clips_path], [clips_path], [tmp_path / "latents.json"], [tmp_path / "text.json"],
                       {"min_seconds": 1.0}, tmp_path / "index.parquet", tmp_path / "rejects.parquet")
     index = table.read(tmp_path / "index.parquet")
-    assert index["id"].tolist() == ["clip0"]  # the 0.5 s clip fails min_seconds
+    assert index["id"].tolist() == ["clip0"]  # the 0.7 s clip fails min_seconds
     rejects = table.read(tmp_path / "rejects.parquet")
     assert rejects["id"].tolist() == ["clip1"] and rejects["reason"].str.contains("min_seconds").all()
 

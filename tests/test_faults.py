@@ -13,12 +13,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import section
+from conftest import bare_section, section
 from conftest_caption import make_clip_table, tiny_models  # noqa: F401  (session fixture)
+from test_cache import MINILM
 from test_split import PARAMS, ingest
 
+from soraflow.data import cache, table, video
 from soraflow.data.split import split_shard
 from soraflow.scoring.caption import caption_shard
+from soraflow.scoring.shard import score_shard
+from soraflow.training.dataset import build_stage_index
+from soraflow.training.encode import clip_frame_indices, encode_text_shard, encode_video_shard
 
 
 def split(tmp_path: Path, videos: Path, clip_dir: Path) -> tuple[Path, Path]:
@@ -137,3 +142,54 @@ def test_a_missing_model_fails_the_caption_job_naming_it(tmp_path):
     with pytest.raises(OSError, match="no-such-model"):
         caption_shard(clips, out, rejects, params)
     assert_nothing_written(tmp_path, out, rejects)
+
+
+# --- one unreadable or too short clip rejects that clip, never the shard -------------------------
+STAGE = {"num_frames": 4, "frame_interval": 2, "resolution": 32, "filters": {}}  # spans 7 source frames
+
+
+@pytest.fixture
+def clips_one_unreadable_one_short(tmp_path) -> Path:
+    """clip0 decodes (10 frames), clip1's file is not a video, clip2 has 6 frames: one short of
+    STAGE's span."""
+    clips = make_clip_table(tmp_path, 3)
+    (tmp_path / "clip1.mp4").write_bytes(b"not a video")
+    rows = table.read(clips)
+    video.write_video(tmp_path / "clip2.mp4", video.read_frames(tmp_path / "clip2.mp4")[:6], fps=8)
+    table.write(rows.assign(num_frames=[10, 10, 6], duration_s=[1.25, 1.25, 0.75]), clips)
+    return clips
+
+
+def test_an_unreadable_clip_is_a_score_reject_and_the_rest_are_scored(tmp_path, clips_one_unreadable_one_short):
+    out, rejects = tmp_path / "scored.parquet", tmp_path / "rejects_score.parquet"
+    score_shard(clips_one_unreadable_one_short, out, {"aesthetic_model": None}, rejects)
+    assert table.read(out)["id"].tolist() == ["clip0", "clip2"] and table.read(out)["motion"].notna().all()
+    reject = table.read(rejects).iloc[0]
+    assert len(table.read(rejects)) == 1 and (reject["id"], reject["stage"]) == ("clip1", "score")
+    assert "clip1.mp4" in reject["reason"] and "Invalid data" in reject["reason"]
+
+
+def test_unreadable_and_too_short_clips_are_encode_rejects_left_out_of_the_stage(tmp_path, clips_one_unreadable_one_short):
+    clips = clips_one_unreadable_one_short
+    latents, texts, rejects = tmp_path / "latents.json", tmp_path / "text.json", tmp_path / "rejects_encode.parquet"
+    table.write(table.read(clips).assign(text="a red car"), clips)
+    encode_video_shard(clips, latents, bare_section("vae", kind="pixel_pack", factor=4), STAGE, rejects)
+    encode_text_shard(clips, texts, MINILM)
+    assert cache.read_ids(latents) == ["clip0"]
+    reasons = table.read(rejects).set_index("id")["reason"]
+    assert reasons.index.tolist() == ["clip2", "clip1"] and (table.read(rejects)["stage"] == "encode_video").all()
+    assert reasons["clip2"] == "6 frames, fewer than the 7 that 4 frames 2 apart span"
+    assert reasons["clip1"].startswith("cannot decode frames") and "clip1.mp4" in reasons["clip1"]
+
+    index, stage_rejects = tmp_path / "index.parquet", tmp_path / "stage_rejects.parquet"
+    build_stage_index([clips], [clips], [latents], [texts], {}, index, stage_rejects, [rejects])
+    assert table.read(index)["id"].tolist() == ["clip0"]
+    assert table.read(stage_rejects).set_index("id").loc[["clip2", "clip1"]].equals(table.read(rejects).set_index("id"))
+    with pytest.raises(ValueError, match="clips without latents"):  # no rejects table: nowhere to put them
+        encode_video_shard(clips, tmp_path / "other.json", bare_section("vae", kind="pixel_pack", factor=4), STAGE)
+
+
+def test_a_stage_never_squeezes_a_clip_in_time():
+    assert clip_frame_indices(7, STAGE) == [0, 2, 4, 6] and clip_frame_indices(10, STAGE) == [1, 3, 5, 7]
+    with pytest.raises(ValueError, match="4 frames 2 apart span 7 frames; the clip has 6"):
+        clip_frame_indices(6, STAGE)

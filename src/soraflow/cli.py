@@ -117,7 +117,7 @@ def cmd_split(args) -> None:
 def cmd_score(args) -> None:
     from soraflow.scoring.shard import score_shard
 
-    score_shard(args.table, args.out, args.params)
+    score_shard(args.table, args.out, args.params, args.rejects)
 
 
 def cmd_models(args) -> None:
@@ -143,7 +143,7 @@ def cmd_caption(args) -> None:
 def cmd_encode_video(args) -> None:
     from soraflow.training.encode import encode_video_shard
 
-    encode_video_shard(args.table, args.out, args.params["vae"], args.params["stage"])
+    encode_video_shard(args.table, args.out, args.params["vae"], args.params["stage"], args.rejects)
 
 
 def cmd_encode_text(args) -> None:
@@ -161,7 +161,9 @@ def cmd_dataset(args) -> None:
     scores = shard_table_paths(args.shards_dir, args.num_shards, "scored")
     latents = shard_cache_paths(args.latent_dir, args.num_shards)
     texts = shard_cache_paths(args.text_dir, args.num_shards)
-    build_stage_index(tables, scores, latents, texts, args.params, args.out, args.rejects)
+    dropped = [path for name in ("rejects_score", f"rejects_encode_video_{args.stage}")
+               for path in shard_table_paths(args.shards_dir, args.num_shards, name)]  # fmt: skip
+    build_stage_index(tables, scores, latents, texts, args.params, args.out, args.rejects, dropped)
 
 
 def cmd_train(args) -> None:
@@ -322,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_params(command("score", cmd_score, "motion and aesthetic scores of a clip table"))
     p.add_argument("table")
     p.add_argument("--out", required=True)
+    p.add_argument("--rejects", help="rejects table: clips that do not decode (without it, such a clip is an error)")
 
     p = with_params(command("models", cmd_models, "build the tiny local models (random weights)"))
     p.add_argument("--out-dir", required=True)
@@ -335,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_params(command("encode-video", cmd_encode_video, "cache VAE latents of a clip table"))
     p.add_argument("table")
     p.add_argument("--out", required=True)
+    p.add_argument("--rejects", help="rejects table: clips too short for the stage or that do not decode "
+                                     "(without it, such a clip is an error)")
 
     p = with_params(command("encode-text", cmd_encode_text, "cache text features of a captioned table"))
     p.add_argument("table")
@@ -345,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-shards", type=int, required=True)
     p.add_argument("--latent-dir", required=True, help="folder of the stage's latent cache files")
     p.add_argument("--text-dir", required=True, help="folder of the text feature cache files")
+    p.add_argument("--stage", required=True, help="the stage (its encode jobs' rejects tables are named for it)")
     p.add_argument("--out", required=True)
     p.add_argument("--rejects", required=True)
 

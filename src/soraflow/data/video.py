@@ -58,15 +58,13 @@ def at_positions(num_frames: int, positions) -> list[int]:
 
 
 def evenly_spaced(num_available: int, num_wanted: int, stride: int = 1) -> list[int]:
-    """`num_wanted` indices taken every `stride` frames from the middle of the clip.
-
-    Falls back to spreading evenly over the clip when it is too short for the stride.
-    """
+    """`num_wanted` indices taken every `stride` frames from the middle of the clip. A clip
+    shorter than they span is an error: spreading them closer would change its speed."""
     span = (num_wanted - 1) * stride + 1
-    if span <= num_available:
-        start = (num_available - span) // 2
-        return [start + k * stride for k in range(num_wanted)]
-    return np.linspace(0, num_available - 1, num_wanted).round().astype(int).tolist()
+    if span > num_available:
+        raise ValueError(f"{num_wanted} frames {stride} apart span {span} frames; the clip has {num_available}")
+    start = (num_available - span) // 2
+    return [start + k * stride for k in range(num_wanted)]
 
 
 def resize_center_crop(frames: torch.Tensor, size: int) -> torch.Tensor:

@@ -9,15 +9,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import av
+
 from soraflow.core.progress import progress
 from soraflow.core.resume import JobProgress, file_digest, input_signature, progress_folder
-from soraflow.data import table
+from soraflow.data import table, video
 from soraflow.scoring.motion import motion_score
 
 
-def score_shard(table_path: str | Path, out_table: str | Path, params: dict) -> None:
+def _scores(row, scorer) -> dict:
+    """A clip's scores, or the reason it has none: its file does not decode."""
+    try:
+        return {"motion": motion_score(row.path) if row.num_frames > 1 else 0.0,
+                "aes": scorer.score_clip(row.path, int(row.num_frames)) if scorer is not None else None}  # fmt: skip
+    except (ValueError, av.FFmpegError) as error:
+        if not video.is_video_fault(error):
+            raise  # the machine's fault (a clip file gone, an I/O error): fail, reject nothing
+        return {"reason": f"cannot score: {error}"}
+
+
+def score_shard(table_path: str | Path, out_table: str | Path, params: dict, rejects_path: str | Path | None = None) -> None:
     """A clip table with motion (mean optical flow; 0 for one-frame clips) and aes (null
-    without score.aesthetic_model) filled for every clip of `table_path`."""
+    without score.aesthetic_model) filled for every clip of `table_path` that decodes; a clip
+    that does not is left out, and named in the rejects table (with rejects_path; without one
+    it is an error)."""
     scorer = None
     if params["aesthetic_model"]:
         from soraflow.scoring.aesthetic import load_scorer
@@ -29,11 +44,16 @@ def score_shard(table_path: str | Path, out_table: str | Path, params: dict) -> 
     done = job.parts()
     todo = clips[~clips["id"].isin(list(done))]
     for row in progress(todo.itertuples(), desc="score", total=len(clips), initial=len(clips) - len(todo)):
-        job.add(row.id, {
-            "motion": motion_score(row.path) if row.num_frames > 1 else 0.0,
-            "aes": scorer.score_clip(row.path, int(row.num_frames)) if scorer is not None else None,
-        })
+        job.add(row.id, _scores(row, scorer))
     done = job.parts()  # read back, as a retry reads them: the table is the same either way
-    scores = [done[clip_id] for clip_id in clips["id"]]
-    table.write(clips.assign(motion=[s["motion"] for s in scores], aes=[s["aes"] for s in scores]), out_table)
+    parts = [done[clip_id] for clip_id in clips["id"]]
+    rejects = [{"id": clip_id, "url": url, "stage": "score", "reason": part["reason"]}
+               for clip_id, url, part in zip(clips["id"], clips["url"], parts) if "reason" in part]  # fmt: skip
+    if rejects and rejects_path is None:
+        raise ValueError(f"{table_path}: clips that do not decode: {rejects[:3]}")
+    decoded = [part for part in parts if "reason" not in part]
+    kept = clips[["reason" not in part for part in parts]]
+    table.write(kept.assign(motion=[part["motion"] for part in decoded], aes=[part["aes"] for part in decoded]), out_table)
+    if rejects_path is not None:
+        table.write_rejects(rejects, rejects_path)
     job.remove()

@@ -29,15 +29,21 @@ from soraflow.scoring.filters import apply_filters, join_scores
 
 
 def build_stage_index(captioned_tables, scored_tables, latent_files, text_files, filters: dict, out_path,
-                      rejects_path) -> None:
+                      rejects_path, step_rejects=()) -> None:
     """Join shards' captioned clips with their scores and cache indexes (matched by shard order),
-    then filter. Every kept clip must have cached latents and text features: the encode jobs
+    then filter. The clips named in `step_rejects` (the rejects tables of the score and encode
+    jobs: clips that do not decode, or too short for the stage) are left out and recorded in the
+    stage's rejects. Every kept clip must have cached latents and text features: the encode jobs
     applied the same filters to the same clips, so a missing row means a cache from other settings."""
     if not (len(captioned_tables) == len(scored_tables) == len(latent_files) == len(text_files)):
         raise ValueError("build_stage_index: one captioned table, scored table, latent cache and text cache per shard")
+    dropped = {row["id"]: row for path in step_rejects for row in table.read(path).to_dict("records")}
     kept_frames, rejects = [], []
     for table_path, scored_path, latent_path, text_path in zip(captioned_tables, scored_tables, latent_files, text_files):
-        kept, shard_rejects = apply_filters(join_scores(table.read(table_path), table.read(scored_path)), filters)
+        captioned = table.read(table_path)
+        left_out = captioned["id"].isin(list(dropped))
+        rejects += [dropped[clip_id] for clip_id in captioned.loc[left_out, "id"]]
+        kept, shard_rejects = apply_filters(join_scores(captioned[~left_out], table.read(scored_path)), filters)
         rejects += shard_rejects
         for cache_path, path_column, row_column in ((latent_path, "latent_path", "latent_index"),
                                                     (text_path, "text_emb_path", "text_emb_index")):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+import av
 import pandas as pd
 import torch
 
@@ -29,7 +30,18 @@ FRAME_KEYS = ("num_frames", "frame_interval", "resolution")
 
 
 def clip_frame_indices(num_frames_in_clip: int, stage: dict) -> list[int]:
+    """The stage's frames of a clip: num_frames, frame_interval apart, from its middle."""
     return video.evenly_spaced(num_frames_in_clip, stage["num_frames"], stage["frame_interval"])
+
+
+def frame_span(stage: dict) -> int:
+    """The source frames a stage's sample spans; a shorter clip cannot give one without
+    squeezing its frames closer in time (playing faster than it was filmed)."""
+    return (stage["num_frames"] - 1) * stage["frame_interval"] + 1
+
+
+def _reject(row, reason: str) -> dict:
+    return {"id": row.id, "url": row.url, "stage": "encode_video", "reason": reason}
 
 
 def video_clip_key(settings_digest: str, row) -> str:
@@ -41,22 +53,35 @@ def video_clip_key(settings_digest: str, row) -> str:
 
 
 def decoded_batches(clips: pd.DataFrame, stage: dict, clips_per_batch: int):
-    """(ids, pixels [n, T, 3, H, W] in [-1, 1]) for every `clips_per_batch` clips, in order."""
+    """(ids, pixels [n, T, 3, H, W] in [-1, 1], rejects) for every `clips_per_batch` clips, in
+    order; a clip whose file does not decode is a reject row instead (n may be 0)."""
     for start in range(0, len(clips), clips_per_batch):
-        rows = clips.iloc[start : start + clips_per_batch]
-        pixels = [
-            video.resize_center_crop(video.read_frames(row.path, clip_frame_indices(int(row.num_frames), stage)),
-                                     stage["resolution"])
-            for row in rows.itertuples()
-        ]
-        yield rows["id"].tolist(), torch.stack(pixels)
+        ids, pixels, rejects = [], [], []
+        for row in clips.iloc[start : start + clips_per_batch].itertuples():
+            try:
+                frames = video.read_frames(row.path, clip_frame_indices(int(row.num_frames), stage))
+            except (ValueError, av.FFmpegError) as error:
+                if not video.is_video_fault(error):
+                    raise  # the machine's fault (a clip file gone, an I/O error): fail, reject nothing
+                rejects.append(_reject(row, f"cannot decode frames: {error}"))
+                continue
+            ids.append(row.id)
+            pixels.append(video.resize_center_crop(frames, stage["resolution"]))
+        yield ids, torch.stack(pixels) if pixels else None, rejects
 
 
-def encode_video_shard(table_path, out_path, vae_params: dict, stage: dict) -> None:
+def encode_video_shard(table_path, out_path, vae_params: dict, stage: dict, rejects_path=None) -> None:
     """Latents [C, T, h, w] of every clip of a shard that passes stage["filters"], at the
-    stage's frames and size; `out_path` is the cache index."""
+    stage's frames and size; `out_path` is the cache index. A clip shorter than the stage's
+    frame span, or whose file does not decode, has none: it goes to the rejects table (with
+    rejects_path; without one it is an error)."""
     clips = table.read(table_path)
     kept, _ = apply_filters(clips, stage["filters"])
+    span = frame_span(stage)
+    short = kept["num_frames"] < span
+    rejects = [_reject(row, f"{row.num_frames} frames, fewer than the {span} that {stage['num_frames']} frames "
+                            f"{stage['frame_interval']} apart span") for row in kept[short].itertuples()]  # fmt: skip
+    kept = kept[~short].reset_index(drop=True)
     settings = {"vae": {k: v for k, v in vae_params.items() if k not in OPERATIONAL},
                 "frames": {k: stage[k] for k in FRAME_KEYS}}
     store = ChunkStore(out_path, settings)
@@ -71,13 +96,22 @@ def encode_video_shard(table_path, out_path, vae_params: dict, stage: dict) -> N
         clips_per_batch = max(1, vae_params["micro_batch"] // stage["num_frames"])
         batches = prefetch(decoded_batches(todo, stage, clips_per_batch), depth=2)
         with progress(total=len(todo), desc="encode video") as bar:
-            for ids, pixels in batches:
+            for ids, pixels, unreadable in batches:
+                rejects += unreadable
+                bar.update(len(unreadable))
+                if pixels is None:
+                    continue
                 n, frames = pixels.shape[:2]
                 latents = autoencoder.encode(pixels.flatten(0, 1))  # [n*T, C, h, w]
                 latents = latents.unflatten(0, (n, frames)).transpose(1, 2)  # [n, C, T, h, w]
                 store.add(ids, [key_of[i] for i in ids], {"latents": latents.to(DTYPES[vae_params["cache_dtype"]])})
                 bar.update(n)
-    store.finish(kept["id"].tolist(), keys)
+    if rejects and rejects_path is None:
+        raise ValueError(f"{table_path}: clips without latents: {rejects[:3]}")
+    encoded = ~kept["id"].isin([reject["id"] for reject in rejects])
+    store.finish(kept["id"][encoded].tolist(), [key for key, keep in zip(keys, encoded) if keep])
+    if rejects_path is not None:
+        table.write_rejects(rejects, rejects_path)
 
 
 def encode_text_shard(table_path, out_path, text_params: dict) -> None:
