@@ -153,6 +153,7 @@ class Trainer:
         # the next job); until then estimated from this rank's share of the states
         states_bytes = 4 * sum(t.numel() * t.element_size() for t in self.ema.values())  # model, EMA, 2 moments
         self.write_seconds = self.position["write_seconds"] if self.position else states_bytes / WRITE_BYTES_PER_S
+        self.pending_save = None  # (Future or None, step, its folders, start) of the checkpoint being written
         self.writer = None
 
     # --- start-up ----------------------------------------------------------------------
@@ -175,28 +176,45 @@ class Trainer:
         return parts, checkpoint, position, job_end_time(os.environ)
 
     # --- checkpoints -------------------------------------------------------------------
-    def save(self) -> None:
-        """This step's resumable checkpoint: every rank writes its share (a collective), then rank 0
-        names the folder (step-N, complete once its state.json is in) and prunes the oldest."""
+    def save(self, background: bool = False) -> None:
+        """This step's resumable checkpoint: every rank writes its share (a collective; with
+        `background`, an engine that can writes it while training goes on), then rank 0 names the
+        folder (step-N, complete once its state.json is in) and prunes the oldest."""
+        self.finish_save(wait=True)
         started = time.perf_counter()
         folder = self.run_dir / f"step-{self.step:07d}"
         partial = folder.with_name(folder.name + ".tmp")
         if self.rank == 0 and partial.exists():
             shutil.rmtree(partial)  # left by a save that was killed
         self.barrier()
-        self.engine.save_checkpoint(partial, self.model, self.optimizer, self.ema)
+        written = self.engine.save_checkpoint(partial, self.model, self.optimizer, self.ema, background)
+        self.pending_save = (written, self.step, partial, folder, started)
+        if written is None:
+            self.finish_save(wait=True)
+            self.barrier()
+
+    def finish_save(self, wait: bool) -> None:
+        """Name the checkpoint being written once it is (rank 0; its Future completes once every
+        rank's share is in); without `wait`, only if it already is."""
+        if self.pending_save is None:
+            return
+        written, step, partial, folder, started = self.pending_save
+        if written is not None and not (wait or written.done()):
+            return
+        if written is not None:
+            written.result()
+        self.pending_save = None
+        self.write_seconds = time.perf_counter() - started
         if self.rank == 0:
-            state = {"step": self.step, "run": self.identity, "identity": self.identity_parts,
+            state = {"step": step, "run": self.identity, "identity": self.identity_parts,
                      "format": CHECKPOINT_FORMAT, "engine": self.engine.name, "world_size": self.world,
-                     "write_seconds": time.perf_counter() - started}
+                     "write_seconds": self.write_seconds}
             (partial / "state.json").write_text(json.dumps(state))
             if folder.exists():
                 shutil.rmtree(folder)
             partial.replace(folder)
             for old in checkpoints(self.run_dir)[: -self.opts["keep_checkpoints"]]:
                 shutil.rmtree(old)
-        self.barrier()
-        self.write_seconds = time.perf_counter() - started
 
     def _ema_to_save(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.engine.gather(self.ema).items() if saved(k)}
@@ -300,13 +318,15 @@ class Trainer:
         step_seconds, self.last_check = now - self.last_check, now
         lead = step_seconds + WRITE_SAFETY * self.write_seconds + EXIT_SECONDS
         near_end = self.deadline is not None and time.time() + lead >= self.deadline
-        if near_end and not self.stop_requested:
-            print(f"rank {self.rank}: the job ends in {self.deadline - time.time():.0f} s: checkpointing step "
-                  f"{self.step} ({lead:.0f} s ahead), then exiting", flush=True)
         flag = torch.tensor([float(self.stop_requested or near_end)])
         if self.world > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.cpu_group)
-        return flag.item() > 0
+        stop = flag.item() > 0
+        if stop and self.rank == 0:
+            why = (f"the job ends in {self.deadline - time.time():.0f} s ({lead:.0f} s needed)" if near_end
+                   else "told to stop" if self.stop_requested else "another rank was told to stop")
+            print(f"{why}: checkpointing step {self.step}, then exiting", flush=True)
+        return stop
 
     def update_ema(self) -> None:
         # one foreach call per tensor kind: under FSDP parameters are DTensors, buffers are not
@@ -369,13 +389,15 @@ class Trainer:
                         self.writer.add_scalar("train/data_wait_share", self.data_wait / max(seconds, 1e-9), self.step)
                         bar.set_postfix(loss=f"{loss:.4f}")
                 if self.step % self.opts["checkpoint_every"] == 0 or stop:
-                    self.save()
+                    self.save(background=not stop)  # a stop waits for its checkpoint
                 if stop and self.step < total:
                     raise Preempted(f"stopped at step {self.step} of {total}; the checkpoint resumes it")
+                self.finish_save(wait=False)
         finally:
             bar.close()
             if self.writer is not None:
                 self.writer.close()
+        self.finish_save(wait=True)
         if self.world > 1:
             self.check_replicas()
         self.write_final()

@@ -8,7 +8,10 @@ final checkpoint and the replica check (`model_state`; `weights` and `gather` fo
 A resumable checkpoint is a torch.distributed.checkpoint folder: every rank writes its own
 share in parallel (FSDP its shards; DDP's replicated tensors are spread over the ranks by
 size) and reads back only what it holds, into its tensors in place, so no rank ever holds a
-full copy of the model, EMA and optimizer state beside its own. The folder stores global
+full copy of the model, EMA and optimizer state beside its own. An engine whose states are
+sharded (fsdp) writes its periodic checkpoints in the background: each rank copies its share
+to host memory and trains on while a thread writes it (under ddp that copy would be a whole
+replica per rank, so it writes in the foreground). The folder stores global
 tensors by parameter name: `model`, `ema` and the optimizer's `state` (exp_avg, exp_avg_sq,
 step per parameter; its param_groups come from the settings), so it loads at any world size
 and under any engine. For a plain module, DDP and FSDP the states come from torch's
@@ -19,6 +22,7 @@ on this module, which imports none of them.
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import Future
 from contextlib import contextmanager
 
 import torch
@@ -62,6 +66,7 @@ class Engine:
     `opts` is the `train` section: grad_clip, mixed_precision and the engine's own settings."""
 
     name = "single"
+    background_saves = False  # whether save_checkpoint may write in the background (see the module)
 
     def __init__(self, rank: int, world: int, device: torch.device, opts: dict):
         self.rank, self.world, self.device, self.opts = rank, world, device, opts
@@ -86,11 +91,18 @@ class Engine:
         return {k: v for k, v in state.items() if saved(k)} if self.rank == 0 else {}
 
     def save_checkpoint(self, path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                        ema: dict[str, torch.Tensor]) -> None:
+                        ema: dict[str, torch.Tensor], background: bool = False) -> Future | None:
         """Write the model, EMA (placed like `weights`) and optimizer state into the folder `path`,
-        every rank its share (a collective)."""
+        every rank its share (a collective). With `background`, an engine with background_saves
+        returns once its share is copied, with a Future of the write (on rank 0 it completes once
+        every rank's share is in); otherwise it returns None once written."""
+        state = self.checkpoint_state(model, optimizer, ema)[0]
+        if background and self.background_saves:
+            # the writing thread talks on a group of its own, off the training thread's
+            return dcp.async_save(state, checkpoint_id=path, process_group=self.save_group)
         with one_process_quietly():
-            dcp.save(self.checkpoint_state(model, optimizer, ema)[0], checkpoint_id=path)
+            dcp.save(state, checkpoint_id=path)
+        return None
 
     def load_checkpoint(self, path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         ema: dict[str, torch.Tensor]) -> None:

@@ -1,6 +1,9 @@
-"""The fsdp engine: FSDP2 shards parameters, gradients and optimizer state (DTensors) over the ranks."""
+"""The fsdp engine: FSDP2 shards parameters, gradients and optimizer state (DTensors) over the ranks;
+periodic checkpoints are written in the background."""
 
 from __future__ import annotations
+
+import torch.distributed as dist
 
 from soraflow.training.engines.base import Engine
 
@@ -9,6 +12,11 @@ class FSDPEngine(Engine):
     """FSDP2: each STDiT block is one shard unit (all-gathered for its forward), then the root."""
 
     name = "fsdp"
+    background_saves = True  # each rank copies only its shards to host memory
+
+    def __init__(self, rank, world, device, opts):
+        super().__init__(rank, world, device, opts)
+        self.save_group = dist.new_group(backend="gloo") if world > 1 else None
 
     def wrap(self, model, make_optimizer):
         try:
