@@ -146,41 +146,49 @@ def planned_resources(plan: str) -> dict[str, dict]:
     return found
 
 
-# A cluster of 8-GPU nodes with a 48-hour job limit, described as profiles/slurm/partitions.yaml
-# describes the test cluster (that file is the one place a user puts their cluster's partitions).
-CLUSTER_PARTITIONS = {"partitions": {"cpu": {"max_gpu": 0, "max_runtime": 2880},
-                                     "gpu": {"max_gpu": 8, "max_runtime": 2880, "max_nodes": 16}}}  # fmt: skip
+# The partitions the profile ships: a cluster of 8-GPU nodes with a 48-hour job limit.
+PARTITIONS = PROFILE / "partitions.yaml"
 
 
-def sbatch_command(rule: str, resources: dict, partitions: Path, threads: int = 1) -> str:
+def chosen_partition(rule: str, resources: dict, threads: int = 1) -> str | None:
+    """The partition of PARTITIONS the Slurm executor plugin's own selection picks for a job."""
+    from snakemake_executor_plugin_slurm.partitions import get_best_partition, read_partition_file
+
+    job = SimpleNamespace(resources=Resources(resources), threads=threads, name=rule, is_group=lambda: False)
+    return get_best_partition(read_partition_file(PARTITIONS), job, SimpleNamespace(debug=print, info=print, warning=print))
+
+
+class Resources(dict):
+    __getattr__ = dict.__getitem__
+
+
+def sbatch_command(rule: str, resources: dict, threads: int = 1) -> str:
     """The sbatch call the Slurm executor plugin builds for a job with these resources (its
     get_submit_command, then its gres string, as its run_job does), in the partition its own
-    partition selection picks."""
-    from snakemake_executor_plugin_slurm.partitions import get_best_partition, read_partition_file
+    partition selection picks from the profile's partitions."""
     from snakemake_executor_plugin_slurm.submit_string import get_submit_command
     from snakemake_executor_plugin_slurm.utils import set_gres_string
 
-    class Resources(dict):
-        __getattr__ = dict.__getitem__
-
     job = SimpleNamespace(resources=Resources(resources), threads=threads, name=rule, is_group=lambda: False)
-    logger = SimpleNamespace(debug=print, info=print, warning=print)
-    partition = get_best_partition(read_partition_file(partitions), job, logger)
+    partition = chosen_partition(rule, resources, threads)
     params = {"run_uuid": "test", "slurm_logfile": "log", "comment_str": rule, "account": "",
               "partition": f"-p {partition}", "workdir": ""}  # fmt: skip
     return get_submit_command(job, params) + set_gres_string(job)
 
 
 def test_slurm_receives_what_each_gpu_job_needs(tmp_path):
-    partitions = tmp_path / "partitions.yaml"
-    partitions.write_text(yaml.safe_dump(CLUSTER_PARTITIONS))
     # a dry run holds each job's threads to --cores (1 unless given); a Slurm submission does not
     plan = dry_run(tmp_path, "--profile", str(PROFILE), "--forceall", "--cores", "1024")
     planned = planned_resources(plan)
+    # the profile's own partitions place every job: GPU jobs on the 8-GPU nodes, the rest on CPUs
+    gpu_rules = {rule for rule, resources in planned.items() if resources.get("gpu") or "gpu" in str(resources.get("gres"))}
+    assert gpu_rules == {"caption", "encode_video", "encode_text", *(f"{step}_{s}" for s in STAGES for step in ("train", "sample"))}
+    placed = {rule: chosen_partition(rule, resources, resources["threads"]) for rule, resources in planned.items()}
+    assert placed == {rule: "gpu" if rule in gpu_rules else "cpu" for rule in planned}, placed
     limit = preset_config()["cluster"]["max_runtime"]
     chain_minutes = {}
     for stage in STAGES:
-        call = sbatch_command(f"train_{stage}", planned[f"train_{stage}"], partitions)
+        call = sbatch_command(f"train_{stage}", planned[f"train_{stage}"])
         print(f"train_{stage}: {call}")
         # one srun task per node starts torchrun's 8 processes, one per GPU of the node
         assert "--nodes=8" in call and "--gres=gpu:8" in call and "-p gpu" in call, call
@@ -196,16 +204,16 @@ def test_slurm_receives_what_each_gpu_job_needs(tmp_path):
     # stages, on 64 GPUs; the jobs each stage may run (a chain, and its failure retries) cover it
     assert chain_minutes["video_256"] >= 2808 / 64 * 60
     assert chain_minutes["hq_256"] + chain_minutes["hq_512"] >= 1920 / 64 * 60
-    caption = sbatch_command("caption", planned["caption"], partitions)
+    caption = sbatch_command("caption", planned["caption"])
     print(f"caption: {caption}")
     # LLaVA-1.6-34B: 34.8B parameters (its model card), 69.5 GB in bf16, over two 80 GB GPUs
     assert "--gpus=2" in caption and "-p gpu" in caption, caption
     assert int(re.search(r"--mem (\d+)", caption).group(1)) >= 34.8e9 * 2 / 2**20, caption
     for rule in ("encode_video", "encode_text", "sample_hq_512"):
-        call = sbatch_command(rule, planned[rule], partitions)
+        call = sbatch_command(rule, planned[rule])
         print(f"{rule}: {call}")
         assert "--gpus=1" in call and "-p gpu" in call, call
-    split = sbatch_command("split", planned["split"], partitions, threads=planned["split"]["threads"])
+    split = sbatch_command("split", planned["split"], threads=planned["split"]["threads"])
     print(f"split: {split}")
     assert "-p cpu" in split and "--gpus" not in split, split
     # a split job's cores are its worker threads (split.threads), none left idle and none shared
@@ -261,11 +269,9 @@ def test_shard_jobs_ask_for_their_shards_items_times_the_cost_of_one(tmp_path):
     assert videos == 10_000
     plan = dry_run(tmp_path, "--profile", str(PROFILE), "--forceall", "--cores", "1024")
     planned = planned_resources(plan)
-    partitions = tmp_path / "partitions.yaml"
-    partitions.write_text(yaml.safe_dump(CLUSTER_PARTITIONS))
 
     def minutes(rule: str) -> int:
-        call = sbatch_command(rule, planned[rule], partitions, threads=planned[rule]["threads"])
+        call = sbatch_command(rule, planned[rule], threads=planned[rule]["threads"])
         print(f"{rule}: {call}")
         return int(re.search(r"-t '?(\d+)", call).group(1))
 
