@@ -11,10 +11,12 @@ size) and reads back only what it holds, into its tensors in place, so no rank e
 full copy of the model, EMA and optimizer state beside its own. An engine whose states are
 sharded (fsdp) writes its periodic checkpoints in the background: each rank copies its share
 to host memory and trains on while a thread writes it (under ddp that copy would be a whole
-replica per rank, so it writes in the foreground). The folder stores global
-tensors by parameter name: `model`, `ema` and the optimizer's `state` (exp_avg, exp_avg_sq,
-step per parameter; its param_groups come from the settings), so it loads at any world size
-and under any engine. For a plain module, DDP and FSDP the states come from torch's
+replica per rank, so it writes in the foreground). The folder stores global tensors by
+parameter name: `model`, `ema` and the optimizer's `state` (exp_avg, exp_avg_sq, step per
+parameter; its param_groups come from the settings), so it loads at any world size and under
+any engine (torch 2.13's folders load in the colossalai environment's torch 2.5.1 and the
+reverse: tests/test_colossalai.py). Its `.metadata` is torch's pickle: a run reads only the
+folders it wrote itself. For a plain module, DDP and FSDP the states come from torch's
 `torch.distributed.checkpoint.state_dict` API. The engines (ddp, fsdp, colossalai_zero) build
 on this module, which imports none of them.
 """
