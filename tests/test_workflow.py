@@ -1,10 +1,13 @@
-"""The workflow's layout, config validation, lint and DAG shape (no job runs here)."""
+"""The workflow's layout, config validation, lint and DAG shape (planned, not run: only the manifest
+re-run test runs its shard jobs)."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -169,33 +172,44 @@ def test_appended_rows_re_run_only_the_shards_they_land_in(tmp_path):
     assert {wildcards for rule, wildcards in planned if rule == "shard"} == {"shard=00000"}
 
 
+@contextmanager
+def edited(path: Path, text: str):
+    """`path` holds `text` inside the block; its bytes and modification time come back after."""
+    original, stat = path.read_bytes(), path.stat()
+    try:
+        path.write_text(text)
+        yield
+    finally:
+        path.write_bytes(original)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
 @pytest.mark.slow
 def test_a_finished_run_re_runs_only_the_shard_a_row_changes(finished_run, tmp_path):
     """The tiny run (3 shards of one video): a row appended plans the new shard's jobs and the
     steps over all shards, nothing for the shards before it; a row of shard 0 edited plans
-    shard 0's jobs and those steps."""
+    shard 0's jobs and those steps. Planned on a copy, whose config names the run's manifest:
+    that file is edited for the plan and given back as it was."""
     from workflow_run import copy_run, planned_jobs
 
     workdir = copy_run(finished_run.workdir, tmp_path / "run")
-    config = yaml.safe_load((workdir / "config.yaml").read_text())
-    manifest = workdir / "manifest.csv"  # the copy's own (the run's names the original)
-    config["data"]["manifest"] = str(manifest)
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    assert planned_jobs(workdir) == {}, "a copy with its own manifest is up to date"
+    manifest = Path(yaml.safe_load((workdir / "config.yaml").read_text())["data"]["manifest"])
+    original = manifest.read_text()
+    assert planned_jobs(workdir) == {}, "the finished run is not up to date"
     whole = planned_jobs(workdir, forceall=True)
     chain = {rule for rule, wildcards in whole if "shard=00000" in wildcards}
     over_all = {job for job in whole if "shard=" not in job[1] and job[0] not in ("demo_videos", "models")}
-    original = manifest.read_text()
 
-    manifest.write_text(original + "data/demo/cuts_a.mp4,cuts_again,\n")
-    planned = planned_jobs(workdir)
+    with edited(manifest, original + "data/demo/cuts_a.mp4,cuts_again,\n"):
+        planned = planned_jobs(workdir)
     assert shard_jobs(planned) == {"00003": chain}
     assert {job for job in planned if "shard=" not in job[1]} == over_all
 
-    manifest.write_text(original.replace("bikes,\n", "bikes,a caption\n"))
-    planned = planned_jobs(workdir)
+    with edited(manifest, original.replace("bikes,\n", "bikes,a caption\n")):
+        planned = planned_jobs(workdir)
     assert shard_jobs(planned) == {"00000": chain}
     assert {job for job in planned if "shard=" not in job[1]} == over_all
+    assert planned_jobs(workdir) == {}
 
 
 def test_config_overrides_reach_the_stages_a_config_file_lists(tmp_path):

@@ -44,10 +44,7 @@ class Layout:
         self.config = config
         data = config["data"]
         self.root = data["root"]
-        # relative inside the working folder, so a run moved or copied with its manifest finds
-        # its shard jobs' input unchanged
-        manifest = os.path.abspath(data["manifest"])
-        self.manifest = os.path.relpath(manifest) if manifest.startswith(os.getcwd() + os.sep) else data["manifest"]
+        self.manifest = data["manifest"]
         self.shards = shard_ids(num_shards(self.manifest, data["shard_size"]))
         self.stages = list(config["stages"])  # in the order they run
         self.models_dir = config["local_models"]["out_dir"]
