@@ -1,3 +1,4 @@
+import json
 import time
 from pathlib import Path
 
@@ -207,6 +208,24 @@ def test_a_shard_digest_changes_exactly_when_its_table_does(tmp_path):
         assert [k for k in range(len(digests)) if k >= 3 or digests[k] != base_digests[k]] == differ, name
         changed[name] = differ
     assert changed == {"appended": [2], "two appended": [2, 3], "edited": [0], "id taken": [0, 2]}
+
+
+def test_remembered_digests_serve_while_the_manifest_is_the_same_file(tmp_path):
+    """Every parse needs the digests; the remembered ones serve until the manifest changes (the
+    planted value below proves they were read back, not computed again)."""
+    manifest = write_csv(tmp_path / "m.csv", "url\n" + "".join(f"http://h/v{i}.mp4\n" for i in range(5)))
+    remembered = tmp_path / ".snakemake" / "digests.json"
+    assert shard_digests(manifest, 2, 3, remember_in=remembered) == shard_digests(manifest, 2, 3)
+    planted = json.loads(remembered.read_text())
+    planted["digests"] = ["planted"] * 3
+    remembered.write_text(json.dumps(planted))
+    assert shard_digests(manifest, 2, 3, remember_in=remembered) == ["planted"] * 3
+    assert shard_digests(manifest, 3, 2, remember_in=remembered) == shard_digests(manifest, 3, 2)  # another sharding
+    with open(manifest, "a") as handle:
+        handle.write("http://h/new.mp4\n")
+    assert shard_digests(manifest, 2, 3, remember_in=remembered) == shard_digests(manifest, 2, 3)
+    remembered.write_text('{"identity": ')  # torn by a racing writer: computed again
+    assert shard_digests(manifest, 2, 3, remember_in=remembered) == shard_digests(manifest, 2, 3)
 
 
 TRICKY_URLS = [

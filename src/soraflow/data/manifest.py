@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlsplit
 import pandas as pd
 import pyarrow.parquet as pq
 
+from soraflow.core.atomic import atomic_path
 from soraflow.data import table
 
 OPTIONAL_COLUMNS = ["id", "text", "sha256"]
@@ -228,9 +229,37 @@ def shard_table_paths(shards_dir: str | Path, num_shards: int, name: str) -> lis
     return [Path(shards_dir) / shard / f"{name}.parquet" for shard in shard_ids(num_shards)]
 
 
-def shard_digests(manifest_path: str | Path, shard_size: int, num_shards: int) -> list[str]:
+def shard_digests(manifest_path: str | Path, shard_size: int, num_shards: int, remember_in: str | Path | None = None
+                  ) -> list[str]:
     """A digest of each shard's rows, ids filled in: the workflow re-runs a shard's job when its
-    digest changes, so rows appended to the manifest re-run only the shards they land in."""
+    digest changes, so rows appended to the manifest re-run only the shards they land in.
+
+    With `remember_in`, the digests are kept in that JSON file beside the manifest's identity
+    (path, size, inode, modification and change times) and read back while it is the same:
+    every parse of the workflow (each dry run, each Slurm job step) needs them, and at 1M rows
+    reading and hashing the manifest costs seconds and a third of a GiB."""
+    stat = Path(manifest_path).stat()
+    identity = {"manifest": str(Path(manifest_path).resolve()), "size": stat.st_size, "inode": stat.st_ino,
+                "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns, "shard_size": shard_size,
+                "num_shards": num_shards}  # fmt: skip
+    if remember_in is not None and Path(remember_in).is_file():
+        try:
+            remembered = json.loads(Path(remember_in).read_text())
+        except ValueError:  # a torn or foreign file: computed again and rewritten
+            remembered = {}
+        if remembered.get("identity") == identity:
+            return remembered["digests"]
+    digests = _shard_digests(manifest_path, shard_size, num_shards)
+    if remember_in is not None:
+        try:
+            with atomic_path(remember_in) as tmp:
+                Path(tmp).write_text(json.dumps({"identity": identity, "digests": digests}))
+        except OSError:  # parses that race to write it (Slurm job steps starting at once) write the same
+            pass
+    return digests
+
+
+def _shard_digests(manifest_path: str | Path, shard_size: int, num_shards: int) -> list[str]:
     manifest = read_manifest(manifest_path)
     needed = math.ceil(len(manifest) / shard_size)
     if needed > num_shards:

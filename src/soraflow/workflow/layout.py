@@ -68,7 +68,8 @@ class Layout:
 
     @cached_property
     def _shard_digests(self) -> list[str]:
-        return shard_digests(self.manifest, self.config["data"]["shard_size"], len(self.shards))
+        return shard_digests(self.manifest, self.config["data"]["shard_size"], len(self.shards),
+                             remember_in=".snakemake/soraflow/manifest_digests.json")  # in the working directory
 
     def raw_dir(self) -> str:
         return f"{self.root}/raw"
