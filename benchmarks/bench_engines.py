@@ -1,10 +1,12 @@
 """Step time and peak memory per rank of the training engines on two CPU ranks (issue 16).
 
     .venv/bin/python benchmarks/bench_engines.py [--preset STDiT-B/2] [--steps 8] [--batch 4]
-                                                 [--tokens 8] [--frames 2]
+                                                 [--tokens 8] [--frames 2] [--engines ddp fsdp colossalai]
+                                                 [--mixed-precision fp32]
 
 Each engine trains the same model on the same synthetic latent cache with the real
-`soraflow train --nproc 2` (torchrun, gloo, fp32, one torch thread per rank):
+`soraflow train --nproc 2` (torchrun, gloo, fp32 unless --mixed-precision bf16, one torch thread
+per rank):
 
     ddp         DistributedDataParallel (this environment, torch 2.13)
     fsdp        FSDP2 fully_shard per STDiT block (this environment)
@@ -71,12 +73,12 @@ def latent_index(root: Path, frames: int, tokens: int, caption_len: int) -> Path
     return root / "index.parquet"
 
 
-def settings_for(engine: str, preset: str, steps: int, batch: int) -> tuple[dict, dict]:
+def settings_for(engine: str, preset: str, steps: int, batch: int, precision: str) -> tuple[dict, dict]:
     """(params, operational) of the default config's stage1 training step, as the train rule passes them."""
     config = yaml.safe_load((REPO / "workflow_config.yaml").read_text())
     config["stdit"] = {"preset": preset}
     config["stages"]["stage1"].update(steps=steps, batch_size=batch, init=None)
-    config["train"].update(engine=engine, nproc_per_node=2, mixed_precision="fp32", log_every=1,
+    config["train"].update(engine=engine, nproc_per_node=2, mixed_precision=precision, log_every=1,
                            checkpoint_every=10 * steps, data_workers=0, grad_checkpointing=False,
                            colossalai={"zero_stage": 2, "overlap_communication": False})
     config = settings.with_defaults(config)
@@ -104,9 +106,10 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-def train(engine: str, index: Path, root: Path, preset: str, steps: int, batch: int) -> tuple[float, dict[int, float]]:
+def train(engine: str, index: Path, root: Path, preset: str, steps: int, batch: int,
+          precision: str) -> tuple[float, dict[int, float]]:
     """One 2-rank run: (median step seconds, {rank: peak RSS MB})."""
-    params, operational = settings_for(engine, preset, steps, batch)
+    params, operational = settings_for(engine, preset, steps, batch, precision)
     python = COLOSSALAI_PYTHON if engine == "colossalai" else Path(sys.executable)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if engine == "colossalai":
@@ -139,8 +142,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="global batch (2 per rank)")
     parser.add_argument("--tokens", type=int, default=8, help="tokens per side of a frame (S = tokens^2)")
     parser.add_argument("--frames", type=int, default=2)
+    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    parser.add_argument("--mixed-precision", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args()
-    if not COLOSSALAI_PYTHON.exists():
+    if "colossalai" in args.engines and not COLOSSALAI_PYTHON.exists():
         raise SystemExit("no colossalai environment: make .venv-colossalai/.installed")
 
     models = {preset: build_model({"preset": preset, "caption_channels": CAPTION_DIM},
@@ -148,15 +153,19 @@ def main() -> None:
     params = sum(p.numel() for p in models[args.preset].parameters())
     print(f"{args.preset}: {params / 1e6:.1f}M parameters; latents 4x{args.frames}x{2 * args.tokens}x"
           f"{2 * args.tokens} ({args.frames * args.tokens**2} tokens), global batch {args.batch}, "
-          f"{args.steps} steps, 2 ranks; load average {os.getloadavg()[0]:.2f}", flush=True)
+          f"{args.steps} steps, 2 ranks, {args.mixed_precision}; load average {os.getloadavg()[0]:.2f}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         index = {preset: latent_index(Path(tmp, f"cache{i}"), args.frames, args.tokens, model.model_max_length)
                  for i, (preset, model) in enumerate(models.items())}
-        for engine in ENGINES:
-            step_s, peaks = train(engine, index[args.preset], Path(tmp, engine), args.preset, args.steps, args.batch)
-            _, base = train(engine, index[BASE], Path(tmp, f"{engine}-base"), BASE, args.steps, args.batch)
-            expected_mb = EXPECTED_BYTES_PER_PARAM[engine] * params / 2**20
+        for engine in args.engines:
+            step_s, peaks = train(engine, index[args.preset], Path(tmp, engine), args.preset, args.steps, args.batch,
+                                  args.mixed_precision)
+            _, base = train(engine, index[BASE], Path(tmp, f"{engine}-base"), BASE, args.steps, args.batch,
+                            args.mixed_precision)
+            # ZeRO's working copy is bf16 under the bf16 plugin: 2P fewer bytes
+            bf16_working = 2 if engine == "colossalai" and args.mixed_precision == "bf16" else 0
+            expected_mb = (EXPECTED_BYTES_PER_PARAM[engine] - bf16_working) * params / 2**20
             for rank in sorted(peaks):
                 rows.append((engine, rank, f"{step_s:.3f}", f"{peaks[rank]:.0f}", f"{base[rank]:.0f}",
                              f"{peaks[rank] - base[rank]:.0f}", f"{expected_mb:.0f}"))

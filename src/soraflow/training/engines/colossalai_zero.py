@@ -111,8 +111,11 @@ class ColossalAIEngine(Engine):
         return owners
 
     def weights(self, model):
-        # buffers in fp32 like the EMA (the bf16 plugin casts the whole module)
-        buffers = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+        # the parameters are ZeRO's fp32 master shards themselves, so the EMA reads them in place:
+        # no per-call copy of the model. Only the persistent buffers (the null caption) are cast
+        # to fp32 like the EMA, since the bf16 plugin casts the whole module.
+        buffers = {k: v.float() if v.is_floating_point() else v
+                   for k, v in model.state_dict().items() if k not in self.masters}
         return {**buffers, **self.masters}
 
     def gather(self, placed):
@@ -135,7 +138,8 @@ class ColossalAIEngine(Engine):
         """The saved entries of the state dict that are not parameters (full on every rank)."""
         return [k for k in model.state_dict() if k not in self.masters and saved(k)]
 
-    def save_checkpoint(self, path, model, optimizer, ema):
+    def save_checkpoint(self, path, model, optimizer, ema, background=False):
+        # background_saves is False: the gathers to owner ranks are collectives on the training group
         owners, buffers = self.owners(), model.state_dict()
         share = {"model": {}, "ema": {}, "optim": {"state": {}}}
         for name in self.names:
