@@ -452,14 +452,13 @@ def train(index_path, out_path, run_dir, params: dict, output_settings: dict, in
     try:
         trainer = Trainer(index_path, out_path, run_dir, params, output_settings, init_path, loss_out)
         trainer.run()
-        if dist.is_initialized():
-            # rank 0 may still be writing the final checkpoint: no rank tears its gloo
-            # connections down while a peer still holds them (one CI run aborted there)
-            dist.barrier()
     except failure.DETERMINISTIC as error:
         failure.record(run_dir, error, int(os.environ.get("RANK", 0)))
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        raise  # without tearing the group down: peers may wait in a collective this rank left, and
+        # destroy_process_group would wait with them; torchrun stops them when this process exits
+    if dist.is_initialized():
+        # rank 0 may still be writing the final checkpoint: no rank tears its gloo
+        # connections down while a peer still holds them (one CI run aborted there)
+        dist.barrier()
+        dist.destroy_process_group()
 
