@@ -9,8 +9,9 @@ measured on the development machine, benchmarks/README.md, scaled by plan.cpu_sp
 cluster's cores; the GPU steps' at the plan's throughput), its memory its model's size plus
 what its rows take. A job that needs longer than the cluster's job time limit
 (cluster.max_runtime) runs as a chain of jobs at that limit, each resuming where the last
-stopped (a training stage from the checkpoint it writes at the limit's SIGTERM, a shard job from
-the parts it keeps, soraflow.core.resume): its retries count the chain's links.
+stopped (a training stage from the checkpoint it writes on its own ahead of the limit,
+soraflow.training.loop; a shard job from the parts it keeps, soraflow.core.resume): its retries
+count the chain's links.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ GIB_MB = 1024
 PROCESS_OVERHEAD_MB = 8 * GIB_MB  # per training process: CUDA context, data workers, pinned buffers
 TIME_MARGIN = 1.25  # planned time is an estimate: jobs ask for a quarter more, plus startup
 STARTUP_MINUTES = 10
-FAILURE_RETRIES = 2  # resubmissions for real failures (node loss, preemption), beyond a chain's links
+# resubmissions for real failures (node loss, preemption), beyond a chain's links (a training
+# failure that a retry would repeat ends its retries at once: soraflow.training.failure)
+FAILURE_RETRIES = 2
 DEFAULT_MEM_MB = 2000  # jobs without a model to size them by: the process, its libraries, decoders
 ROW_KIB = 7  # a shard job's memory per row: tables, progress parts read back (bench_shard_costs.py: 6.7)
 SPLIT_WORKER_MB = 800  # a split worker's cut ffmpeg (16 x264 encoders at 512 px: 731 MiB) and its decoder
@@ -53,7 +56,8 @@ def train_job(config: dict, stage: str) -> dict:
         runtime = _minutes(plan.stage_plan(config, stage).gpu_hours / (nodes * processes))
     if mem_mb is None:
         parameters, _, _ = plan.parameter_counts(plan.stage_dims(config, config["stages"][stage])[0])
-        # fp32 weights built on the CPU, and a checkpoint of the same size read beside them
+        # fp32 weights built on the CPU, and the initial weights of the same size read beside them
+        # (a resume reads its checkpoint into the device's tensors instead: benchmarks/README.md)
         mem_mb = processes * (math.ceil(8 * parameters / 2**20) + PROCESS_OVERHEAD_MB)
     runtime, retries = _chain(runtime, config["cluster"]["max_runtime"])
     job = {
