@@ -170,15 +170,26 @@ def test_sigterm_checkpoints_the_step_under_way_and_exits_for_requeue(latent_ind
 
 def test_a_run_stops_ahead_of_the_jobs_end_time(latent_index, tmp_path):
     """Slurm's end time of the job (here SLURM_JOB_END_TIME, as Slurm 23.02 on exports it): the run
-    checkpoints and exits as a preempted job does before it, with no signal at all."""
+    checkpoints and exits as a preempted job does before it, with no signal at all. Snakemake's
+    job step then retries the rule inside the same job: that retry exits at once; the same job
+    requeued by Slurm (same id, a restart count) resumes."""
     params = train_params(steps=10_000, checkpoint_every=10_000, log_every=1000)
-    end = time.time() + EXIT_SECONDS + 20  # about 20 s of training (less after a slow start)
-    process = run_training_process(latent_index, tmp_path / "out.safetensors", tmp_path / "run", params,
-                                   env={"SLURM_JOB_END_TIME": str(int(end))})
-    output = process.communicate(timeout=300)[0].decode()
-    assert process.returncode != 0 and "preempted" in output, output
-    assert "the job ends in" in output
-    assert 0 < stopped_run(tmp_path / "run", output) < 10_000
+    job = {"SLURM_JOB_ID": "4242", "SLURM_JOB_END_TIME": str(int(time.time() + EXIT_SECONDS + 20))}  # ~20 s of training
+
+    def run(env) -> str:
+        process = run_training_process(latent_index, tmp_path / "out.safetensors", tmp_path / "run", params, env=env)
+        output = process.communicate(timeout=300)[0].decode()
+        assert process.returncode != 0, output
+        return output
+
+    stopped = run(job)
+    assert "preempted" in stopped and "the job ends in" in stopped, stopped
+    step = stopped_run(tmp_path / "run", stopped)
+    assert 0 < step < 10_000
+    retried = run(job)
+    assert "not run again in this Slurm job" in retried and "from step" not in retried, retried
+    requeued = run({**job, "SLURM_RESTART_COUNT": "1"})
+    assert f"from step {step}," in requeued and "preempted" in requeued, requeued
 
 
 def test_a_failure_a_retry_repeats_is_not_run_again(latent_index, tmp_path):

@@ -175,6 +175,9 @@ def cmd_train(args) -> None:
         earlier = failure.recorded(args.run_dir, args.attempt)
         if earlier:
             raise SystemExit(f"not run again: an earlier attempt failed in a way a retry repeats: {earlier}")
+        if failure.stopped_in_this_job(args.run_dir, os.environ):
+            raise SystemExit("not run again in this Slurm job: training stopped in it for its time limit or a "
+                             "preemption; the next job resumes it")
     if launch.needs_launch(args.nproc, args.nodes, os.environ):
         argv = ["train", args.index, "--out", args.out, "--run-dir", args.run_dir,
                 "--params", json.dumps(args.output_settings), "--operational", json.dumps(args.operational)]

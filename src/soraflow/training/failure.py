@@ -1,5 +1,5 @@
-"""Failures a retry would only repeat: recorded by the attempt that met one, so that Snakemake's
-retries do not run them again as if they were preemptions.
+"""Retries that could only repeat what ended the attempt before: recorded by that attempt, so that
+Snakemake's retries exit at once instead of running again.
 
 Snakemake resubmits a failed job up to its rule's `retries`, whatever the failure: a train
 rule's retries are the links of a chained stage plus a few for node losses and preemptions
@@ -13,7 +13,13 @@ which the train rule passes) exits at once with the recorded error: no torchrun,
 data. A first attempt removes the record, as a new Snakemake run follows a change (a fixed
 setting, a fixed bug) that the record cannot see.
 
-A preemption, a time limit, a lost node or a killed process leaves no record and is retried.
+Under the Slurm executor a rule is retried twice over: Snakemake resubmits the failed job, and
+the Snakemake that runs the rule inside the job (the plugin's job step) retries it there first,
+with the rule's own `retries` and a growing `--attempt` (seen on the test cluster). So a run that
+stopped ahead of its job's time limit (or was preempted) would start again at once in the same
+job, with no time left to train: it records the Slurm job it stopped in (`stopped.json`: job id
+and requeue count), and a train command in that same job exits at once; the next job, which
+Snakemake submits, resumes. A lost node or a killed process leaves no record and is retried.
 """
 
 from __future__ import annotations
@@ -47,3 +53,25 @@ def recorded(run_dir, attempt: int) -> str | None:
         return None
     failure = json.loads(path.read_text())
     return f"{failure['error']} (rank {failure['rank']}, recorded in {path}; a new Snakemake run tries again)"
+
+
+STOPPED = "stopped.json"
+
+
+def slurm_job(env) -> str | None:
+    """This Slurm job (its id and how often Slurm requeued it: a requeued job keeps its id), or None."""
+    return f"{env['SLURM_JOB_ID']}.{env.get('SLURM_RESTART_COUNT', '0')}" if "SLURM_JOB_ID" in env else None
+
+
+def record_stop(run_dir, env) -> None:
+    """A run stopped inside this Slurm job (its end is near, or it was preempted)."""
+    job = slurm_job(env)
+    if job is not None:
+        with atomic_path(Path(run_dir) / STOPPED) as tmp:
+            tmp.write_text(json.dumps({"job": job}))
+
+
+def stopped_in_this_job(run_dir, env) -> bool:
+    """Whether a run already stopped inside this Slurm job: a retry here has no time left."""
+    path, job = Path(run_dir) / STOPPED, slurm_job(env)
+    return job is not None and path.exists() and json.loads(path.read_text())["job"] == job

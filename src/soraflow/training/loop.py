@@ -391,6 +391,8 @@ class Trainer:
                 if self.step % self.opts["checkpoint_every"] == 0 or stop:
                     self.save(background=not stop)  # a stop waits for its checkpoint
                 if stop and self.step < total:
+                    if self.rank == 0:
+                        failure.record_stop(self.run_dir, os.environ)
                     raise Preempted(f"stopped at step {self.step} of {total}; the checkpoint resumes it")
                 self.finish_save(wait=False)
         finally:
