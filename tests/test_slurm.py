@@ -7,9 +7,10 @@ is impossible (not root and no passwordless sudo, or apt cannot install the pack
 One tiny workflow (one demo video, stage1 only) runs through the profile in a temp dir:
   1. `-n`                       plans every rule and submits nothing
   2. `--until train_stage1`     runs up to training (a few steps), nothing after it
-  3. `--until train_stage1`     with more steps (about 110 s of training at the speed just measured):
-                                training resumes, its first attempt has a 1-minute time limit, Slurm
-                                stops it (SIGTERM), it checkpoints, the retry resumes and finishes
+  3. `--until train_stage1`     with more steps (about 60 s of training at the speed just measured):
+                                training resumes as a chain of jobs with a 1-minute time limit; each
+                                stops ahead of its limit (Slurm's end time of the job) with a
+                                checkpoint of its last step, and the next resumes it and finishes
   4. `-n --forcerun caption`    plans caption and everything downstream of it, nothing upstream
   5. the whole workflow         samples, plus `flaky` (tests/slurm/Snakefile), which fails on its
                                 first attempt and succeeds when the profile's `retries` resubmits it
@@ -45,7 +46,7 @@ PROFILE = REPO / "profiles" / "slurm" / "config.v8+.yaml"
 GPU_RULES = {"caption", "encode_video", "encode_text", "train_stage1", "sample_stage1"}
 CPU_RULES = {"demo_videos", "shard", "ingest", "split", "score", "models", "dataset", "flaky"}
 FIRST_STEPS = 60  # the first training run, which also measures this machine's steps/s (4-9 seen)
-PREEMPT_SECONDS = 110  # then steps for this much training: a 1-minute limit (enforced 60-90 s in) cuts it
+PREEMPT_SECONDS = 60  # then steps for this much training: jobs of a 1-minute limit (30-40 s of training each) cut it
 SNAKEMAKE_TIMEOUT = 1500  # training speed here swings 3-15 steps/s with other load on 2 cores
 
 pytestmark = pytest.mark.slow
@@ -151,14 +152,16 @@ def runs(cluster, tmp_path_factory) -> dict:
     timed("dry_run", "-n")
     timed("until", "--until", "train_stage1")
     # More steps for the same run: train_stage1 runs again (its params changed; its protected
-    # final checkpoint removed first, as a user does), resumes at step FIRST_STEPS and is cut by
-    # the 1-minute limit; the chain's next job resumes it and finishes.
+    # final checkpoint removed first, as a user does), resumes at step FIRST_STEPS and stops ahead
+    # of the 1-minute limit; the chain's next job resumes it, and so on until it finishes. A loss row
+    # only when a job stops or the stage ends (log_every, an operational setting, re-runs nothing).
     log = pd.read_csv(workdir / "results" / "runs" / "stage1" / "loss.csv")
     steps_per_second = (log["step"].iloc[-1] - log["step"].iloc[1]) / (log["seconds"].iloc[-1] - log["seconds"].iloc[1])
     # then a cluster whose jobs last a minute: the stage (3 minutes) runs as a chain of them
     config["cluster"] = {"max_runtime": 1}
     config["stages"]["stage1"]["resources"]["runtime"] = 3
     config["stages"]["stage1"]["steps"] = runs["total_steps"] = FIRST_STEPS + int(steps_per_second * PREEMPT_SECONDS)
+    config["train"]["log_every"] = 10 * runs["total_steps"]
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     (workdir / layout.checkpoint("stage1")).unlink()
     print(f"\ntraining speed {steps_per_second:.1f} steps/s: {runs['total_steps']} steps")
@@ -229,22 +232,28 @@ def test_a_job_that_fails_once_is_retried_and_succeeds(runs):
     assert (workdir / "results" / "flaky.txt").read_text() == "ok\n"
 
 
-def test_training_cut_by_the_time_limit_resumes_and_completes(runs):
+def test_training_stops_ahead_of_the_time_limit_with_its_last_step_checkpointed(runs):
+    """Every job of the chain but the last stops on its own before its 1-minute limit (FAILED, not
+    TIMEOUT: nothing was killed) with a checkpoint of the last step it ran: its loss row, logged as
+    it stops, is still in the log after the next job resumed (a resume drops the rows past its
+    checkpoint), one row per job."""
     workdir, layout = runs["workdir"], runs["layout"]
     total = runs["total_steps"]
     first, *train = by_rule(runs["jobs_after_preempt"], "train_stage1")
     assert first["JobState"] == "COMPLETED"  # FIRST_STEPS, within the limit
     states = [j["JobState"] for j in train]
-    assert states[-1] == "COMPLETED" and states[:-1] and set(states[:-1]) == {"TIMEOUT"}, states  # a chain
+    assert states[-1] == "COMPLETED" and states[:-1] and set(states[:-1]) == {"FAILED"}, states  # a chain
     assert {j["TimeLimit"] for j in train} == {"00:01:00"}  # every link at the cluster's limit
     log = (workdir / "logs" / "train" / "stage1.log").read_text()  # the last attempt's
     resumed_from = int(re.search(r"from step (\d+)", log)[1])
-    print(f"\ntraining: cut by the time limit after {seconds(train[0], 'StartTime', 'EndTime'):.0f} s, "
-          f"resumed from step {resumed_from} of {total}")
-    assert FIRST_STEPS < resumed_from < total  # cut mid-run, continued from the checkpoint
+    assert "the job ends at" in log  # it knew its end time (squeue %e under Slurm 22.05)
     run_dir = workdir / "results" / "runs" / "stage1"
-    steps = [int(line.split(",")[0]) for line in (run_dir / "loss.csv").read_text().splitlines()[1:]]
-    assert steps == sorted(steps) and steps[-1] == total  # one run, continued, not restarted
+    rows = pd.read_csv(run_dir / "loss.csv")
+    stops = rows[rows["step"] > FIRST_STEPS]["step"].tolist()
+    print(f"\ntraining: jobs of {[round(seconds(j, 'StartTime', 'EndTime')) for j in train]} s stopped at steps "
+          f"{stops[:-1]}, the last resumed from step {resumed_from} and ended at {total}")
+    assert len(stops) == len(train) and stops == sorted(stops) and stops[-1] == total, (stops, states)
+    assert resumed_from == stops[-2]  # the last job resumed from the step its predecessor stopped at
     _, input_size = load_for_sampling(workdir / layout.checkpoint("stage1"), use_ema=False)
     assert input_size[0] == 1
 
