@@ -50,17 +50,17 @@ def running_jobs(pid: int) -> dict[int, str]:
 
 def chaotic_run(workdir: Path, rng: random.Random, clean_seconds: float) -> list[str]:
     """Start the workflow and kill something, KILLS times, at moments drawn over the first half of
-    a clean run's time (so most steps can be hit, though restarts cost time and make the late
-    ones, training and sampling, the least often hit); then let it finish. The clean run is the
-    session's, timed under whatever load the machine had then: a chaos run on a quieter machine
-    (killed jobs resume their finished items) finished before its 4th kill at 80%, hence half."""
+    a clean run's time, counted from the chaos run's start (so most steps can be hit, though
+    restarts cost time and make the late ones, training and sampling, the least often hit); a
+    kill whose moment has passed comes 2 s after the restart. Then let it finish. Counted as gaps
+    between kills, the moments drifted by the time Snakemake takes to stop after a killed job,
+    and a chaos run (its killed jobs resume their finished items) could finish before its 4th."""
     moments = sorted(rng.uniform(0, 0.5 * clean_seconds) for _ in range(KILLS))
-    waits = [max(2.0, b - a) for a, b in zip([0.0, *moments], moments)]
     kills, started = [], time.time()
     while len(kills) < KILLS:
         process = subprocess.Popen(snakemake_command(workdir, "--rerun-incomplete"), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                                    env=environment(), start_new_session=True)  # fmt: skip
-        deadline = time.time() + waits[len(kills)]
+        deadline = max(time.time() + 2.0, started + moments[len(kills)])
         while time.time() < deadline and process.poll() is None:
             time.sleep(0.2)
         if process.poll() is not None:  # finished (or stopped after a killed job) before its kill
