@@ -56,29 +56,33 @@ def chaotic_run(workdir: Path, rng: random.Random, clean_seconds: float) -> list
     between kills, the moments drifted by the time Snakemake takes to stop after a killed job,
     and a chaos run (its killed jobs resume their finished items) could finish before its 4th."""
     moments = sorted(rng.uniform(0, 0.5 * clean_seconds) for _ in range(KILLS))
-    kills, started = [], time.time()
+    kills, started, process = [], time.time(), None
     while len(kills) < KILLS:
-        process = subprocess.Popen(snakemake_command(workdir, "--rerun-incomplete"), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                   env=environment(), start_new_session=True)  # fmt: skip
+        if process is None or process.poll() is not None:
+            if process is not None and process.returncode == 0:
+                break  # finished before its kill
+            process = subprocess.Popen(snakemake_command(workdir, "--rerun-incomplete"), stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.STDOUT, env=environment(), start_new_session=True)  # fmt: skip
         deadline = max(time.time() + 2.0, started + moments[len(kills)])
         while time.time() < deadline and process.poll() is None:
             time.sleep(0.2)
-        if process.poll() is not None:  # finished (or stopped after a killed job) before its kill
-            if process.returncode == 0:
-                break
+        if process.poll() is not None:  # finished, or stopped after a killed job: see the loop's top
             continue
         jobs = running_jobs(process.pid)
         at = f"{time.time() - started:.0f} s"
         if jobs and rng.random() < 0.5:
+            # Snakemake retries the job (its rule's retries) or stops; either way this run goes on
             victim = rng.choice(sorted(jobs))
             os.kill(victim, signal.SIGKILL)
             kills.append(f"job `soraflow {jobs[victim]}` at {at}")
-            process.wait(timeout=600)
         else:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+            process = None
             kills.append(f"snakemake and its jobs ({', '.join(sorted(jobs.values())) or 'none'}) at {at}")
             subprocess.run(snakemake_command(workdir, "--unlock"), env=environment(), check=True, capture_output=True)
+    if process is not None:
+        process.wait(timeout=1500)
     final = subprocess.run(snakemake_command(workdir, "--rerun-incomplete"), capture_output=True, text=True, env=environment(), timeout=1500)
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
     return kills
