@@ -46,8 +46,10 @@ for stage in L.stages:
             f"logs/train/{stage}.log",
         # a stage longer than the cluster's time limit is a chain of jobs, each resuming the last;
         # a failure a retry would repeat (NaN loss, bad settings) ends the retries at once
-        # (--attempt: soraflow.training.failure)
-        retries: L.train_job(stage)["retries"]
+        # (--attempt: soraflow.training.failure). Inside a cluster job (remote mode: the Slurm
+        # plugin's job step) no retries: a run that stopped ahead of the job's limit ends the job,
+        # and the next link is the next job
+        retries: 0 if workflow.remote_exec else L.train_job(stage)["retries"]
         conda:
             L.train_environment(workflow.basedir)["conda"]
         threads: 2

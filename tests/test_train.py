@@ -170,9 +170,9 @@ def test_sigterm_checkpoints_the_step_under_way_and_exits_for_requeue(latent_ind
 
 def test_a_run_stops_ahead_of_the_jobs_end_time(latent_index, tmp_path):
     """Slurm's end time of the job (here SLURM_JOB_END_TIME, as Slurm 23.02 on exports it): the run
-    checkpoints and exits as a preempted job does before it, with no signal at all. Snakemake's
-    job step then retries the rule inside the same job: that retry exits at once; the same job
-    requeued by Slurm (same id, a restart count) resumes."""
+    checkpoints and exits as a preempted job does before it, with no signal at all. A retry inside
+    the same job (a workflow run inside one allocation) exits at once; the same job requeued by
+    Slurm (same id, a restart count) resumes."""
     params = train_params(steps=10_000, checkpoint_every=10_000, log_every=1000)
     job = {"SLURM_JOB_ID": "4242", "SLURM_JOB_END_TIME": str(int(time.time() + EXIT_SECONDS + 20))}  # ~20 s of training
 

@@ -13,13 +13,13 @@ which the train rule passes) exits at once with the recorded error: no torchrun,
 data. A first attempt removes the record, as a new Snakemake run follows a change (a fixed
 setting, a fixed bug) that the record cannot see.
 
-Under the Slurm executor a rule is retried twice over: Snakemake resubmits the failed job, and
-the Snakemake that runs the rule inside the job (the plugin's job step) retries it there first,
-with the rule's own `retries` and a growing `--attempt` (seen on the test cluster). So a run that
-stopped ahead of its job's time limit (or was preempted) would start again at once in the same
-job, with no time left to train: it records the Slurm job it stopped in (`stopped.json`: job id
-and requeue count), and a train command in that same job exits at once; the next job, which
-Snakemake submits, resumes. A lost node or a killed process leaves no record and is retried.
+A run that stopped ahead of its Slurm job's time limit (or was preempted) would start again at
+once if the rule were retried inside the same job, with no time left to train: the Slurm
+plugin's job step does that with a rule's own `retries` (seen on the test cluster; the train rule
+asks for none there), and so does a whole workflow run inside one allocation. So the run records
+the Slurm job it stopped in (`stopped.json`: job id and requeue count), and a train command in
+that same job exits at once; the next job resumes. A lost node or a killed process leaves no
+record and is retried.
 """
 
 from __future__ import annotations
