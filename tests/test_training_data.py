@@ -7,6 +7,7 @@ from test_train import NUM_CLIPS, latent_index  # noqa: F401  (the fixture is sh
 from torch.utils.data import DataLoader
 
 from soraflow.data.cache import LatentDataset
+from soraflow.models.diffusion import IDDPM
 from soraflow.training.dataset import StepBatches, TrainingSamples, step_rows
 
 SEED, BATCH = 7, 4
@@ -20,7 +21,7 @@ def test_each_step_draws_the_rows_it_drew_before_the_dataloader():
 
 
 def batches(index, world: int, rank: int, start: int, stop: int, workers: int) -> list[dict]:
-    samples = TrainingSamples(LatentDataset(index), SEED, num_timesteps=1000, uncond_prob=0.5)
+    samples = TrainingSamples(LatentDataset(index), SEED, IDDPM(1000).draw_timestep, uncond_prob=0.5)
     steps = StepBatches(NUM_CLIPS, SEED, BATCH, rank, world, start, stop)
     return list(DataLoader(samples, batch_sampler=steps, num_workers=workers, prefetch_factor=2 if workers else None))
 

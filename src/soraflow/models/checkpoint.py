@@ -11,8 +11,8 @@ and for sampling (load_pretrained), and a final checkpoint exports as a .pth tha
 load_checkpoint takes (export_opensora).
 
 It sits in the models layer, below training and inference: training writes checkpoints and
-sampling reads them, and neither imports the other. What only training needs (a stage's
-starting weights, the optimizer state's flattening) is soraflow.training.checkpoint.
+sampling reads them, and neither imports the other. A stage's starting weights are its model
+family's (soraflow.models.family).
 """
 
 from __future__ import annotations

@@ -159,6 +159,10 @@ class GaussianDiffusion:
         nll = -discretized_gaussian_log_likelihood(x_start, out["mean"], 0.5 * out["log_variance"])
         return torch.where(t == 0, mean_flat(nll) / math.log(2.0), kl)
 
+    def draw_timestep(self, generator: torch.Generator) -> torch.Tensor:
+        """A training sample's step, uniform over the steps."""
+        return torch.randint(self.num_timesteps, (), generator=generator)
+
     def training_losses(self, model_fn: ModelFn, x_start, t, model_kwargs=None, noise=None) -> dict:
         """Per-sample losses [B]: mse on eps, vb (learned variance only), loss = mse + vb."""
         noise = torch.randn_like(x_start) if noise is None else noise

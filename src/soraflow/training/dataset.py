@@ -97,14 +97,15 @@ class TrainingSamples(Dataset):
     """One training sample per (step, position, row): the row's cached inputs, with its
     timestep, noise and caption drop drawn for that position of that step."""
 
-    def __init__(self, data: LatentDataset, seed: int, num_timesteps: int, uncond_prob: float):
-        self.data, self.seed, self.num_timesteps, self.uncond_prob = data, seed, num_timesteps, uncond_prob
+    def __init__(self, data: LatentDataset, seed: int, draw_timestep, uncond_prob: float):
+        """draw_timestep(generator): the objective's draw of a sample's timestep."""
+        self.data, self.seed, self.draw_timestep, self.uncond_prob = data, seed, draw_timestep, uncond_prob
 
     def __getitem__(self, key: tuple[int, int, int]) -> dict[str, torch.Tensor]:
         step, position, row = key
         latents, y, mask = self.data[row]
         g = sample_generator(self.seed, step, position)
-        t = torch.randint(self.num_timesteps, (), generator=g)
+        t = self.draw_timestep(g)
         noise = torch.randn(latents.shape, generator=g)
         drop = torch.rand((), generator=g) < self.uncond_prob
         return {"x": latents, "y": y, "mask": mask, "t": t, "noise": noise, "drop": drop, "row": torch.tensor(row)}

@@ -1,4 +1,4 @@
-"""STDiT training on the latent cache, one process per device under torchrun.
+"""Training a stage's model (its family's: soraflow.models.family) on the latent cache, one process per device under torchrun.
 
 Every random draw of step k comes from seeded generators: the global batch's rows from
 (seed, k), each sample's timestep, noise and caption dropout from (seed, k, its position
@@ -45,10 +45,8 @@ from soraflow.core.atomic import atomic_path
 from soraflow.core.progress import progress
 from soraflow.data.cache import LatentDataset
 from soraflow.models.checkpoint import save_checkpoint_file, saved, weights_digest
-from soraflow.models.diffusion import IDDPM
-from soraflow.models.stdit import build_model
+from soraflow.models.family import load_family
 from soraflow.training import failure
-from soraflow.training.checkpoint import initialise
 from soraflow.training.dataset import StepBatches, TrainingSamples
 from soraflow.training.engines import load_engine
 from soraflow.training.engines.base import compute_dtype
@@ -114,16 +112,12 @@ class Trainer:
         self.data = LatentDataset(index_path)
         latents, y, _ = self.data[0]
         channels, frames, height, width = latents.shape
-        # a stage may set its own space_scale (Open-Sora: 0.5 at 256 px, 1.0 at 512 px) and checkpointing
-        own = {key: self.stage.get(key) for key in ("space_scale", "grad_checkpointing")}  # null: not set
-        self.model_config = {
-            **params["stdit"],
-            **({"space_scale": own["space_scale"]} if own["space_scale"] is not None else {}),
-            "in_channels": channels,
-            "caption_channels": y.shape[-1],
-            "grad_checkpointing": own["grad_checkpointing"] if own["grad_checkpointing"] is not None
-            else self.opts["grad_checkpointing"],
-        }
+        # the model family (model.family: stdit, wan) decides the model, its initial weights and objective
+        self.family = load_family(params.get("model", {}).get("family"))
+        own_checkpointing = self.stage.get("grad_checkpointing")  # null: train.grad_checkpointing
+        self.model_config = self.family.model_config(
+            params, self.stage, channels, y.shape[-1],
+            own_checkpointing if own_checkpointing is not None else self.opts["grad_checkpointing"])
         self.input_size = (frames, height, width)
         # worked out by rank 0 alone and shared: the run's identity (digests of its inputs), the
         # checkpoint it resumes from (another run's moved aside) and when the job must end
@@ -131,20 +125,25 @@ class Trainer:
             lambda: self.find_start(output_settings, index_path, init_path))
         self.identity = digest(self.identity_parts)
         torch.manual_seed(self.opts["seed"])  # same initial weights on every rank
-        self.model = build_model(self.model_config, input_size=self.input_size)
         # a resumed run reads its checkpoint instead: the initial weights are not read at all
-        self.init_report = f"resuming {self.checkpoint.name}" if self.checkpoint else initialise(self.model, init_path)
+        self.model, self.init_report = self.family.build(self.model_config, self.input_size, init_path,
+                                                         initial=self.checkpoint is None)
+        if self.checkpoint:
+            self.init_report = f"resuming {self.checkpoint.name}"
         self.model.to(self.device)
         if self.sp_size > 1:
             self.model.enable_sequence_parallel(sequence_parallel_group(self.rank, self.world, self.sp_size))
         self.wrapped, self.optimizer = self.engine.wrap(  # FSDP shards self.model in place
-            self.model, lambda params: torch.optim.AdamW(params, lr=self.stage["lr"], weight_decay=self.opts["weight_decay"])
+            self.model, lambda params: torch.optim.AdamW([p for p in params if p.requires_grad], lr=self.stage["lr"],
+                                                         weight_decay=self.opts["weight_decay"])
         )
-        self.ema = {k: v.detach().clone().float() for k, v in self.engine.weights(self.model).items()}
+        # the EMA follows what trains (a LoRA: its own weights, not the frozen base) and the buffers
+        frozen = {name for name, p in self.model.named_parameters() if not p.requires_grad}
+        self.ema = {k: v.detach().clone().float() for k, v in self.engine.weights(self.model).items() if k not in frozen}
         self.ema_update = get_ema_multi_avg_fn(self.opts["ema_decay"])  # foreach lerp over all tensors
-        self.diffusion = IDDPM(num_timesteps=params["diffusion"]["num_timesteps"])
-        self.samples = TrainingSamples(self.data, self.opts["seed"], self.diffusion.num_timesteps,
-                                       self.model.y_embedder.uncond_prob)
+        self.diffusion = self.family.objective(params, self.model_config)
+        self.samples = TrainingSamples(self.data, self.opts["seed"], self.diffusion.draw_timestep,
+                                       self.family.uncond_prob(self.model, self.diffusion))
         self.step = 0
         self.data_wait = 0.0  # seconds the loop waited for a batch (train/data_wait_share)
         self.stop_requested = False
@@ -252,7 +251,8 @@ class Trainer:
         save_checkpoint_file(
             self.out_path,
             {"model": model_state, "ema": ema_state},
-            {"model_config": self.model_config, "input_size": list(self.input_size), "steps": self.step},
+            {"model_config": self.model_config, "input_size": list(self.input_size), "steps": self.step,
+             "family": self.family.name},
         )
         if self.loss_out is not None:
             with atomic_path(self.loss_out) as tmp:
@@ -333,7 +333,7 @@ class Trainer:
         by_kind: dict[type, list[str]] = {}
         state = self.engine.weights(self.model)
         for name, value in state.items():
-            if value.dtype.is_floating_point:
+            if value.dtype.is_floating_point and name in self.ema:
                 by_kind.setdefault(type(value), []).append(name)
         for names in by_kind.values():
             self.ema_update([self.ema[name] for name in names], [state[name] for name in names], None)

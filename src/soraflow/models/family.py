@@ -1,0 +1,103 @@
+"""Model families (`model.family`): what a stage trains, how, and how it is sampled.
+
+    stdit  Open-Sora 1.0's STDiT with IDDPM (eps and learned variance), from random weights, a
+           previous stage, or a PixArt-α / Open-Sora 1.0 .pth
+    wan    Wan 2.1's WanTransformer3DModel (diffusers) with flow matching, fine-tuned in full or as
+           a LoRA from a diffusers pipeline's transformer (`wan.model`) or a previous stage
+
+The trainer and the sampler reach a family only through `Family`'s methods; the autoencoder and
+the text encoder are the config's `vae` and `text_encoder` (soraflow.models.encoders), which the
+encode jobs cache and the sampler decodes with. The Wan family's module is imported only when
+chosen: the STDiT path imports no diffusers.
+"""
+
+from __future__ import annotations
+
+from soraflow.models import checkpoint as files
+from soraflow.models.diffusion import IDDPM
+from soraflow.models.stdit import build_model
+
+DEFAULT = "stdit"
+
+
+class STDiTFamily:
+    name = "stdit"
+
+    def model_config(self, params: dict, stage: dict, channels: int, caption_channels: int,
+                     grad_checkpointing: bool) -> dict:
+        # a stage may set its own space_scale (Open-Sora: 0.5 at 256 px, 1.0 at 512 px)
+        own = {"space_scale": stage["space_scale"]} if stage.get("space_scale") is not None else {}
+        return {**params["stdit"], **own, "in_channels": channels, "caption_channels": caption_channels,
+                "grad_checkpointing": grad_checkpointing}
+
+    def build(self, model_config: dict, input_size, init_path: str | None, initial: bool):
+        """(the model, what its initial weights were): a previous stage's checkpoint (its raw weights),
+        or a PixArt-α / Open-Sora 1.0 .pth (what does not fit is an error naming the file and the
+        keys). Without `initial` (a resumed run) its checkpoint is read over the model instead."""
+        model = build_model(model_config, input_size=input_size)
+        report = {}
+        if initial and init_path:
+            if files.is_torch_checkpoint(init_path):
+                report = {"left_at_init": files.load_pretrained(model, init_path)}
+            else:
+                files.initialise_from_state(model, files.load_checkpoint_file(init_path, "model")[0], init_path)
+        return model, report
+
+    def objective(self, params: dict, model_config: dict) -> IDDPM:
+        return IDDPM(num_timesteps=params["diffusion"]["num_timesteps"])
+
+    def uncond_prob(self, model, objective) -> float:
+        return model.y_embedder.uncond_prob
+
+
+class WanFamily:
+    name = "wan"
+
+    def model_config(self, params: dict, stage: dict, channels: int, caption_channels: int,
+                     grad_checkpointing: bool) -> dict:
+        from diffusers import WanTransformer3DModel
+
+        from soraflow.core.hub import resolve_model_ref
+        from soraflow.models.wan import TRANSFORMER
+
+        wan = params["wan"]
+        transformer = dict(WanTransformer3DModel.load_config(resolve_model_ref(wan["model"]), subfolder=TRANSFORMER))
+        if (transformer["in_channels"], transformer["text_dim"]) != (channels, caption_channels):
+            raise ValueError(f"wan.model {wan['model']}: its transformer takes {transformer['in_channels']} latent "
+                             f"channels and text {transformer['text_dim']} wide, but the caches hold {channels} and "
+                             f"{caption_channels} (vae, text_encoder)")
+        finetune = stage.get("finetune") or wan["finetune"]
+        return {"family": self.name, "base": wan["model"], "transformer": transformer, "flow_shift": wan["flow_shift"],
+                "lora": dict(wan["lora"]) if finetune == "lora" else None, "grad_checkpointing": grad_checkpointing}
+
+    def build(self, model_config: dict, input_size, init_path: str | None, initial: bool):
+        """The base weights are wan.model's transformer, or a previous stage's (its LoRA fused in);
+        the stage's LoRA, if any, goes on top of them."""
+        from soraflow.models import wan
+
+        base, report = None, {}
+        if initial:
+            if init_path:
+                state, metadata = files.load_checkpoint_file(init_path, "model")
+                base, report = wan.fused_base_state(metadata["model_config"], state), {"base": str(init_path)}
+            else:
+                base = wan.pretrained_transformer(model_config["base"]).state_dict()
+                report = {"base": model_config["base"]}
+        return wan.build(model_config, base), report
+
+    def objective(self, params: dict, model_config: dict):
+        from soraflow.models.wan import FlowMatching
+
+        return FlowMatching(model_config["flow_shift"])
+
+    def uncond_prob(self, model, objective) -> float:
+        return objective.uncond_prob
+
+
+FAMILIES = {family.name: family for family in (STDiTFamily(), WanFamily())}
+
+
+def load_family(name: str | None):
+    if (name or DEFAULT) not in FAMILIES:
+        raise ValueError(f"model.family: unknown family {name!r} (choose from {sorted(FAMILIES)})")
+    return FAMILIES[name or DEFAULT]
