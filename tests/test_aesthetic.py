@@ -123,7 +123,7 @@ def test_score_fills_aes_and_min_aes_filters_on_it(tmp_path, tiny_aes, synthetic
                  section("ingest", retries=0))  # fmt: skip
     split_shard(tmp_path / "videos.parquet", tmp_path / "clips", tmp_path / "clips.parquet", tmp_path / "sr.parquet", SPLIT)
     out = tmp_path / "scored.parquet"
-    score_shard(tmp_path / "clips.parquet", out, {"aesthetic_model": str(tiny_aes)})
+    score_shard(tmp_path / "clips.parquet", out, section("score", aesthetic_model=str(tiny_aes)))
     clips = table.read(out)
     assert len(clips) == 3 and clips["aes"].notna().all()
     scorer = AestheticScorer.from_pretrained(str(tiny_aes))
@@ -134,7 +134,7 @@ def test_score_fills_aes_and_min_aes_filters_on_it(tmp_path, tiny_aes, synthetic
     assert len(kept) == 2 and len(rejects) == 1 and "min_aes" in rejects[0]["reason"]
 
     # without a model the column stays empty, and filtering on it is an error, not a no-op
-    score_shard(tmp_path / "clips.parquet", tmp_path / "s2.parquet", {"aesthetic_model": None})
+    score_shard(tmp_path / "clips.parquet", tmp_path / "s2.parquet", section("score", aesthetic_model=None))
     plain = table.read(tmp_path / "s2.parquet")
     assert plain["aes"].isna().all()
     with pytest.raises(ValueError, match="min_aes"):

@@ -162,7 +162,7 @@ def clips_one_unreadable_one_short(tmp_path) -> Path:
 
 def test_an_unreadable_clip_is_a_score_reject_and_the_rest_are_scored(tmp_path, clips_one_unreadable_one_short):
     out, rejects = tmp_path / "scored.parquet", tmp_path / "rejects_score.parquet"
-    score_shard(clips_one_unreadable_one_short, out, {"aesthetic_model": None}, rejects)
+    score_shard(clips_one_unreadable_one_short, out, section("score", aesthetic_model=None), rejects)
     assert table.read(out)["id"].tolist() == ["clip0", "clip2"] and table.read(out)["motion"].notna().all()
     reject = table.read(rejects).iloc[0]
     assert len(table.read(rejects)) == 1 and (reject["id"], reject["stage"]) == ("clip1", "score")

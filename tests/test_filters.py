@@ -53,7 +53,7 @@ def test_a_threshold_on_an_unfilled_column_is_an_error_naming_the_key():
 def test_a_clip_missing_a_value_is_rejected():
     kept, rejects = apply_filters(clips(aes=[5.0, None]), {"min_aes": 4.5})
     assert kept["id"].tolist() == ["c0"]
-    assert rejects[0]["reason"] == "aes missing"
+    assert rejects[0]["reason"] == "aes missing for min_aes"
 
 
 def test_empty_table_passes_through():

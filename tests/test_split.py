@@ -79,9 +79,10 @@ def test_clips_start_exactly_at_the_known_cuts(tmp_path, synthetic_cut_video):
             assert own * 5 < across, clip.id
 
     # the score step's motion column comes from optical flow: the bars scene is static, testsrc2 moves
-    score_shard(tmp_path / "clips.parquet", tmp_path / "scored.parquet", {"aesthetic_model": None})
+    score_shard(tmp_path / "clips.parquet", tmp_path / "scored.parquet", section("score", aesthetic_model=None))
     scored = table.read(tmp_path / "scored.parquet")
-    assert scored.drop(columns=["motion"]).equals(clips.drop(columns=["motion"]))  # scores added, nothing else
+    scores = ["motion", "text_area", "phash"]
+    assert scored.drop(columns=scores).equals(clips.drop(columns=scores))  # scores added, nothing else
     motion = dict(zip(scored["id"], scored["motion"]))
     assert motion["cuts_scene-002"] < 0.05 < motion["cuts_scene-000"]
     assert sorted(p.name for p in (tmp_path / "clips").iterdir()) == [f"{i}.mp4" for i in clips["id"]]

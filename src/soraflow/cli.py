@@ -120,6 +120,12 @@ def cmd_score(args) -> None:
     score_shard(args.table, args.out, args.params, args.rejects)
 
 
+def cmd_match(args) -> None:
+    from soraflow.scoring.shard import match_shard
+
+    match_shard(args.table, args.out, args.params)
+
+
 def cmd_models(args) -> None:
     from soraflow.demo.models import build_all
 
@@ -324,10 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-raw", metavar="RAW_DIR",
                    help="delete the videos' raw files that lie in RAW_DIR once both tables are written")
 
-    p = with_params(command("score", cmd_score, "motion and aesthetic scores of a clip table"))
+    p = with_params(command("score", cmd_score, "motion, aesthetic, text-area and pHash scores of a clip table"))
     p.add_argument("table")
     p.add_argument("--out", required=True)
     p.add_argument("--rejects", help="rejects table: clips that do not decode (without it, such a clip is an error)")
+
+    p = with_params(command("match", cmd_match, "caption-video match (CLIP) of a captioned clip table"))
+    p.add_argument("table")
+    p.add_argument("--out", required=True)
 
     p = with_params(command("models", cmd_models, "build the tiny local models (random weights)"))
     p.add_argument("--out-dir", required=True)

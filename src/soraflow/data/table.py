@@ -43,6 +43,10 @@ CLIP_SCHEMA = pa.schema(
         # scores used by filters
         pa.field("motion", pa.float64()),
         pa.field("aes", pa.float64()),
+        pa.field("text_area", pa.float64()),  # largest fraction of a frame OCR reads as text
+        pa.field("match", pa.float64()),  # caption-video cosine similarity (CLIP)
+        # pHashes of a few frames: 16 hex digits each, space-separated (near-duplicate search)
+        pa.field("phash", pa.string()),
         # captions
         pa.field("text", pa.string()),  # the caption training uses
         pa.field("text_manifest", pa.string()),  # caption that came with the manifest

@@ -57,6 +57,12 @@ def at_positions(num_frames: int, positions) -> list[int]:
     return [min(int(num_frames * p), num_frames - 1) for p in positions]
 
 
+def spread_positions(count: int) -> list[float]:
+    """`count` positions (fractions of a clip) at the centres of equal parts of it: the same
+    moments of a clip whatever its length, frame rate or first and last frames."""
+    return [(k + 0.5) / count for k in range(count)]
+
+
 def evenly_spaced(num_available: int, num_wanted: int, stride: int = 1) -> list[int]:
     """`num_wanted` indices taken every `stride` frames from the middle of the clip. A clip
     shorter than they span is an error: spreading them closer would change its speed."""

@@ -64,6 +64,17 @@ AESTHETIC_DEFAULTS = {
     "projection_dim": 32,
     "head_hidden": [16, 8],
 }
+CLIP_DEFAULTS = {
+    "seed": 0,
+    "vocab_size": 2000,
+    "image_size": 64,
+    "patch_size": 16,
+    "hidden_size": 64,
+    "layers": 2,
+    "heads": 4,
+    "projection_dim": 32,
+    "max_position_embeddings": 77,  # OpenAI CLIP's text context
+}
 T5_DEFAULTS = {
     "seed": 0,
     "vocab_size": 1000,
@@ -337,11 +348,48 @@ def build_tiny_aesthetic(out_dir: str | Path, params: dict | None = None) -> Pat
     return _atomic_build(out_dir, build)
 
 
+def build_tiny_clip(out_dir: str | Path, params: dict | None = None) -> Path:
+    """A random-weight CLIPModel (64 px images, ~0.3M params) and its CLIPProcessor, which
+    soraflow.scoring.match loads like openai/clip-vit-base-patch32."""
+    from tokenizers import processors
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTextConfig
+
+    p = _merged(CLIP_DEFAULTS, params, "build_tiny_clip")
+
+    def build(tmp: Path) -> None:
+        tokenizer = train_tokenizer(None, "llama", vocab_size=p["vocab_size"])
+        # CLIP's text embedding is its end-of-text token's (the highest id): end every caption with one
+        tokenizer.add_special_tokens({"eos_token": "<|endoftext|>"})
+        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A <|endoftext|>",
+            special_tokens=[("<s>", tokenizer.bos_token_id), ("<|endoftext|>", tokenizer.eos_token_id)],
+        )
+        vision, image_processor = tiny_clip_vision(p["image_size"], p["patch_size"], p["hidden_size"], p["layers"], p["heads"])
+        text = CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=p["hidden_size"],
+            intermediate_size=4 * p["hidden_size"],
+            num_hidden_layers=p["layers"],
+            num_attention_heads=p["heads"],
+            max_position_embeddings=p["max_position_embeddings"],
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=p["projection_dim"])
+        torch.manual_seed(p["seed"])
+        CLIPModel(config).eval().save_pretrained(tmp)
+        CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(tmp)
+
+    return _atomic_build(out_dir, build)
+
+
 BUILDERS = {
     "tiny-llava": build_tiny_llava,
     "tiny-vae": build_tiny_vae,
     "tiny-t5": build_tiny_t5,
     "tiny-aesthetic": build_tiny_aesthetic,
+    "tiny-clip": build_tiny_clip,
 }
 
 

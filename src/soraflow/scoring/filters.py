@@ -1,6 +1,7 @@
-"""Clip filters (duration, resolution, aspect ratio, motion, aesthetics) over a clip table.
+"""Clip filters (duration, resolution, aspect ratio, motion, aesthetics, text area, caption
+match) over a clip table.
 
-Only pandas: the scores they compare were written by the score step (soraflow.scoring.shard).
+Only pandas: the scores they compare were written by the score steps (soraflow.scoring.shard).
 """
 
 from __future__ import annotations
@@ -8,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-SCORE_COLUMNS = ["motion", "aes"]  # written by the score step, joined here
+SCORE_COLUMNS = ["motion", "aes", "text_area", "phash"]  # written by the score step, joined here
+MATCH_COLUMNS = ["match"]  # written by the match step, after captioning
 
 # threshold key -> (column, comparison); a clip is kept when `value <op> threshold`
 FILTERS = {
@@ -19,7 +21,12 @@ FILTERS = {
     "max_aspect_ratio": ("aspect_ratio", "<="),
     "min_motion": ("motion", ">="),
     "min_aes": ("aes", ">="),
+    "max_text_area": ("text_area", "<="),
+    "min_match": ("match", ">="),
 }
+# filters on scores of the caption: the latent cache does not wait for captions, so its jobs
+# keep the clips every other filter keeps, and the stage's index applies these too
+CAPTION_FILTERS = {"min_match"}
 
 
 def apply_filters(df: pd.DataFrame, thresholds: dict) -> tuple[pd.DataFrame, list[dict]]:
@@ -44,7 +51,7 @@ def apply_filters(df: pd.DataFrame, thresholds: dict) -> tuple[pd.DataFrame, lis
         for index in df.index[~passed.fillna(False).astype(bool)]:
             value = values[index]
             failures[index].append(
-                f"{column} missing" if pd.isna(value) else f"{column} {value:g} {'<' if op == '>=' else '>'} {key} {threshold:g}"
+                f"{column} missing for {key}" if pd.isna(value) else f"{column} {value:g} {'<' if op == '>=' else '>'} {key} {threshold:g}"
             )
     failed = failures.map(bool).astype(bool)  # stays a mask on an empty table (object dtype would select columns)
     rejects = [
@@ -54,7 +61,18 @@ def apply_filters(df: pd.DataFrame, thresholds: dict) -> tuple[pd.DataFrame, lis
     return df[~failed].reset_index(drop=True), rejects
 
 
-def join_scores(clips: pd.DataFrame, scored: pd.DataFrame) -> pd.DataFrame:
-    """`clips` with the score columns taken from `scored` (matched by clip id)."""
-    scores = scored.set_index("id")
-    return clips.assign(**{column: clips["id"].map(scores[column]) for column in SCORE_COLUMNS})
+def without_caption_filters(thresholds: dict) -> dict:
+    """The thresholds that need no caption (what the latent cache's jobs apply)."""
+    return {key: value for key, value in thresholds.items() if key not in CAPTION_FILTERS}
+
+
+def failed_filters(reason: str) -> list[str]:
+    """The filter keys a 'filter' reject's reason names (apply_filters writes it)."""
+    return [word for failure in reason.split("; ") for word in failure.split() if word in FILTERS]
+
+
+def join_scores(clips: pd.DataFrame, scored: pd.DataFrame, matched: pd.DataFrame | None = None) -> pd.DataFrame:
+    """`clips` with the score columns taken from `scored` and, when given, `matched` (by clip id)."""
+    tables = [(scored, SCORE_COLUMNS)] + ([(matched, MATCH_COLUMNS)] if matched is not None else [])
+    return clips.assign(**{column: clips["id"].map(scores.set_index("id")[column])
+                           for scores, columns in tables for column in columns})  # fmt: skip

@@ -94,7 +94,7 @@ class Layout:
     # --- models ----------------------------------------------------------------------------
     def local_models(self) -> dict[str, str]:
         """The tiny models the `models` rule builds, by name."""
-        return {name: f"{self.models_dir}/{name}" for name in ("tiny-llava", "tiny-vae", "tiny-t5", "tiny-aesthetic")}
+        return {name: f"{self.models_dir}/{name}" for name in ("tiny-llava", "tiny-vae", "tiny-t5", "tiny-aesthetic", "tiny-clip")}
 
     def model_input(self, ref: str) -> list[str]:
         """A model the `models` rule builds is an input; hub ids and other paths are not."""

@@ -101,6 +101,10 @@ def shard_work(config: dict, step: str, stage: str | None = None) -> tuple[float
         aesthetic = plan_["aesthetic_s_per_clip"] if config["score"]["aesthetic_model"] else 0.0
         per_clip = (plan_["score_s_per_clip"] + aesthetic) / plan_["cpu_speed"]
         return clips, "clip", per_clip, clips * per_clip / 3600
+    if step == "match":
+        # without a model the job only writes the clip ids
+        per_clip = (plan_["match_s_per_clip"] if config["score"]["match"]["model"] else 0.01) / plan_["cpu_speed"]
+        return clips, "clip", per_clip, clips * per_clip / 3600
     gpus = max(1, _gpus(config, step))
     if step == "sample":
         stages = [stage] if stage else list(config["stages"])
@@ -137,7 +141,7 @@ def step_job(config: dict, step: str, stage: str | None = None) -> dict:
 def jobs_table(config: dict) -> str:
     """Each shard job's (and sample's) planned runtime, chain and memory, from its items and their cost."""
     limit = config["cluster"]["max_runtime"]
-    steps = [(step, None) for step in ("ingest", "split", "score", "caption", "encode_video", "encode_text")]
+    steps = [(step, None) for step in ("ingest", "split", "score", "caption", "match", "encode_video", "encode_text")]
     rows = []
     for step, stage in steps + [("sample", stage) for stage in config["stages"]]:
         items, unit, per_item, hours = shard_work(config, step, stage)

@@ -27,6 +27,7 @@ STEP_SECTIONS: dict[str, list[str]] = {
     "ingest": ["ingest"],
     "split": ["split"],
     "score": ["score"],
+    "match": ["score"],
     "models": ["local_models"],
     "caption": ["caption"],
     "encode_video": ["vae", "stage"],
