@@ -75,6 +75,27 @@ CLIP_DEFAULTS = {
     "projection_dim": 32,
     "max_position_embeddings": 77,  # OpenAI CLIP's text context
 }
+WAN_DEFAULTS = {
+    "seed": 0,
+    "vocab_size": 1000,
+    # UMT5 text encoder (Wan's is UMT5-XXL: 4096 wide)
+    "text_d_model": 32,
+    "text_d_kv": 8,
+    "text_d_ff": 64,
+    "text_layers": 2,
+    "text_heads": 4,
+    # AutoencoderKLWan: 16 latent channels, 4x in time, 8x in space, as Wan 2.1's, at a toy width
+    "vae_base_dim": 4,
+    "vae_dim_mult": [1, 1, 1, 1],
+    "vae_res_blocks": 1,
+    # WanTransformer3DModel (Wan2.1-T2V-1.3B: 12 heads of 128, ffn 8960, 30 layers)
+    "heads": 2,
+    "head_dim": 12,  # rotary embedding: 4 channels each for time, height and width
+    "ffn_dim": 48,
+    "layers": 2,
+    "freq_dim": 32,
+    "flow_shift": 3.0,
+}
 T5_DEFAULTS = {
     "seed": 0,
     "vocab_size": 1000,
@@ -380,6 +401,35 @@ def build_tiny_clip(out_dir: str | Path, params: dict | None = None) -> Path:
         torch.manual_seed(p["seed"])
         CLIPModel(config).eval().save_pretrained(tmp)
         CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(tmp)
+
+    return _atomic_build(out_dir, build)
+
+
+def build_tiny_wan(out_dir: str | Path, params: dict | None = None) -> Path:
+    """A random-weight Wan 2.1 text-to-video pipeline saved as WanPipeline.save_pretrained writes it
+    (the folder layout of Wan-AI/Wan2.1-T2V-1.3B-Diffusers: transformer, vae, text_encoder,
+    tokenizer, scheduler), so the Wan family loads it as it loads the hub's."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    p = _merged(WAN_DEFAULTS, params, "build_tiny_wan")
+
+    def build(tmp: Path) -> None:
+        # T5Tokenizer(vocab=...): transformers 5 ignores a vocab_file (train_tokenizer passes the pieces)
+        tokenizer = train_tokenizer(None, "t5", vocab_size=p["vocab_size"])
+        torch.manual_seed(p["seed"])
+        text_encoder = UMT5EncoderModel(UMT5Config(
+            vocab_size=len(tokenizer), d_model=p["text_d_model"], d_kv=p["text_d_kv"], d_ff=p["text_d_ff"],
+            num_layers=p["text_layers"], num_heads=p["text_heads"], feed_forward_proj="gated-gelu",
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
+        vae = AutoencoderKLWan(base_dim=p["vae_base_dim"], dim_mult=p["vae_dim_mult"], num_res_blocks=p["vae_res_blocks"])
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=p["heads"], attention_head_dim=p["head_dim"], in_channels=16,
+            out_channels=16, text_dim=p["text_d_model"], freq_dim=p["freq_dim"], ffn_dim=p["ffn_dim"],
+            num_layers=p["layers"])
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=p["flow_shift"])
+        WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(), scheduler=scheduler,
+                    transformer=transformer.eval()).save_pretrained(tmp)
 
     return _atomic_build(out_dir, build)
 

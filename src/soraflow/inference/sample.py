@@ -17,19 +17,30 @@ from soraflow.core.devices import device_and_dtype
 from soraflow.data import video
 from soraflow.data.cache import LatentDataset
 from soraflow.inference.comparison import plot_comparison
-from soraflow.models import diffusion
-from soraflow.models.checkpoint import is_torch_checkpoint, load_for_sampling
+from soraflow.models import diffusion, wan, wan_config
+from soraflow.models.checkpoint import checkpoint_metadata, is_torch_checkpoint, load_for_sampling
 from soraflow.models.encoders import TextEncoder, load_autoencoder
 
 
 class Sampler:
     """A stage checkpoint (or a PixArt-α / Open-Sora 1.0 .pth) with the autoencoder that decodes its
-    latents, on the job's device (in fp32, as it was trained and checkpointed)."""
+    latents, on the job's device (in fp32, as it was trained and checkpointed). A Wan family stage
+    samples through diffusers' WanPipeline around its trained transformer (soraflow.models.wan)."""
 
     def __init__(self, checkpoint, params: dict):
         self.params = params
         self.device, _ = device_and_dtype()
         self.autoencoder = load_autoencoder(params["vae"])
+        self.wan = None
+        if not is_torch_checkpoint(checkpoint) and checkpoint_metadata(checkpoint).get("family") == "wan":
+            model, metadata = wan.load_trained(checkpoint, params["sample"]["use_ema"])
+            self.frames, self.height, self.width = metadata["input_size"]
+            text_encoder = TextEncoder(params["text_encoder"])
+            self.wan = wan.pipeline(model.to(self.device), text_encoder, self.autoencoder,
+                                    metadata["model_config"]["flow_shift"])
+            # guidance against the empty prompt, as WanPipeline encodes it (its default negative prompt)
+            self.negative = wan.pipeline_text(*text_encoder.encode_batch([""]))
+            return
         pth_settings = self.pth_settings(checkpoint, params) if is_torch_checkpoint(checkpoint) else {}
         model, (self.frames, self.height, self.width) = load_for_sampling(
             checkpoint, use_ema=params["sample"]["use_ema"], **pth_settings
@@ -53,6 +64,15 @@ class Sampler:
     def generate(self, y: torch.Tensor, mask: torch.Tensor, seed: int) -> torch.Tensor:
         """One caption's features [1, L, C] and mask [1, L] -> pixels [T, 3, H, W] in [-1, 1] on the CPU."""
         steps = self.params["diffusion"]
+        if self.wan is not None:
+            factor = self.autoencoder.downsample
+            video = self.wan(prompt_embeds=wan.pipeline_text(y, mask).to(self.device),
+                             negative_prompt_embeds=self.negative.to(self.device),
+                             num_frames=(self.frames - 1) * wan_config.VAE_TIME + 1, height=self.height * factor,
+                             width=self.width * factor, num_inference_steps=steps["sample_steps"],
+                             guidance_scale=steps["cfg_scale"], generator=torch.Generator(self.device).manual_seed(seed),
+                             output_type="pt").frames[0]  # [T, 3, H, W] in [0, 1]
+            return (video.float().cpu() * 2 - 1).clamp(-1, 1)
         latents = diffusion.sample(
             self.model,
             shape=(1, self.model.in_channels, self.frames, self.height, self.width),
@@ -69,7 +89,7 @@ class Sampler:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """[C, T, h, w] -> [T, 3, H, W] on the CPU"""
-        return self.autoencoder.decode(latents.transpose(0, 1)).float().cpu()
+        return self.autoencoder.decode_clip(latents)
 
     def write(self, pixels: torch.Tensor, out_path, label: str) -> None:
         video.write_video(Path(out_path), video.to_uint8(pixels), fps=self.params["sample"]["fps"])

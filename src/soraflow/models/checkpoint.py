@@ -65,6 +65,12 @@ def load_checkpoint_file(path, group: str) -> tuple[dict[str, torch.Tensor], dic
     return state, metadata
 
 
+def checkpoint_metadata(path) -> dict:
+    """The metadata of a file written by save_checkpoint_file (no tensor is read)."""
+    with safe_open(str(path), "pt") as f:
+        return {k: json.loads(v) for k, v in f.metadata().items()}
+
+
 def is_torch_checkpoint(path) -> bool:
     """PixArt-α and Open-Sora ship torch.save files (.pth, .pt); soraflow writes safetensors."""
     return Path(path).suffix in (".pth", ".pt")

@@ -1,7 +1,7 @@
-"""The frozen encoders around STDiT: a frame autoencoder and a text encoder.
+"""The frozen encoders around the denoiser: an autoencoder and a text encoder.
 
-Both load through `from_pretrained(id or path)`. The autoencoder works per frame (as
-Open-Sora 1.0 uses SD-VAE); `pixel_pack` is an exactly invertible stand-in for CPU runs,
+Both load through `from_pretrained(id or path)`. The STDiT family's autoencoder works per frame
+(as Open-Sora 1.0 uses SD-VAE), the Wan family's (`wan`) on whole clips; `pixel_pack` is an exactly invertible stand-in for CPU runs,
 where a random-weight VAE could never give recognisable samples.
 """
 
@@ -15,7 +15,20 @@ from soraflow.core.hub import resolve_model_ref
 from soraflow.core.progress import progress
 
 
-class KLAutoencoder:
+class FrameAutoencoder:
+    """An autoencoder of single frames: a clip's latents are its frames', stacked in time."""
+
+    def encode_clips(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[n, T, 3, H, W] in [-1, 1] -> [n, C, T, h, w]."""
+        n, frames = pixels.shape[:2]
+        return self.encode(pixels.flatten(0, 1)).unflatten(0, (n, frames)).transpose(1, 2)
+
+    def decode_clip(self, latents: torch.Tensor) -> torch.Tensor:
+        """[C, T, h, w] -> [T, 3, H, W] in [-1, 1] on the CPU."""
+        return self.decode(latents.transpose(0, 1)).float().cpu()
+
+
+class KLAutoencoder(FrameAutoencoder):
     """diffusers AutoencoderKL (SD-VAE in the real recipe), latents = mean x scaling factor."""
 
     latent_bound = None  # unbounded latents: sampling does not clamp its x_0 predictions
@@ -50,7 +63,7 @@ class KLAutoencoder:
         return torch.cat(out).clamp(-1, 1)
 
 
-class PixelPackAutoencoder:
+class PixelPackAutoencoder(FrameAutoencoder):
     """Space-to-depth packing: f x f pixel blocks become 3*f*f channels. Exactly invertible.
 
     Keep a token's width (3*f*f * the STDiT patch area) at most the STDiT hidden size: with
@@ -72,7 +85,43 @@ class PixelPackAutoencoder:
         return F.pixel_shuffle(latents / self.scaling_factor, self.downsample).clamp(-1, 1)
 
 
-AUTOENCODERS = {"autoencoder_kl": KLAutoencoder, "pixel_pack": PixelPackAutoencoder}
+class WanAutoencoder:
+    """diffusers AutoencoderKLWan (Wan 2.1's 3D causal VAE: 16 channels, 4x in time, 8x in space),
+    encoding whole clips of 4k+1 frames. Latents are the posterior mean normalised per channel,
+    (mean - latents_mean) / latents_std, which is what WanPipeline's decode undoes."""
+
+    latent_bound = None
+
+    def __init__(self, params: dict):
+        from diffusers import AutoencoderKLWan
+
+        self.device, self.dtype = device_and_dtype()
+        self.vae = AutoencoderKLWan.from_pretrained(resolve_model_ref(params["model"]), subfolder=params.get("subfolder"),
+                                                    torch_dtype=self.dtype)
+        self.vae.to(self.device).eval().requires_grad_(False)
+        config = self.vae.config
+        self.latent_channels, self.downsample = config.z_dim, config.scale_factor_spatial
+        self.mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1, 1)
+        self.std = torch.tensor(config.latents_std).view(1, -1, 1, 1, 1)
+
+    @torch.no_grad()
+    def encode_clips(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[n, T, 3, H, W] in [-1, 1] -> [n, 16, (T - 1) / 4 + 1, H / 8, W / 8] (one clip at a time:
+        the causal VAE's memory grows with the frames)."""
+        out = []
+        for clip in pixels.transpose(1, 2).split(1):  # [1, 3, T, H, W]
+            mean = self.vae.encode(clip.to(self.device, self.dtype)).latent_dist.mean.float().cpu()
+            out.append((mean - self.mean) / self.std)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def decode_clip(self, latents: torch.Tensor) -> torch.Tensor:
+        """[16, t, h, w] -> [T, 3, H, W] in [-1, 1] on the CPU."""
+        z = (latents[None].float() * self.std + self.mean).to(self.device, self.dtype)
+        return self.vae.decode(z).sample[0].transpose(0, 1).float().cpu().clamp(-1, 1)
+
+
+AUTOENCODERS = {"autoencoder_kl": KLAutoencoder, "pixel_pack": PixelPackAutoencoder, "wan": WanAutoencoder}
 
 
 def load_autoencoder(params: dict):
@@ -82,23 +131,23 @@ def load_autoencoder(params: dict):
     return AUTOENCODERS[kind](params)
 
 
-T5_FAMILY = {"t5", "mt5", "umt5"}
-
-
 class TextEncoder:
     """Token features and mask from a transformers encoder (T5 encoder, BERT, ...)."""
 
     def __init__(self, params: dict):
-        from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
+        from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel, UMT5EncoderModel
 
         path = resolve_model_ref(params["model"])
         self.device, self.dtype = device_and_dtype()
         self.max_length = params["max_length"]
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        config = AutoConfig.from_pretrained(path)
+        # in a diffusers pipeline (Wan's) the encoder is its text_encoder folder, the tokenizer its tokenizer folder
+        subfolder = params.get("subfolder") or ""
+        self.tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer" if subfolder else "")
+        config = AutoConfig.from_pretrained(path, subfolder=subfolder)
         # AutoModel would build T5's decoder too, which text conditioning never runs
-        model_class = T5EncoderModel if config.model_type in T5_FAMILY else AutoModel
-        self.model = model_class.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
+        encoders = {"t5": T5EncoderModel, "mt5": T5EncoderModel, "umt5": UMT5EncoderModel}  # Wan: UMT5-XXL
+        model_class = encoders.get(config.model_type, AutoModel)
+        self.model = model_class.from_pretrained(path, subfolder=subfolder, dtype=self.dtype).to(self.device).eval()
         self.hidden_size = config.hidden_size
 
     @torch.no_grad()

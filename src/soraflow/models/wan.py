@@ -121,8 +121,17 @@ def build(model_config: dict, base: dict[str, torch.Tensor] | None = None) -> Wa
     return WanDenoiser(transformer)
 
 
-def trainable(model: nn.Module) -> set[str]:
-    return {name for name, p in model.named_parameters() if p.requires_grad}
+def load_trained(path, use_ema: bool) -> tuple[WanDenoiser, dict]:
+    """A Wan stage's final checkpoint as a model for inference: its raw weights, with the EMA (which
+    follows only what trained: a LoRA's own weights) over them for `use_ema`; and its metadata."""
+    from soraflow.models.checkpoint import load_checkpoint_file
+
+    state, metadata = load_checkpoint_file(path, "model")
+    if use_ema:
+        state.update(load_checkpoint_file(path, "ema")[0])
+    model = build({**metadata["model_config"], "grad_checkpointing": False})
+    model.load_state_dict(state)
+    return model.eval(), metadata
 
 
 def lora_state(model: WanDenoiser) -> dict[str, torch.Tensor]:

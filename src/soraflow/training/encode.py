@@ -101,9 +101,8 @@ def encode_video_shard(table_path, out_path, vae_params: dict, stage: dict, reje
                 bar.update(len(unreadable))
                 if pixels is None:
                     continue
-                n, frames = pixels.shape[:2]
-                latents = autoencoder.encode(pixels.flatten(0, 1))  # [n*T, C, h, w]
-                latents = latents.unflatten(0, (n, frames)).transpose(1, 2)  # [n, C, T, h, w]
+                n = len(pixels)
+                latents = autoencoder.encode_clips(pixels)  # [n, C, T', h, w]
                 store.add(ids, [key_of[i] for i in ids], {"latents": latents.to(DTYPES[vae_params["cache_dtype"]])})
                 bar.update(n)
     if rejects and rejects_path is None:

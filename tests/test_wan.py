@@ -1,0 +1,164 @@
+"""The Wan family on a tiny random-weight Wan 2.1 pipeline built locally (soraflow.demo.models):
+its parts, parity with diffusers' WanPipeline, the flow-matching objective against diffusers'
+scheduler, and a LoRA that loads into WanPipeline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from soraflow.models import wan, wan_config
+from soraflow.models.encoders import TextEncoder, WanAutoencoder
+from soraflow.models.family import load_family
+
+PROMPTS = ["a rabbit in a green meadow", "a red car drives down a mountain road"]
+
+
+@pytest.fixture(scope="module")
+def tiny_wan(tmp_path_factory):
+    from soraflow.demo.models import build_tiny_wan
+
+    return build_tiny_wan(tmp_path_factory.mktemp("models") / "tiny-wan")
+
+
+@pytest.fixture(scope="module")
+def text_encoder(tiny_wan):
+    return TextEncoder({"model": str(tiny_wan), "subfolder": "text_encoder", "max_length": 16})
+
+
+def model_config(tiny_wan, lora=None) -> dict:
+    params = {"wan": {"model": str(tiny_wan), "flow_shift": 3.0, "finetune": "lora" if lora else "full",
+                      "lora": lora or {"rank": 4, "alpha": 4, "target_modules": list(wan_config.LORA_TARGETS)}}}
+    return load_family("wan").model_config(params, {"finetune": None}, 16, 32, grad_checkpointing=False)
+
+
+def test_parameter_counts_in_closed_form_equal_diffusers_models():
+    """The plan's closed-form counts against the diffusers model built from the same config (on
+    the meta device: no memory), for the released 1.3B and 14B configs and a tiny one."""
+    from diffusers import WanTransformer3DModel
+
+    tiny = dict(num_attention_heads=2, attention_head_dim=12, ffn_dim=48, num_layers=2, text_dim=32, freq_dim=32,
+                in_channels=16, out_channels=16)
+    for config in (tiny, *wan_config.TRANSFORMERS.values()):
+        with torch.device("meta"):
+            model = WanTransformer3DModel(**config)
+        assert wan_config.parameter_count(config) == sum(p.numel() for p in model.parameters())
+        with torch.device("meta"):
+            model.add_adapter(wan.lora_config({"rank": 8, "alpha": 8, "target_modules": wan_config.LORA_TARGETS}))
+        lora = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
+        assert wan_config.lora_parameter_count(config, 8) == lora
+
+
+def test_stage_sizes_wan_cannot_take_are_errors_naming_the_key():
+    wan_config.check_stage("s1", {"num_frames": 9, "resolution": 32})
+    with pytest.raises(ValueError, match=r"stages\.s1\.num_frames: 8; .*4k\+1.* 5 or 9"):
+        wan_config.check_stage("s1", {"num_frames": 8, "resolution": 32})
+    with pytest.raises(ValueError, match=r"stages\.s1\.resolution: 40; .*multiple of 16"):
+        wan_config.check_stage("s1", {"num_frames": 9, "resolution": 40})
+
+
+def test_autoencoder_encodes_clips_4x_in_time_8x_in_space(tiny_wan):
+    autoencoder = WanAutoencoder({"model": str(tiny_wan), "subfolder": "vae"})
+    pixels = torch.rand(2, 9, 3, 32, 32) * 2 - 1
+    latents = autoencoder.encode_clips(pixels)
+    assert latents.shape == (2, 16, 3, 4, 4)
+    # each clip on its own: batching clips changes nothing
+    torch.testing.assert_close(autoencoder.encode_clips(pixels[1:]), latents[1:])
+    assert autoencoder.decode_clip(latents[0]).shape == (9, 3, 32, 32)
+
+
+def test_training_prediction_equals_diffusers_transformer_called_as_wan_pipeline_calls_it(tiny_wan, text_encoder):
+    """Our step's prediction (the cached text features through WanDenoiser) equals
+    WanTransformer3DModel called as WanPipeline.__call__ calls it (diffusers 0.42,
+    pipeline_wan.py: hidden_states = latents, timestep = t.expand(batch), encoder_hidden_states
+    = encode_prompt's prompt_embeds, return_dict=False), on the same latents and timestep."""
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(str(tiny_wan))
+    family = load_family("wan")
+    model, _ = family.build(model_config(tiny_wan), None, None, initial=True)
+    y, mask = text_encoder.encode_batch(PROMPTS)
+    latents = torch.randn(2, 16, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor(700.0)
+    ours = model(latents, t.expand(2), y, mask)
+    prompt_embeds, _ = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=False, max_sequence_length=16)
+    theirs = pipe.transformer(hidden_states=latents, timestep=t.expand(2), encoder_hidden_states=prompt_embeds,
+                              return_dict=False)[0]
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_flow_matching_target_and_shift_equal_diffusers_scheduler():
+    """Reference (Wan paper arXiv:2503.20314 sec. 3.2, rectified flow; diffusers'
+    FlowMatchEulerDiscreteScheduler): x_sigma = (1 - sigma) x_0 + sigma noise (scale_noise), the
+    model is called at timestep 1000 sigma, its target is the velocity noise - x_0, which an Euler
+    step (scheduler.step) follows exactly along the path; the shift maps the scheduler's unshifted
+    sigmas s to shift s / (1 + (shift - 1) s)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    shift = 3.0
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    # its 1000 training sigmas: the steps 1000 .. 1 over 1000, shifted
+    training = torch.arange(1000, 0, -1) / 1000
+    torch.testing.assert_close(wan.shifted_sigma(training, shift), scheduler.sigmas.float(), rtol=0, atol=1e-6)
+    # and sampling's (set_timesteps): evenly spaced between the training sigmas' ends, then shifted
+    scheduler.set_timesteps(10)
+    unshifted = torch.linspace(1.0, float(scheduler.sigma_min), 10)
+    torch.testing.assert_close(wan.shifted_sigma(unshifted, shift), scheduler.sigmas[:-1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(scheduler.sigmas[:-1] * 1000, scheduler.timesteps, rtol=0, atol=1e-3)
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(1, 16, 3, 4, 4, generator=g), torch.randn(1, 16, 3, 4, 4, generator=g)
+    seen = {}
+
+    def model_fn(x_t, timestep, **_):
+        seen.update(x_t=x_t, timestep=timestep)
+        return torch.zeros_like(x_t)
+
+    for step in (2, 7):  # our u = the scheduler's unshifted sigma there
+        losses = wan.FlowMatching(shift).training_losses(model_fn, x0, unshifted[step : step + 1], noise=noise)
+        timestep = scheduler.timesteps[step]
+        scheduler._step_index = None  # scale_noise and step at this step of the schedule
+        scheduler.set_begin_index(step)
+        torch.testing.assert_close(seen["x_t"], scheduler.scale_noise(x0, timestep[None], noise), rtol=0, atol=1e-6)
+        torch.testing.assert_close(seen["timestep"], timestep[None], rtol=0, atol=1e-3)
+        # the target velocity: an Euler step with it lands on the path at the next sigma
+        following = scheduler.step(noise - x0, timestep, seen["x_t"], return_dict=False)[0]
+        next_sigma = scheduler.sigmas[step + 1]
+        torch.testing.assert_close(following, (1 - next_sigma) * x0 + next_sigma * noise, rtol=0, atol=1e-5)
+        # a zero prediction's loss is the target's mean square
+        torch.testing.assert_close(losses["loss"], ((noise - x0) ** 2).mean(dim=(1, 2, 3, 4)))
+
+
+def test_lora_exported_loads_into_wan_pipeline_with_equal_outputs(tiny_wan, tmp_path):
+    """A LoRA with alpha != rank (the scale only the adapter metadata carries), trained a few
+    steps so it is not peft's identity init, exported in the diffusers format and loaded into a
+    WanPipeline built from the same parts: the transformer's outputs agree within 1e-5."""
+    from diffusers import WanPipeline
+
+    lora = {"rank": 4, "alpha": 8, "target_modules": list(wan_config.LORA_TARGETS)}
+    config = model_config(tiny_wan, lora)
+    model, _ = load_family("wan").build(config, None, None, initial=True)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all("lora_" in name for name, p in model.named_parameters() if p.requires_grad)
+    optimizer = torch.optim.AdamW(trained, lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    y, mask = torch.randn(2, 16, 32, generator=g), torch.ones(2, 16, dtype=torch.long)
+    objective = wan.FlowMatching(config["flow_shift"])
+    for _ in range(3):
+        x0 = torch.randn(2, 16, 3, 4, 4, generator=g)
+        loss = objective.training_losses(model, x0, torch.rand(2, generator=g), {"y": y, "mask": mask},
+                                         noise=torch.randn(x0.shape, generator=g))["loss"].mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    wan.export_lora(model, lora, tmp_path / "lora")
+
+    pipe = WanPipeline.from_pretrained(str(tiny_wan))
+    latents, t = torch.randn(2, 16, 3, 4, 4, generator=g), torch.tensor([300.0, 900.0])
+    before = pipe.transformer(hidden_states=latents, timestep=t, encoder_hidden_states=y, return_dict=False)[0]
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    with torch.no_grad():
+        theirs = pipe.transformer(hidden_states=latents, timestep=t, encoder_hidden_states=y, return_dict=False)[0]
+        ours = model.eval()(latents, t, y, mask)
+    assert (ours - before).abs().max() > 1e-3  # the LoRA changes the output
+    assert (ours - theirs).abs().max() < 1e-5
