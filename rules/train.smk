@@ -12,6 +12,7 @@ rule dataset:
     output:
         index=L.stage_index(),
         rejects=L.stage_rejects(),
+        validation=L.validation_index(),
     log:
         "logs/dataset/{stage}.log",
     conda:
@@ -27,7 +28,8 @@ rule dataset:
     shell:
         "soraflow dataset --shards-dir {params.shards_dir} --num-shards {params.num_shards}"
         " --latent-dir {params.latent_dir} --text-dir {params.text_dir} --stage {wildcards.stage}"
-        " --out {output.index} --rejects {output.rejects} --params {params.cfg:q} > {log} 2>&1"
+        " --out {output.index} --rejects {output.rejects} --validation {output.validation}"
+        " --params {params.cfg:q} > {log} 2>&1"
 
 
 for stage in L.stages:
@@ -37,11 +39,13 @@ for stage in L.stages:
             f"train_{stage}"
         input:
             index=L.stage_index(stage),
+            validation=L.validation_index(stage),
             init=L.init_checkpoint(stage),
         output:
             # final weights are never overwritten by a re-run: remove one deliberately to retrain
             checkpoint=protected(L.checkpoint(stage)),
             loss=L.loss_log(stage),
+            validation=L.validation_log(stage),
         log:
             f"logs/train/{stage}.log",
         # a stage longer than the cluster's time limit is a chain of jobs, each resuming the last;
@@ -58,6 +62,8 @@ for stage in L.stages:
             # and settings that never change the outputs (resources never re-run a job)
             **{k: v for k, v in L.train_job(stage).items() if k != "retries"},
             operational=L.operational("train", stage),
+            # what the sample grids during training draw with (they change no weights)
+            sampling=L.params("sample"),
             # the colossalai engine's own environment (a resource, so choosing it re-runs nothing)
             soraflow=L.train_environment(workflow.basedir)["command"],
             attempt=lambda wildcards, attempt: attempt,
@@ -67,9 +73,11 @@ for stage in L.stages:
             cfg=L.params("train", stage),
         shell:
             "{resources.soraflow} train {input.index} --out {output.checkpoint} --loss-log {output.loss}"
+            " --validation-index {input.validation} --validation-log {output.validation}"
             " --run-dir {params.run_dir} {params.init}"
             " --nproc {resources.processes_per_node} --nodes {resources.nodes} --attempt {resources.attempt}"
-            " --params {params.cfg:q} --operational {resources.operational:q} > {log} 2>&1"
+            " --params {params.cfg:q} --operational {resources.operational:q}"
+            " --sampling {resources.sampling:q} > {log} 2>&1"
 
     rule:
         name:

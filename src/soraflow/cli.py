@@ -169,7 +169,8 @@ def cmd_dataset(args) -> None:
     texts = shard_cache_paths(args.text_dir, args.num_shards)
     dropped = [path for name in ("rejects_score", f"rejects_encode_video_{args.stage}")
                for path in shard_table_paths(args.shards_dir, args.num_shards, name)]  # fmt: skip
-    build_stage_index(tables, scores, latents, texts, args.params, args.out, args.rejects, dropped)
+    build_stage_index(tables, scores, latents, texts, args.params["stage"], args.out, args.rejects, dropped,
+                      args.params["validation"]["fraction"], args.validation)
 
 
 def cmd_train(args) -> None:
@@ -189,6 +190,9 @@ def cmd_train(args) -> None:
                 "--params", json.dumps(args.output_settings), "--operational", json.dumps(args.operational)]
         argv += ["--init", args.init] if args.init else []
         argv += ["--loss-log", args.loss_log] if args.loss_log else []
+        for flag, value in (("--validation-index", args.validation_index), ("--validation-log", args.validation_log)):
+            argv += [flag, value] if value else []
+        argv += ["--sampling", json.dumps(args.sampling)] if args.sampling else []
         code = launch.launch(args.nproc, args.nodes, argv, os.environ)
         if code:
             raise SystemExit(f"training exited with status {code} (preempted or failed; see the log above)")
@@ -197,7 +201,8 @@ def cmd_train(args) -> None:
 
     try:
         train(args.index, args.out, args.run_dir, args.params, args.output_settings, init_path=args.init,
-              loss_out=args.loss_log)
+              loss_out=args.loss_log, validation_index=args.validation_index, validation_out=args.validation_log,
+              sampling=args.sampling)
     except Preempted as stop:
         raise SystemExit(f"preempted: {stop}") from None
 
@@ -246,7 +251,10 @@ def cmd_report_figures(args) -> None:
     from soraflow.workflow.report import make_figures
 
     losses = dict(item.split("=", 1) for item in args.loss)
-    make_figures(args.clips, args.rejects, losses, args.out_dir)
+    validation = {stage: {"validation": csv_path, "run_dir": run_dir}
+                  for stage, csv_path, run_dir in (item.split("=", 2) for item in args.validation)}  # fmt: skip
+    make_figures(args.clips, args.rejects, losses, args.out_dir, validation if args.validation else None,
+                 args.overfit_evaluations)
 
 
 def cmd_plan(args) -> None:
@@ -366,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", required=True, help="the stage (its encode jobs' rejects tables are named for it)")
     p.add_argument("--out", required=True)
     p.add_argument("--rejects", required=True)
+    p.add_argument("--validation", default=None, help="where the stage's held-out clips go (validation.fraction)")
 
     p = with_params(command("train", cmd_train, "train STDiT on a stage's index (run under torchrun)"))
     p.add_argument("index")
@@ -373,6 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", required=True)
     p.add_argument("--init", default=None)
     p.add_argument("--loss-log", default=None, help="where to copy the finished run's loss log")
+    p.add_argument("--validation-index", default=None, help="the stage's held-out clips (validation.fraction)")
+    p.add_argument("--validation-log", default=None, help="where to copy the finished run's validation log")
+    p.add_argument("--sampling", type=_params, default=None,
+                   help="the sample step's settings (JSON) for the sample grids every validation.sample_every steps")
     p.add_argument("--nproc", type=int, default=1, help="processes per node; >1 starts torchrun")
     p.add_argument("--nodes", type=int, default=1, help="nodes; >1 starts srun + torchrun inside a Slurm job")
     p.add_argument("--attempt", type=int, default=1,
@@ -407,6 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clips", required=True, help="the exported clip table")
     p.add_argument("--rejects", required=True, help="the exported rejects table")
     p.add_argument("--loss", nargs="+", default=[], metavar="STAGE=CSV", help="loss logs by stage")
+    p.add_argument("--validation", nargs="+", default=[], metavar="STAGE=CSV=RUN_DIR",
+                   help="validation logs and run folders (their sample grids) by stage: validation.html")
+    p.add_argument("--overfit-evaluations", type=int, default=3,
+                   help="validation losses in a row that rose while training loss fell: a warning")
     p.add_argument("--out-dir", required=True)
 
     p = command("plan", cmd_plan, "tokens, FLOPs, memory per GPU, cache sizes and GPU-hours of every stage of a "

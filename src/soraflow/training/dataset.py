@@ -4,7 +4,9 @@ and the samples training draws from it.
 The index is the clip table itself, with each row pointing at its latent and text
 feature rows in the shard caches. Filters are applied when the stage's latents are
 encoded (only kept clips are encoded) and again here, where the rejects are recorded;
-never at detection time, so changing a threshold re-runs no scoring.
+never at detection time, so changing a threshold re-runs no scoring. Clips held out for
+validation (`held_out`: a hash of the clip id alone) go to the stage's validation index
+instead, encoded like its training clips; no stage ever trains on them.
 
 Training reads through a DataLoader: `StepBatches` yields, step by step, this rank's
 share of the step's global batch, and `TrainingSamples` reads each sample and draws its
@@ -28,13 +30,23 @@ from soraflow.data.cache import LatentDataset
 from soraflow.scoring.filters import apply_filters, join_scores
 
 
+def held_out(clip_id: str, fraction: float) -> bool:
+    """Whether a clip belongs to the validation set: its id's hash, as a number in [0, 1), falls
+    below `fraction`. It depends on the id alone, so a clip is held out in every stage and every
+    re-run, and appending clips never moves one between the sets."""
+    value = int.from_bytes(hashlib.sha256(f"validation/{clip_id}".encode()).digest()[:8], "big") / 2**64
+    return value < fraction
+
+
 def build_stage_index(captioned_tables, scored_tables, latent_files, text_files, filters: dict, out_path,
-                      rejects_path, step_rejects=()) -> None:
+                      rejects_path, step_rejects=(), validation_fraction: float = 0.0, validation_path=None) -> None:
     """Join shards' captioned clips with their scores and cache indexes (matched by shard order),
     then filter. The clips named in `step_rejects` (the rejects tables of the score and encode
     jobs: clips that do not decode, or too short for the stage) are left out and recorded in the
     stage's rejects. Every kept clip must have cached latents and text features: the encode jobs
-    applied the same filters to the same clips, so a missing row means a cache from other settings."""
+    applied the same filters to the same clips, so a missing row means a cache from other settings.
+    Kept clips `held_out` at `validation_fraction` go to `validation_path` (written, perhaps empty,
+    whenever it is given), not to the training index."""
     if not (len(captioned_tables) == len(scored_tables) == len(latent_files) == len(text_files)):
         raise ValueError("build_stage_index: one captioned table, scored table, latent cache and text cache per shard")
     dropped = {row["id"]: row for path in step_rejects for row in table.read(path).to_dict("records")}
@@ -56,6 +68,10 @@ def build_stage_index(captioned_tables, scored_tables, latent_files, text_files,
             kept[row_column] = kept["id"].map(lambda i: where[i][1])
         kept_frames.append(kept)
     kept = pd.concat(kept_frames, ignore_index=True) if kept_frames else table.empty()
+    validation = kept["id"].map(lambda clip_id: held_out(clip_id, validation_fraction)).astype(bool)
+    if validation_path is not None:
+        table.write(kept[validation].reset_index(drop=True), validation_path)
+    kept = kept[~validation].reset_index(drop=True)
     if kept.empty:
         raise ValueError(f"{out_path}: no clip passes the stage filters {filters} ({len(rejects)} candidates)")
     table.write(kept, out_path)

@@ -10,7 +10,10 @@ host waits on the device for the loss once per log interval, not once per step. 
 spread over the processes by an engine (soraflow.training.engines); a checkpoint resumes only
 under its own run identity (soraflow.training.identity), which rank 0 works out once and shares.
 Loss goes to `<run_dir>/loss.csv` (each row the mean loss and gradient norm over the steps since
-the previous row) and to TensorBoard (`<run_dir>/tensorboard`).
+the previous row) and to TensorBoard (`<run_dir>/tensorboard`); every `validation.every` steps the
+loss on the stage's held-out clips, of the raw and the EMA weights, to `<run_dir>/validation.csv`
+(soraflow.training.validation), and every `validation.sample_every` steps a sample grid to
+`<run_dir>/samples/step-N.png`; all of it also to MLflow (soraflow.training.tracking).
 
 Checkpoints: every `checkpoint_every` steps, and when the job must stop, each rank writes its
 share of the model, EMA and optimizer state in parallel into `<run_dir>/step-N`
@@ -32,7 +35,7 @@ import shutil
 import signal
 import socket
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -45,13 +48,18 @@ from soraflow.core.atomic import atomic_path
 from soraflow.core.progress import progress
 from soraflow.data.cache import LatentDataset
 from soraflow.models.checkpoint import save_checkpoint_file, saved, weights_digest
+from soraflow.models.diffusion import sample
+from soraflow.models.encoders import TextEncoder, load_autoencoder
 from soraflow.models.family import load_family
+from soraflow.models.stdit import build_model
 from soraflow.training import failure
 from soraflow.training.dataset import StepBatches, TrainingSamples
 from soraflow.training.engines import load_engine
 from soraflow.training.engines.base import compute_dtype
 from soraflow.training.identity import digest, identity_parts, what_changed
 from soraflow.training.launch import job_end_time
+from soraflow.training.tracking import Tracker
+from soraflow.training.validation import ValidationSet, append_row, grid_image, overfitting, read_log, write_empty_log
 
 # a step folder's layout (state.json says it): an earlier soraflow wrote one safetensors file
 CHECKPOINT_FORMAT = "torch.distributed.checkpoint"
@@ -77,10 +85,15 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 class Trainer:
     def __init__(self, index_path, out_path, run_dir, params: dict, output_settings: dict, init_path=None,
-                 loss_out=None):
+                 loss_out=None, validation_index=None, validation_out=None, sampling: dict | None = None):
+        """validation_index: the stage's held-out clips (evaluated with params["validation"]);
+        sampling: the sample step's settings (prompts, encoders, diffusion) for the sample grids."""
         self.stage, self.opts = params["stage"], params["train"]
         self.out_path, self.run_dir = Path(out_path), Path(run_dir)
         self.loss_out = loss_out and Path(loss_out)
+        self.validation_out = validation_out and Path(validation_out)
+        self.checks, self.sampling = params.get("validation"), sampling
+        self.tracking, self.params = params.get("tracking", {}), params
         self.rank = int(os.environ.get("RANK", 0))
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -144,6 +157,12 @@ class Trainer:
         self.diffusion = self.family.objective(params, self.model_config)
         self.samples = TrainingSamples(self.data, self.opts["seed"], self.diffusion.draw_timestep,
                                        self.family.uncond_prob(self.model, self.diffusion))
+        self.held_out = LatentDataset(validation_index) if self.checks and validation_index else None
+        self.validation = self.held_out and len(self.held_out) and ValidationSet(
+            self.held_out, self.checks, self.opts["seed"], self.diffusion, self.stage["batch_size"] // self.dp_size,
+            self.dp_rank, self.dp_size)
+        self.grid_inputs = None  # (autoencoder, prompts' features and mask), made at the first grid
+        self.tracker = None
         self.step = 0
         self.data_wait = 0.0  # seconds the loop waited for a batch (train/data_wait_share)
         self.stop_requested = False
@@ -235,7 +254,8 @@ class Trainer:
         print(f"{self.run_dir}: its checkpoints (step {position['step']}) belong to another run; moved to {aside} "
               f"and starting afresh. Changed: {'; '.join(changes) or 'unknown (older checkpoint)'}", flush=True)
         aside.mkdir(parents=True, exist_ok=True)
-        for old in [*checkpoints(self.run_dir), self.run_dir / "loss.csv", self.run_dir / "tensorboard"]:
+        for old in [*checkpoints(self.run_dir), self.run_dir / "loss.csv", self.run_dir / "tensorboard",
+                    self.run_dir / "validation.csv", self.run_dir / "samples"]:
             if old.exists():
                 old.replace(aside / old.name)
 
@@ -257,6 +277,12 @@ class Trainer:
         if self.loss_out is not None:
             with atomic_path(self.loss_out) as tmp:
                 shutil.copyfile(self.run_dir / "loss.csv", tmp)
+        if self.validation_out is not None:
+            with atomic_path(self.validation_out) as tmp:
+                if (self.run_dir / "validation.csv").exists():
+                    shutil.copyfile(self.run_dir / "validation.csv", tmp)
+                else:
+                    write_empty_log(tmp)
 
     def check_replicas(self) -> list[str]:
         """Every rank's digest of the full weights; raises if they differ (a DDP replica drifted)."""
@@ -338,6 +364,96 @@ class Trainer:
         for names in by_kind.values():
             self.ema_update([self.ema[name] for name in names], [state[name] for name in names], None)
 
+    # --- validation, sample grids -------------------------------------------------------
+    def validation_loss(self) -> float:
+        """The loss on the validation items of the weights the model holds now (a collective)."""
+        self.wrapped.eval()  # no caption drop, no checkpointing
+        try:
+            sums = self.validation.loss_sums(self.wrapped, self.diffusion, self.device, self.autocast)
+        finally:
+            self.wrapped.train()
+        if self.rank % self.sp_size:
+            sums.zero_()  # a sequence-parallel group's ranks computed the same items: count them once
+        if self.world > 1:
+            dist.all_reduce(sums)
+        return (sums[0] / sums[1]).item()
+
+    @contextmanager
+    def ema_weights(self):
+        """The model holds the EMA weights inside the block, its own again after it (bit for bit)."""
+        state = self.engine.weights(self.model)
+        kept = {}
+        with torch.no_grad():
+            for name, value in state.items():
+                if value.dtype.is_floating_point and name in self.ema:
+                    kept[name] = value.clone()
+                    value.copy_(self.ema[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, value in kept.items():
+                    state[name].copy_(value)
+
+    def validate(self, log_path: Path) -> None:
+        """Log the validation loss of the raw and the EMA weights, and warn of over-fitting."""
+        started = time.perf_counter()
+        loss = self.validation_loss()
+        ema_loss = None  # an engine whose forward does not read `weights` cannot swap the EMA in
+        if self.engine.weights_are_forward:
+            with self.ema_weights():
+                ema_loss = self.validation_loss()
+        seconds = time.perf_counter() - started
+        if self.rank != 0:
+            return
+        append_row(log_path, self.step, loss, ema_loss, seconds)
+        metrics = {"validation/loss": loss, "validation/ema_loss": ema_loss, "validation/seconds": seconds}
+        for name, value in metrics.items():
+            if value is not None:
+                self.writer.add_scalar(name, value, self.step)
+        if self.tracker is not None:
+            self.tracker.log(self.step, metrics)
+        warning = overfitting(read_log(log_path), read_log(self.run_dir / "loss.csv"), self.checks["overfit_evaluations"])
+        if warning:
+            print(f"WARNING: {self.run_dir.name}, step {self.step}: {warning}", flush=True)
+
+    def sample_grid(self) -> None:
+        """A grid of samples of the weights sample.use_ema names, on rank 0: a row per prompt of
+        sample.prompts and per validation caption (its sample beside its clip), each at a seed of
+        its own from sample.seed; written to samples/step-N.png. Gathering the weights is a
+        collective; the other ranks go on and wait for rank 0 at the next one. STDiT only."""
+        use_ema = self.sampling["sample"]["use_ema"]
+        weights = self._ema_to_save() if use_ema else self.engine.model_state(self.model)
+        if self.rank != 0:
+            return
+        started = time.perf_counter()
+        if self.grid_inputs is None:
+            features, mask = TextEncoder(self.sampling["text_encoder"]).encode(self.sampling["sample"]["prompts"])
+            self.grid_inputs = (load_autoencoder(self.sampling["vae"]), features, mask)
+        autoencoder, features, mask = self.grid_inputs
+        model = build_model({**self.model_config, "grad_checkpointing": False}, input_size=self.input_size)
+        model.load_state_dict(weights, strict=False)  # position embeddings are built, never saved
+        model.to(self.device).eval()
+        captions = [(features[k : k + 1], mask[k : k + 1], None) for k in range(len(features))]
+        for row in range(min(self.checks["sample_captions"], len(self.held_out or ()))):
+            latents, y, y_mask = self.held_out[row]
+            captions.append((y[None], y_mask[None], latents))
+        rows = []
+        diffusion = self.sampling["diffusion"]
+        for k, (y, y_mask, clip) in enumerate(captions):
+            latents = sample(model, shape=(1, model.in_channels, *self.input_size), y=y.to(self.device),
+                             mask=y_mask.to(self.device), cfg_scale=diffusion["cfg_scale"],
+                             num_steps=self.checks["sample_steps"], seed=self.sampling["sample"]["seed"] + k,
+                             num_timesteps=diffusion["num_timesteps"], clip_denoised=autoencoder.latent_bound)
+            videos = [latents[0]] + ([] if clip is None else [clip])  # [C, T, h, w] each
+            rows.append([autoencoder.decode(v.transpose(0, 1)).float().cpu() for v in videos])
+        path = self.run_dir / "samples" / f"step-{self.step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            grid_image(rows).save(tmp, format="PNG")
+        print(f"{path}: {len(rows)} samples ({'EMA' if use_ema else 'raw'} weights) in "
+              f"{time.perf_counter() - started:.1f} s", flush=True)
+
     # --- the loop ----------------------------------------------------------------------
     def request_stop(self, signum, _frame) -> None:
         self.stop_requested = True
@@ -348,11 +464,24 @@ class Trainer:
             signal.signal(sig, self.request_stop)
         self.resume()
         total = self.stage["steps"]
-        log_path = self.run_dir / "loss.csv"
+        log_path, validation_path = self.run_dir / "loss.csv", self.run_dir / "validation.csv"
+        checks = self.checks or {}
+        validate_every = checks.get("every") if self.validation else None
+        # sample grids sample an STDiT (another family's model config names it)
+        grids = self.sampling is not None and self.model_config.get("family", "stdit") == "stdit"
+        sample_every = checks.get("sample_every") if grids else None
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             drop_log_rows_after(log_path, self.step)
+            drop_log_rows_after(validation_path, self.step)
             self.writer = tensorboard_writer(self.run_dir / "tensorboard", self.step)
+            if self.tracking.get("mlflow"):
+                self.tracker = Tracker(self.tracking, self.run_dir, self.identity, self.identity_parts, self.params)
+            if self.checks:
+                print(f"validation: {self.validation.size if self.validation else 0} items "
+                      f"({len(self.held_out or ())} held-out clips x timesteps) every {validate_every} steps"
+                      + ("" if self.engine.weights_are_forward else f"; the {self.engine.name} engine gives no EMA loss"),
+                      flush=True)
             print(f"training {len(self.data)} clips, input {self.input_size}, from step {self.step}, "
                   f"{sum(p.numel() for p in self.model.parameters()):,} parameters, engine {self.engine.name} "
                   f"x{self.world}, init {self.init_report}", flush=True)
@@ -388,11 +517,19 @@ class Trainer:
                         self.writer.add_scalar("train/steps_per_s", (self.step - start_step) / max(seconds, 1e-9), self.step)
                         self.writer.add_scalar("train/data_wait_share", self.data_wait / max(seconds, 1e-9), self.step)
                         bar.set_postfix(loss=f"{loss:.4f}")
+                        if self.tracker is not None:
+                            self.tracker.log(self.step, {"train/loss": loss, "train/grad_norm": grad_norm})
+                if validate_every and (self.step % validate_every == 0 or self.step == total):
+                    self.validate(validation_path)
+                if sample_every and (self.step % sample_every == 0 or self.step == total):
+                    self.sample_grid()
                 if self.step % self.opts["checkpoint_every"] == 0 or stop:
                     self.save(background=not stop)  # a stop waits for its checkpoint
                 if stop and self.step < total:
                     if self.rank == 0:
                         failure.record_stop(self.run_dir, os.environ)
+                        if self.tracker is not None:
+                            self.tracker.finish("KILLED")
                     raise Preempted(f"stopped at step {self.step} of {total}; the checkpoint resumes it")
                 self.finish_save(wait=False)
         finally:
@@ -403,6 +540,8 @@ class Trainer:
         if self.world > 1:
             self.check_replicas()
         self.write_final()
+        if self.tracker is not None:
+            self.tracker.finish("FINISHED")
 
     def log(self, path: Path, loss: float, grad_norm: float, seconds: float) -> None:
         new = not path.exists()
@@ -447,12 +586,15 @@ def tensorboard_writer(log_dir: Path, step: int):
     return SummaryWriter(str(log_dir), purge_step=step if step > 0 else None)
 
 
-def train(index_path, out_path, run_dir, params: dict, output_settings: dict, init_path=None, loss_out=None) -> None:
+def train(index_path, out_path, run_dir, params: dict, output_settings: dict, init_path=None, loss_out=None,
+          validation_index=None, validation_out=None, sampling: dict | None = None) -> None:
     """params: the step's full settings; output_settings: those that change its result (the
-    run's identity). loss_out: where the finished run's loss log is copied. A failure that a
-    retry would repeat is recorded in the run folder (soraflow.training.failure)."""
+    run's identity). loss_out, validation_out: where the finished run's loss and validation logs
+    are copied; validation_index, sampling: see Trainer. A failure that a retry would repeat is
+    recorded in the run folder (soraflow.training.failure)."""
     try:
-        trainer = Trainer(index_path, out_path, run_dir, params, output_settings, init_path, loss_out)
+        trainer = Trainer(index_path, out_path, run_dir, params, output_settings, init_path, loss_out,
+                          validation_index, validation_out, sampling)
         trainer.run()
     except failure.DETERMINISTIC as error:
         failure.record(run_dir, error, int(os.environ.get("RANK", 0)))

@@ -115,6 +115,10 @@ class Layout:
     def stage_rejects(self, stage="{stage}") -> str:
         return f"{self.root}/train/{stage}/rejects.parquet"
 
+    def validation_index(self, stage="{stage}") -> str:
+        """The stage's held-out clips (validation.fraction), indexed like its training clips."""
+        return f"{self.root}/train/{stage}/validation.parquet"
+
     def checkpoint(self, stage: str) -> str:
         return f"results/checkpoints/{stage}.safetensors"
 
@@ -132,8 +136,12 @@ class Layout:
         """The finished stage's loss log (the run folder keeps the live one)."""
         return f"results/losses/{stage}.csv"
 
+    def validation_log(self, stage: str) -> str:
+        """The finished stage's validation losses (the run folder keeps the live one)."""
+        return f"results/losses/{stage}_validation.csv"
+
     def report_figures(self) -> dict[str, str]:
-        return {name: f"results/report/{name}.{ext}" for name, ext in (("dataset", "png"), ("gallery", "html"), ("losses", "png"))}
+        return {name: f"results/report/{name}.{ext}" for name, ext in (("dataset", "png"), ("gallery", "html"), ("losses", "png"), ("validation", "html"))}
 
     def train_job(self, stage: str) -> dict:
         """The stage's training job: Slurm resources, processes per node, retries (soraflow.workflow.resources)."""

@@ -32,8 +32,8 @@ STEP_SECTIONS: dict[str, list[str]] = {
     "caption": ["caption"],
     "encode_video": ["vae", "stage"],
     "encode_text": ["text_encoder"],
-    "dataset": ["stage.filters"],
-    "train": ["stage", "train", "stdit", "diffusion"],
+    "dataset": ["stage.filters", "validation"],
+    "train": ["stage", "train", "stdit", "diffusion", "validation", "tracking"],
     "sample": ["sample", "text_encoder", "vae", "diffusion"],
 }
 STAGE_STEPS = {"encode_video", "dataset", "train"}  # per stage: their settings depend on it

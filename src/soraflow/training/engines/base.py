@@ -69,6 +69,9 @@ class Engine:
 
     name = "single"
     background_saves = False  # whether save_checkpoint may write in the background (see the module)
+    # whether `weights` are the tensors the forward pass reads, so copying the EMA into them
+    # evaluates the EMA weights (the validation loss of both)
+    weights_are_forward = True
 
     def __init__(self, rank: int, world: int, device: torch.device, opts: dict):
         self.rank, self.world, self.device, self.opts = rank, world, device, opts

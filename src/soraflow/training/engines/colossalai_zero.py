@@ -41,6 +41,7 @@ PLUGIN_PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 class ColossalAIEngine(Engine):
     name = "colossalai"
+    weights_are_forward = False  # the fp32 master shards: the forward reads the working copy
 
     def wrap(self, model, make_optimizer):
         settings = self.opts["colossalai"]

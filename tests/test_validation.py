@@ -1,0 +1,167 @@
+"""Held-out validation while training: the split, the loss's determinism, what it tracks, exact
+resume, the over-fitting warning and the MLflow record. At the latent level with STDiT-tiny; the
+workflow path (split, grids, report) rides on the shared tiny run (test_end_to_end)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from test_train import train_params, write_shard_cache
+
+from soraflow.data import cache, table
+from soraflow.training.dataset import held_out
+from soraflow.training.loop import Trainer, train
+from soraflow.training.validation import overfitting
+
+CLIPS = 4
+CHECKS = {"every": 2, "timesteps": 4, "max_clips": 64, "sample_every": None, "sample_steps": 2, "sample_captions": 0,
+          "overfit_evaluations": 3}
+
+
+def latent_index(root: Path, name: str, latents: torch.Tensor, features: torch.Tensor) -> Path:
+    """A stage index over one shard cache of these latents [N, 4, 2, 8, 8] and captions [N, 32, 384]."""
+    ids = [f"{name}{i}" for i in range(len(latents))]
+    where = write_shard_cache(root / f"{name}_latents.json", ids, {"latents": latents})
+    mask = torch.zeros(len(ids), 32, dtype=torch.long)
+    mask[:, :5] = 1
+    texts = write_shard_cache(root / f"{name}_text.json", ids, cache.text_tensors(features, mask))
+    index = pd.DataFrame({
+        "id": ids, "latent_path": [where[i][0] for i in ids], "latent_index": [where[i][1] for i in ids],
+        "text_emb_path": [texts[i][0] for i in ids], "text_emb_index": [texts[i][1] for i in ids],
+    })  # fmt: skip
+    table.write(index, root / f"{name}.parquet")
+    return root / f"{name}.parquet"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """Training clips: smooth latents (a 2x2 field per channel, upsampled), a few enough to learn
+    in tens of steps; `reencoded`: the same clips with their captions, as a second encode would
+    give them (latents off by 5% noise); `noise`: unrelated clips of pure noise, other captions."""
+    root = tmp_path_factory.mktemp("validation")
+    g = torch.Generator().manual_seed(0)
+    fields = torch.randn(CLIPS, 4, 1, 2, 2, generator=g)
+    latents = torch.nn.functional.interpolate(fields, size=(2, 8, 8), mode="trilinear") * 1.5
+    features = torch.randn(CLIPS, 32, 384, generator=g)
+    return {
+        "train": latent_index(root, "train", latents, features),
+        "reencoded": latent_index(root, "reencoded", latents + 0.05 * torch.randn(latents.shape, generator=g), features),
+        "noise": latent_index(root, "noise", torch.randn(latents.shape, generator=g),
+                              torch.randn(CLIPS, 32, 384, generator=g)),
+    }  # fmt: skip
+
+
+def params_with(steps: int, **checks) -> dict:
+    params = train_params(steps=steps, checkpoint_every=2, log_every=2)
+    params["stage"]["batch_size"] = 4
+    params["validation"] = {**CHECKS, **checks}
+    return params
+
+
+def test_held_out_depends_on_the_clip_id_alone():
+    ids = [f"video{v}_scene-{s:03d}" for v in range(200) for s in range(5)]
+    chosen = [clip for clip in ids if held_out(clip, 0.1)]
+    # a hash spreads ids uniformly: 100 expected of 1000, binomial sd 9.5
+    assert 60 < len(chosen) < 140
+    # a larger fraction keeps every clip a smaller one held out (thresholds on one number per id)
+    assert set(chosen) <= {clip for clip in ids if held_out(clip, 0.2)}
+    assert not any(held_out(clip, 0.0) for clip in ids)
+
+
+def test_the_same_weights_give_the_same_validation_loss(data, tmp_path):
+    params = params_with(steps=2)
+    first = Trainer(data["train"], tmp_path / "a.safetensors", tmp_path / "a", params, params,
+                    validation_index=data["reencoded"])
+    again = Trainer(data["train"], tmp_path / "b.safetensors", tmp_path / "b", params, params,
+                    validation_index=data["reencoded"])
+    losses = [first.validation_loss(), first.validation_loss(), again.validation_loss()]
+    assert losses[0] == losses[1] == losses[2]
+    # the EMA starts as the weights themselves: both give that number, and the model's own
+    # weights are back afterwards, bit for bit
+    before = {k: v.clone() for k, v in first.model.state_dict().items()}
+    with first.ema_weights():
+        assert first.validation_loss() == losses[0]
+    assert all(torch.equal(v, before[k]) for k, v in first.model.state_dict().items())
+
+
+@pytest.fixture(scope="module")
+def curves(data, tmp_path_factory) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
+    """The same training (80 steps on the 4 clips) validated on re-encodes and on noise clips."""
+    out = {}
+    for name in ("reencoded", "noise"):
+        root = tmp_path_factory.mktemp(name)
+        params = params_with(steps=80, every=20)
+        params["train"]["checkpoint_every"] = 1000
+        params["train"]["log_every"] = 10
+        train(data["train"], root / "out.safetensors", root / "run", params, params, validation_index=data[name])
+        out[name] = (pd.read_csv(root / "run" / "validation.csv"), pd.read_csv(root / "run" / "loss.csv"))
+    return out
+
+
+def test_validation_loss_on_re_encoded_training_clips_falls_with_the_training_loss(curves):
+    validation, training = curves["reencoded"]
+    assert validation["step"].tolist() == [20, 40, 60, 80]
+    assert training["loss"].iloc[-1] < 0.5 * training["loss"].iloc[0]
+    # the clips the model learned, 5% off: their loss falls as far as the training loss
+    assert validation["loss"].iloc[-1] < 0.5 * validation["loss"].iloc[0]
+    assert validation["loss"].iloc[-1] < 1.3 * training["loss"].iloc[-1], (validation, training)
+
+
+def test_validation_loss_on_unrelated_noise_clips_does_not(curves):
+    validation, training = curves["noise"]
+    reencoded = curves["reencoded"][0]
+    # the same training; clips it never saw stay far above the training loss and the re-encodes
+    assert validation["loss"].iloc[-1] > 1.6 * training["loss"].iloc[-1], (validation, training)
+    assert validation["loss"].iloc[-1] > 1.6 * reencoded["loss"].iloc[-1]
+    # past the first evaluation (the denoising every clip shares) it hardly moves
+    assert validation["loss"].iloc[-1] > 0.8 * validation["loss"].iloc[1]
+
+
+def test_a_resumed_run_logs_the_validation_numbers_of_an_uninterrupted_one(data, tmp_path):
+    """The first run stops at step 4 (its checkpoint at 4); raising its steps resumes it there.
+    Both runs record to one MLflow store, read back through MLflow's client."""
+    from mlflow import MlflowClient
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = {"mlflow": store, "experiment": "test"}
+
+    def run(run_dir: Path, steps: int) -> None:
+        params = params_with(steps=steps)
+        train(data["train"], run_dir / "out.safetensors", run_dir, {**params, "tracking": tracking}, params,
+              validation_index=data["reencoded"])
+
+    run(tmp_path / "uninterrupted", 8)
+    run(tmp_path / "resumed", 4)
+    run(tmp_path / "resumed", 8)
+    whole = pd.read_csv(tmp_path / "uninterrupted" / "validation.csv")
+    resumed = pd.read_csv(tmp_path / "resumed" / "validation.csv")
+    assert whole["step"].tolist() == resumed["step"].tolist() == [2, 4, 6, 8]
+    assert whole["loss"].tolist() == resumed["loss"].tolist()
+    assert whole["ema_loss"].tolist() == resumed["ema_loss"].tolist()
+    assert whole["ema_loss"].notna().all()
+
+    client = MlflowClient(tracking_uri=store)
+    experiment = client.get_experiment_by_name("test")
+    runs = {r.data.tags["soraflow.run_dir"]: r for r in client.search_runs([experiment.experiment_id])}
+    assert len(runs) == 2  # the resumed run went on in its own MLflow run
+    record = runs[str(tmp_path / "resumed")]
+    assert record.info.status == "FINISHED"
+    assert len(record.data.tags["soraflow.git_commit"]) == 40
+    assert record.data.tags["soraflow.identity"] == runs[str(tmp_path / "uninterrupted")].data.tags["soraflow.identity"]
+    assert record.data.params["stage.lr"] == "0.001" and record.data.params["validation.every"] == "2"
+    history = {m.step: m.value for m in client.get_metric_history(record.info.run_id, "validation/loss")}
+    assert history == pytest.approx(dict(zip(resumed["step"], resumed["loss"])), abs=1e-6)
+    assert client.get_metric_history(record.info.run_id, "train/loss")
+
+
+def test_over_fitting_is_named_only_when_validation_rises_while_training_falls():
+    training = [(step, 1.0 - step / 100) for step in range(10, 101, 10)]  # falls throughout
+    rising = [(20, 0.5), (40, 0.4), (60, 0.45), (80, 0.5), (100, 0.55)]
+    warning = overfitting(rising, training, evaluations=3)
+    assert warning and "step 100" in warning and "3 evaluations" in warning
+    assert overfitting(rising[:-1], training, evaluations=3) is None  # two rises only
+    assert overfitting(rising, [(step, 0.5) for step, _ in training], evaluations=3) is None  # training flat
+    assert overfitting([(20, 0.5), (40, 0.6), (60, 0.55), (80, 0.6), (100, 0.65)], training, 3) is None
