@@ -1,4 +1,4 @@
-# Figures for `snakemake --report results/report.html`: dataset, clip gallery, losses.
+# Figures for `snakemake --report results/report.html`: dataset, clip gallery, losses, validation.
 
 
 rule report_figures:
@@ -6,17 +6,27 @@ rule report_figures:
         clips=L.exports()["table"],
         rejects=L.exports()["rejects"],
         losses=[L.loss_log(stage) for stage in L.stages],
+        validation=[L.validation_log(stage) for stage in L.stages],
     output:
         dataset=report(L.report_figures()["dataset"], category="Dataset", caption="../docs/report/dataset.rst"),
         gallery=report(L.report_figures()["gallery"], category="Dataset", caption="../docs/report/gallery.rst"),
         losses=report(L.report_figures()["losses"], category="Training", caption="../docs/report/losses.rst"),
+        validation=report(
+            L.report_figures()["validation"],
+            category="Training",
+            caption="../docs/report/validation.rst",
+        ),
     log:
         "logs/report_figures.log",
     conda:
         "../envs/soraflow.yaml"
     params:
         losses=" ".join(f"{stage}={L.loss_log(stage)}" for stage in L.stages),
+        # the sample grids lie in the run folders, beside the checkpoints (not declared outputs)
+        validation=" ".join(f"{stage}={L.validation_log(stage)}={L.run_dir(stage)}" for stage in L.stages),
+        overfit=config["validation"]["overfit_evaluations"],
         out_dir=lambda w, output: os.path.dirname(output.dataset),
     shell:
         "soraflow report-figures --clips {input.clips} --rejects {input.rejects} --loss {params.losses}"
+        " --validation {params.validation} --overfit-evaluations {params.overfit}"
         " --out-dir {params.out_dir} > {log} 2>&1"

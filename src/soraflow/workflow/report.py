@@ -1,4 +1,5 @@
-"""Figures for `snakemake --report`: dataset statistics, a captioned clip gallery, loss curves.
+"""Figures for `snakemake --report`: dataset statistics, a captioned clip gallery, loss curves,
+and per stage its validation curves, over-fitting warnings and sample grids as a strip over steps.
 
 Each figure is a file a rule writes and marks for the report; the sample videos and their
 comparison with the training clips (soraflow.inference.comparison) are marked by the sample rules. The gallery embeds its thumbnails so the page is
@@ -18,6 +19,7 @@ from PIL import Image
 
 from soraflow.core.figures import save_figure
 from soraflow.data import table, video
+from soraflow.training.validation import overfitting, read_log
 
 
 def plot_dataset(clips_path, rejects_path, out_png) -> None:
@@ -83,9 +85,69 @@ def plot_losses(loss_csvs: dict[str, str | Path], out_png) -> None:
     save_figure(fig, out_png)
 
 
-def make_figures(clips_path, rejects_path, loss_csvs: dict, out_dir) -> None:
+def overfitting_warnings(loss_csv, validation_csv, evaluations: int) -> list[str]:
+    """The over-fitting warning at every evaluation of a stage's validation log where it held."""
+    validation, training = read_log(validation_csv), read_log(loss_csv)
+    return [f"step {validation[end - 1][0]}: {warning}" for end in range(1, len(validation) + 1)
+            if (warning := overfitting(validation[:end], training, evaluations))]  # fmt: skip
+
+
+def _png_base64(image: Image.Image, max_width: int = 640) -> str:
+    image = image.convert("RGB")
+    image.thumbnail((max_width, max_width * 4))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def validation_html(stages: dict[str, dict], out_html, evaluations: int) -> None:
+    """Per stage: training and validation loss (raw and EMA weights) against step, the
+    over-fitting warnings, and the run's sample grids (samples/step-N.png) as a strip over steps.
+    stages: name -> {"loss": loss.csv, "validation": validation csv, "run_dir": run folder}."""
+    sections = []
+    for stage, files in stages.items():
+        training, validation = pd.read_csv(files["loss"]), pd.read_csv(files["validation"])
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        ax.plot(training["step"], training["loss"], label="training", color="tab:blue", alpha=0.6)
+        if len(validation):
+            ax.plot(validation["step"], validation["loss"], "o-", label="validation (raw)", color="tab:red")
+            if validation["ema_loss"].notna().any():
+                ax.plot(validation["step"], validation["ema_loss"], "s--", label="validation (EMA)", color="tab:orange")
+        ax.set(xlabel="step", ylabel="loss", title=f"{stage}: training and held-out loss", yscale="log")
+        ax.legend()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+        plt.close(fig)
+        curve = base64.b64encode(buffer.getvalue()).decode()
+        warnings = overfitting_warnings(files["loss"], files["validation"], evaluations)
+        notes = "".join(f"<p class='warn'>{html.escape(stage)}, {html.escape(w)}</p>" for w in warnings)
+        if not len(validation):
+            notes += "<p>no validation clips (validation.fraction) or no evaluation</p>"
+        grids = sorted(Path(files["run_dir"], "samples").glob("step-*.png"))
+        strip = "".join(
+            f"<figure><img src='data:image/png;base64,{_png_base64(Image.open(path))}'>"
+            f"<figcaption>step {int(path.stem.removeprefix('step-'))}</figcaption></figure>" for path in grids)
+        sections.append(f"<h2>{html.escape(stage)}</h2><img src='data:image/png;base64,{curve}'>{notes}"
+                        f"<div class='strip'>{strip or '<p>no sample grids (validation.sample_every)</p>'}</div>")
+    page = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>validation</title><style>"
+        "body{font-family:sans-serif} .warn{color:#b00;font-weight:bold} .strip{display:flex;overflow-x:auto}"
+        "figure{margin:4px} figcaption{text-align:center}"
+        "</style></head><body>"
+        "<p>Sample grids: a row per prompt, then per validation caption (its sample beside its held-out clip).</p>"
+        + "".join(sections) + "</body></html>"
+    )
+    Path(out_html).write_text(page)
+
+
+def make_figures(clips_path, rejects_path, loss_csvs: dict, out_dir, validation: dict | None = None,
+                 overfit_evaluations: int = 3) -> None:
+    """validation: stage -> {"validation": its validation csv, "run_dir": its run folder}."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_dataset(clips_path, rejects_path, out_dir / "dataset.png")
     gallery_html(clips_path, out_dir / "gallery.html")
     plot_losses(loss_csvs, out_dir / "losses.png")
+    if validation is not None:
+        stages = {stage: {"loss": loss_csvs[stage], **validation[stage]} for stage in loss_csvs}
+        validation_html(stages, out_dir / "validation.html", overfit_evaluations)
