@@ -6,10 +6,12 @@ rule report_figures:
         clips=L.exports()["table"],
         rejects=L.exports()["rejects"],
         losses=[L.loss_log(stage) for stage in L.stages],
+        stage_rejects=[L.stage_rejects(stage) for stage in L.stages],
         validation=[L.validation_log(stage) for stage in L.stages],
     output:
         dataset=report(L.report_figures()["dataset"], category="Dataset", caption="../docs/report/dataset.rst"),
         gallery=report(L.report_figures()["gallery"], category="Dataset", caption="../docs/report/gallery.rst"),
+        filters=report(L.report_figures()["filters"], category="Dataset", caption="../docs/report/filters.rst"),
         losses=report(L.report_figures()["losses"], category="Training", caption="../docs/report/losses.rst"),
         validation=report(
             L.report_figures()["validation"],
@@ -22,6 +24,7 @@ rule report_figures:
         "../envs/soraflow.yaml"
     params:
         losses=" ".join(f"{stage}={L.loss_log(stage)}" for stage in L.stages),
+        stage_rejects=" ".join(f"{stage}={L.stage_rejects(stage)}" for stage in L.stages),
         # the sample grids lie in the run folders, beside the checkpoints (not declared outputs)
         validation=" ".join(f"{stage}={L.validation_log(stage)}={L.run_dir(stage)}" for stage in L.stages),
         overfit=config["validation"]["overfit_evaluations"],
@@ -29,4 +32,5 @@ rule report_figures:
     shell:
         "soraflow report-figures --clips {input.clips} --rejects {input.rejects} --loss {params.losses}"
         " --validation {params.validation} --overfit-evaluations {params.overfit}"
+        " --stage-rejects {params.stage_rejects}"
         " --out-dir {params.out_dir} > {log} 2>&1"

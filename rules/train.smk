@@ -7,6 +7,7 @@ rule dataset:
         # scored tables and latent caches, so they are not inputs of their own
         tables=L.shard_files("captioned"),
         scores=L.shard_files("scored"),
+        matches=L.shard_files("matched"),
         latents=lambda w: [L.latent_cache(w.stage, s) for s in L.shards],
         texts=[L.text_cache(s) for s in L.shards],
     output:

@@ -160,3 +160,22 @@ def test_match_step_scores_every_captioned_clip_and_min_match_filters(tiny_clip,
     empty = captioned.assign(match=table.read(tmp_path / "none.parquet")["match"])
     with pytest.raises(ValueError, match="filter 'min_match' needs column 'match'"):
         apply_filters(empty, {"min_match": 0.1})
+
+
+def test_report_counts_what_each_filter_removed_with_examples(shots, tmp_path):
+    from soraflow.workflow.report import filters_html
+
+    ids = ["a", "b", "c", "d"]
+    clips = pd.DataFrame({"id": ids, "url": ids, "path": [str(shots["shot"])] * 4, "num_frames": [48] * 4,
+                          "duration_s": [2.0, 0.3, 2.0, 0.2], "text_area": [0.0, 0.0, 0.4, 0.5]})  # fmt: skip
+    table.write(clips, tmp_path / "clips.parquet")
+    _, rejects = apply_filters(clips, {"min_seconds": 0.5, "max_text_area": 0.1})
+    rejects.append({"id": "e", "url": "e", "stage": "encode_video", "reason": "7 frames, fewer than the 16 ..."})
+    table.write_rejects(rejects, tmp_path / "rejects.parquet")
+    filters_html(tmp_path / "clips.parquet", {"stage1": tmp_path / "rejects.parquet"}, tmp_path / "filters.html", examples=1)
+    page = (tmp_path / "filters.html").read_text()
+    rows = dict(re.findall(r"<tr><td><b>(\w+)</b></td><td>(\d+)</td>", page))
+    assert rows == {"min_seconds": "2", "max_text_area": "2"}  # d fails both and counts for both
+    assert "<b>b</b>" in page and "<b>c</b>" in page and page.count("<figure>") == 2  # one example each
+    assert page.count('src="data:image/jpeg;base64,') == 2
+    assert "<td>encode_video (not a filter)</td><td>1</td>" in page

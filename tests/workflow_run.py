@@ -33,6 +33,8 @@ def small_config(workdir: Path) -> dict:
         stage["steps"] = 4
         stage["resolution"] = 32
         stage["filters"] = {"min_seconds": 0.5}
+    # the text-area and caption-match filters on their columns, keeping every clip (the tiny CLIP is random)
+    config["stages"]["stage3"]["filters"].update(max_text_area=0.5, min_match=-1.0)
     # the demo's pixel_pack has its own tests; here latents go through diffusers' AutoencoderKL
     config["vae"] = {"kind": "autoencoder_kl", "model": "models/tiny-vae", "scaling_factor": 0.18215, "micro_batch": 16}
     config["diffusion"]["sample_steps"] = 4

@@ -170,7 +170,8 @@ def cmd_dataset(args) -> None:
     dropped = [path for name in ("rejects_score", f"rejects_encode_video_{args.stage}")
                for path in shard_table_paths(args.shards_dir, args.num_shards, name)]  # fmt: skip
     build_stage_index(tables, scores, latents, texts, args.params["stage"], args.out, args.rejects, dropped,
-                      args.params["validation"]["fraction"], args.validation)
+                      args.params["validation"]["fraction"], args.validation, matched_tables=matches)
+    matches = shard_table_paths(args.shards_dir, args.num_shards, "matched")
 
 
 def cmd_train(args) -> None:
@@ -254,7 +255,7 @@ def cmd_report_figures(args) -> None:
     validation = {stage: {"validation": csv_path, "run_dir": run_dir}
                   for stage, csv_path, run_dir in (item.split("=", 2) for item in args.validation)}  # fmt: skip
     make_figures(args.clips, args.rejects, losses, args.out_dir, validation if args.validation else None,
-                 args.overfit_evaluations)
+                 args.overfit_evaluations, stage_rejects or None)
 
 
 def cmd_plan(args) -> None:
@@ -264,6 +265,7 @@ def cmd_plan(args) -> None:
     try:
         print(check(config))
     except ValueError as error:  # a config that does not fit (PlanError)
+    stage_rejects = dict(item.split("=", 1) for item in args.stage_rejects)
         raise SystemExit(str(error)) from None
 
 
@@ -367,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
 
     p = with_params(command("dataset", cmd_dataset, "join captions and caches into a stage's training index"))
-    p.add_argument("--shards-dir", required=True, help="folder of the shards' captioned and scored tables")
+    p.add_argument("--shards-dir", required=True, help="folder of the shards' captioned, scored and matched tables")
     p.add_argument("--num-shards", type=int, required=True)
     p.add_argument("--latent-dir", required=True, help="folder of the stage's latent cache files")
     p.add_argument("--text-dir", required=True, help="folder of the text feature cache files")
@@ -440,6 +442,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if getattr(args, "params", None) is not None:
         from soraflow.workflow.settings import merged
+    p.add_argument("--stage-rejects", nargs="+", default=[], metavar="STAGE=PARQUET",
+                   help="each stage's rejects table: filters.html, what each filter removed")
 
         # the rules pass the two halves apart (only the first re-runs a job); the step takes both
         args.output_settings, args.params = args.params, merged(args.params, args.operational)

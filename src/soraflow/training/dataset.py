@@ -39,9 +39,10 @@ def held_out(clip_id: str, fraction: float) -> bool:
 
 
 def build_stage_index(captioned_tables, scored_tables, latent_files, text_files, filters: dict, out_path,
-                      rejects_path, step_rejects=(), validation_fraction: float = 0.0, validation_path=None) -> None:
-    """Join shards' captioned clips with their scores and cache indexes (matched by shard order),
-    then filter. The clips named in `step_rejects` (the rejects tables of the score and encode
+                      rejects_path, step_rejects=(), validation_fraction: float = 0.0, validation_path=None,
+                      matched_tables=None) -> None:
+    """Join shards' captioned clips with their scores (the score step's tables, and the match
+    step's `matched_tables` when given) and cache indexes (matched by shard order), then filter. The clips named in `step_rejects` (the rejects tables of the score and encode
     jobs: clips that do not decode, or too short for the stage) are left out and recorded in the
     stage's rejects. Every kept clip must have cached latents and text features: the encode jobs
     applied the same filters to the same clips, so a missing row means a cache from other settings.
@@ -51,11 +52,16 @@ def build_stage_index(captioned_tables, scored_tables, latent_files, text_files,
         raise ValueError("build_stage_index: one captioned table, scored table, latent cache and text cache per shard")
     dropped = {row["id"]: row for path in step_rejects for row in table.read(path).to_dict("records")}
     kept_frames, rejects = [], []
-    for table_path, scored_path, latent_path, text_path in zip(captioned_tables, scored_tables, latent_files, text_files):
+    matched_tables = matched_tables or [None] * len(captioned_tables)
+    if len(matched_tables) != len(captioned_tables):
+        raise ValueError("build_stage_index: one matched table per shard")
+    for table_path, scored_path, matched_path, latent_path, text_path in zip(
+            captioned_tables, scored_tables, matched_tables, latent_files, text_files):  # fmt: skip
         captioned = table.read(table_path)
         left_out = captioned["id"].isin(list(dropped))
         rejects += [dropped[clip_id] for clip_id in captioned.loc[left_out, "id"]]
-        kept, shard_rejects = apply_filters(join_scores(captioned[~left_out], table.read(scored_path)), filters)
+        matched = table.read(matched_path) if matched_path is not None else None
+        kept, shard_rejects = apply_filters(join_scores(captioned[~left_out], table.read(scored_path), matched), filters)
         rejects += shard_rejects
         for cache_path, path_column, row_column in ((latent_path, "latent_path", "latent_index"),
                                                     (text_path, "text_emb_path", "text_emb_index")):

@@ -141,7 +141,7 @@ class Layout:
         return f"results/losses/{stage}_validation.csv"
 
     def report_figures(self) -> dict[str, str]:
-        return {name: f"results/report/{name}.{ext}" for name, ext in (("dataset", "png"), ("gallery", "html"), ("losses", "png"), ("validation", "html"))}
+        return {name: f"results/report/{name}.{ext}" for name, ext in (("dataset", "png"), ("gallery", "html"), ("filters", "html"), ("losses", "png"), ("validation", "html"))}
 
     def train_job(self, stage: str) -> dict:
         """The stage's training job: Slurm resources, processes per node, retries (soraflow.workflow.resources)."""

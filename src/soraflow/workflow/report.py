@@ -1,4 +1,5 @@
-"""Figures for `snakemake --report`: dataset statistics, a captioned clip gallery, loss curves,
+"""Figures for `snakemake --report`: dataset statistics, a captioned clip gallery, what each
+stage's filters removed, loss curves,
 and per stage its validation curves, over-fitting warnings and sample grids as a strip over steps.
 
 Each figure is a file a rule writes and marks for the report; the sample videos and their
@@ -19,6 +20,7 @@ from PIL import Image
 
 from soraflow.core.figures import save_figure
 from soraflow.data import table, video
+from soraflow.scoring.filters import failed_filters
 from soraflow.training.validation import overfitting, read_log
 
 
@@ -70,6 +72,43 @@ def gallery_html(clips_path, out_html, max_clips: int = 24, positions=(0.2, 0.5,
         "body{font-family:sans-serif} td{vertical-align:top;padding:4px;overflow-wrap:anywhere}"
         "td:first-child{white-space:nowrap} img{margin-right:2px}"
         "</style></head><body><table>" + "".join(rows) + "</table></body></html>"
+    )
+    Path(out_html).write_text(page)
+
+
+def filters_html(clips_path, stage_rejects: dict[str, str | Path], out_html, examples: int = 4) -> None:
+    """Per stage: how many clips each filter removed (a clip that fails two filters counts for
+    both) with a few of them (id, middle frame, reason), and how many the stage's other steps
+    left out (clips too short for its frames, or that do not decode). One self-contained page."""
+    clips = table.read(clips_path).set_index("id")
+    sections = []
+    for stage, path in stage_rejects.items():
+        rejects = table.read(path)
+        removed: dict[str, list] = {}
+        for reject in rejects[rejects["stage"] == "filter"].itertuples():
+            for key in failed_filters(reject.reason):
+                removed.setdefault(key, []).append(reject)
+        rows = []
+        for key, items in sorted(removed.items()):
+            shown = []
+            for reject in items[:examples]:
+                image = ""
+                if reject.id in clips.index:
+                    clip = clips.loc[reject.id]
+                    frame = video.read_frames(clip["path"], [int(clip["num_frames"]) // 2])[0]
+                    image = f'<img src="data:image/jpeg;base64,{_thumbnail(frame, height=64)}"><br>'
+                shown.append(f"<figure>{image}<b>{html.escape(reject.id)}</b><br>{html.escape(reject.reason)}</figure>")
+            rows.append(f"<tr><td><b>{html.escape(key)}</b></td><td>{len(items)}</td><td>{''.join(shown)}</td></tr>")
+        for step, count in rejects[rejects["stage"] != "filter"]["stage"].value_counts().sort_index().items():
+            rows.append(f"<tr><td>{html.escape(step)} (not a filter)</td><td>{count}</td><td></td></tr>")
+        body = "".join(rows) or "<tr><td colspan=3>no clip left out</td></tr>"
+        sections.append(f"<h2>{html.escape(stage)}</h2><table><tr><th>filter</th><th>clips removed</th>"
+                        f"<th>examples</th></tr>{body}</table>")
+    page = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>filters</title><style>"
+        "body{font-family:sans-serif} td,th{vertical-align:top;padding:4px;text-align:left}"
+        "figure{display:inline-block;margin:4px;max-width:180px;font-size:small;overflow-wrap:anywhere}"
+        "</style></head><body>" + "".join(sections) + "</body></html>"
     )
     Path(out_html).write_text(page)
 
@@ -141,13 +180,16 @@ def validation_html(stages: dict[str, dict], out_html, evaluations: int) -> None
 
 
 def make_figures(clips_path, rejects_path, loss_csvs: dict, out_dir, validation: dict | None = None,
-                 overfit_evaluations: int = 3) -> None:
-    """validation: stage -> {"validation": its validation csv, "run_dir": its run folder}."""
+                 overfit_evaluations: int = 3, stage_rejects: dict | None = None) -> None:
+    """validation: stage -> {"validation": its validation csv, "run_dir": its run folder};
+    stage_rejects: stage -> its rejects table (filters.html)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_dataset(clips_path, rejects_path, out_dir / "dataset.png")
     gallery_html(clips_path, out_dir / "gallery.html")
     plot_losses(loss_csvs, out_dir / "losses.png")
+    if stage_rejects is not None:
+        filters_html(clips_path, stage_rejects, out_dir / "filters.html")
     if validation is not None:
         stages = {stage: {"loss": loss_csvs[stage], **validation[stage]} for stage in loss_csvs}
         validation_html(stages, out_dir / "validation.html", overfit_evaluations)
