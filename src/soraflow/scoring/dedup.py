@@ -1,0 +1,188 @@
+"""Near-duplicate clips across the whole corpus, from the clips' perceptual hashes.
+
+A clip's `phash` holds K 64-bit pHashes of evenly spaced frames (soraflow.scoring.phash). Two
+clips are near-duplicates when the mean Hamming distance over their K frame pairs is at most
+`max_distance` bits, that is when the K*64-bit concatenations differ in at most
+D = floor(K * max_distance) bits.
+
+Finding the pairs (`near_pairs`) never compares all pairs. The concatenation is cut into D + 1
+disjoint bands; two codes that differ in at most D bits agree exactly on at least one band
+(pigeonhole), so only clips that share a band's value are candidates, and each candidate pair is
+then verified on its full distance. The result is exactly the brute-force set of pairs. Clips with
+identical hashes are collapsed first, so a pile of identical clips (black frames) costs one row.
+The bands' width is about 64 / max_distance bits: the smaller the threshold, the rarer a chance
+match and the faster the search (benchmarks/bench_dedup.py).
+
+Which clip of a group stays (`keep_by_rank`): clips are ranked by duration (longest first), then
+aesthetic score (highest first, a missing score last), then id; in that order each clip is kept
+unless it is a near-duplicate of a clip already kept, and then it is dropped as a near-duplicate
+of the best-ranked such clip. Chains are not merged: with A ~ B and B ~ C but not A ~ C, and A
+ranked first, B is dropped (duplicate of A) and C is kept, since no kept clip is like it. So
+every dropped clip names a kept clip within the threshold, and no two kept clips are within it.
+The result depends on the clips, never on the order of the tables or shards they come in.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pandas as pd
+
+HASH_BITS = 64
+
+
+def parse_phashes(strings) -> np.ndarray:
+    """[N, K] uint64 from phash strings (K 16-hex-digit hashes joined by single spaces)."""
+    rows = [text.split(" ") for text in strings]
+    counts = {len(row) for row in rows}
+    if len(counts) > 1:
+        raise ValueError(f"phash strings hold different numbers of hashes: {sorted(counts)}")
+    if not rows:
+        return np.zeros((0, 1), dtype=np.uint64)
+    return np.array([[int(h, 16) for h in row] for row in rows], dtype=np.uint64)
+
+
+def total_distances(hashes: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Hamming distance between rows i and j of [N, K] hashes, summed over the K frames."""
+    return np.bitwise_count(hashes[i] ^ hashes[j]).sum(axis=1, dtype=np.int64)
+
+
+def bands(num_words: int, max_total: int) -> list[tuple[int, int]]:
+    """At least max_total + 1 disjoint bit ranges [lo, hi) of num_words concatenated 64-bit
+    words, as even as they can be and none wider than a word."""
+    count = max(max_total + 1, num_words)
+    edges = [round(num_words * HASH_BITS * b / count) for b in range(count + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def band_keys(hashes: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Bits [lo, hi) of every row's concatenated words, as one uint64."""
+    word, shift = divmod(lo, HASH_BITS)
+    keys = hashes[:, word] >> np.uint64(shift)
+    if shift and hi > (word + 1) * HASH_BITS:  # the band runs into the next word
+        keys = keys | (hashes[:, word + 1] << np.uint64(HASH_BITS - shift))
+    width = hi - lo
+    return keys if width == HASH_BITS else keys & np.uint64((1 << width) - 1)
+
+
+def _ranges(sizes: np.ndarray) -> np.ndarray:
+    """0..s-1 for each size s, concatenated."""
+    ends = np.cumsum(sizes)
+    return np.arange(ends[-1] if len(ends) else 0) - np.repeat(ends - sizes, sizes)
+
+
+def _band_pairs(hashes: np.ndarray, lo: int, hi: int, max_total: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i, j) of rows that agree on bits [lo, hi) and differ in at most max_total bits."""
+    order = np.argsort(band_keys(hashes, lo, hi), kind="stable")
+    keys = band_keys(hashes, lo, hi)[order]
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    sizes = np.diff(np.r_[starts, len(keys)])
+    starts, sizes = starts[sizes > 1], sizes[sizes > 1]
+    if not len(starts):
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    # in sorted order, position p of a run of size s pairs with the s - 1 - p positions after it
+    position = _ranges(sizes)
+    first = np.repeat(starts, sizes) + position
+    partners = np.repeat(sizes, sizes) - 1 - position
+    left = np.repeat(first, partners)
+    right = left + _ranges(partners) + 1
+    # verified a word at a time, dropping pairs as soon as they are too far apart (most pairs
+    # are: a random word alone differs in 32 bits); neighbours in sorted order are close in memory
+    ordered = hashes[order]
+    total = np.zeros(len(left), dtype=np.int64)
+    for word in range(hashes.shape[1]):
+        total += np.bitwise_count(ordered[left, word] ^ ordered[right, word])
+        near = total <= max_total
+        left, right, total = left[near], right[near], total[near]
+    a, b = order[left], order[right]
+    return np.minimum(a, b), np.maximum(a, b)
+
+
+def near_pairs(hashes: np.ndarray, max_total: int, workers: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, distance): every pair i < j of rows of [N, K] hashes whose total Hamming distance
+    is at most max_total, each once, sorted by (i, j). Bands are searched `workers` at a time
+    (numpy leaves the GIL for its array work)."""
+    n, num_words = hashes.shape
+    if n < 2 or max_total < 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    unique, inverse = np.unique(hashes, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    if max_total >= num_words * HASH_BITS:  # every pair is within it
+        ui, uj = np.triu_indices(len(unique), k=1)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            found = list(pool.map(lambda band: _band_pairs(unique, *band, max_total), bands(num_words, max_total)))
+        # a pair of distinct hashes is found once per band they share
+        code = np.unique(np.concatenate([a for a, _ in found]) * len(unique) + np.concatenate([b for _, b in found]))
+        ui, uj = code // len(unique), code % len(unique)
+    rows_of = np.argsort(inverse, kind="stable")
+    counts = np.bincount(inverse, minlength=len(unique))
+    first = np.r_[0, np.cumsum(counts)[:-1]]
+    pairs_i, pairs_j = [], []
+    # rows with the same hash: every pair among them (distance 0)
+    for group in np.flatnonzero(counts > 1):
+        rows = rows_of[first[group] : first[group] + counts[group]]
+        a, b = np.triu_indices(len(rows), k=1)
+        pairs_i.append(rows[a])
+        pairs_j.append(rows[b])
+    # rows of two near hashes: every row of one with every row of the other
+    sizes = counts[ui] * counts[uj]
+    pick = _ranges(sizes)
+    each_i, each_j = np.repeat(ui, sizes), np.repeat(uj, sizes)
+    pairs_i.append(rows_of[first[each_i] + pick // counts[each_j]])
+    pairs_j.append(rows_of[first[each_j] + pick % counts[each_j]])
+    i, j = np.concatenate(pairs_i).astype(np.int64), np.concatenate(pairs_j).astype(np.int64)
+    i, j = np.minimum(i, j), np.maximum(i, j)
+    order = np.lexsort((j, i))
+    i, j = i[order], j[order]
+    return i, j, total_distances(hashes, i, j)
+
+
+def rank_order(clips: pd.DataFrame) -> np.ndarray:
+    """Row positions best first: longest, then highest aesthetic score (missing last), then id."""
+    aes = clips["aes"].astype(float).fillna(-np.inf) if "aes" in clips else pd.Series(0.0, index=clips.index)
+    return np.lexsort((clips["id"].to_numpy(), -aes.to_numpy(), -clips["duration_s"].astype(float).to_numpy()))
+
+
+def keep_by_rank(order: np.ndarray, i: np.ndarray, j: np.ndarray) -> dict[int, int]:
+    """{dropped row: the kept row it duplicates}: in `order` (row positions, best first) each row
+    is kept unless it is a near-duplicate (an (i, j) pair) of a row already kept; then it names
+    the best-ranked such row."""
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    # each pair as (better, worse), grouped by the worse row, better rows best first
+    better = np.where(rank[i] < rank[j], i, j)
+    worse = np.where(rank[i] < rank[j], j, i)
+    by = np.lexsort((rank[better], rank[worse]))
+    better, worse = better[by], worse[by]
+    dropped: dict[int, int] = {}
+    starts = np.flatnonzero(np.r_[True, worse[1:] != worse[:-1]]) if len(worse) else []
+    ends = [*starts[1:], len(worse)] if len(worse) else []
+    for start, end in zip(starts, ends):  # worse rows in rank order, so their betters are settled
+        for candidate in better[start:end]:
+            if candidate not in dropped:
+                dropped[int(worse[start])] = int(candidate)
+                break
+    return dropped
+
+
+def near_duplicates(clips: pd.DataFrame, max_distance: float) -> pd.DataFrame:
+    """The clips to drop: id, duplicate_of (the kept clip's id) and distance (mean bits over the
+    frame pairs), in `clips` order. `clips` has id, phash, duration_s and aes; a clip without a
+    phash is never a near-duplicate."""
+    hashed = clips[clips["phash"].notna()].reset_index(drop=True)
+    hashes = parse_phashes(hashed["phash"])
+    max_total = int(np.floor(hashes.shape[1] * max_distance + 1e-9))
+    i, j, total = near_pairs(hashes, max_total)
+    dropped = keep_by_rank(rank_order(hashed), i, j)
+    distance = {(int(a), int(b)): d / hashes.shape[1] for a, b, d in zip(i, j, total)}
+    rows = sorted(dropped.items())
+    return pd.DataFrame(
+        {
+            "id": [hashed["id"].iat[row] for row, _ in rows],
+            "duplicate_of": [hashed["id"].iat[kept] for _, kept in rows],
+            "distance": [distance[(min(row, kept), max(row, kept))] for row, kept in rows],
+        },
+        columns=["id", "duplicate_of", "distance"],
+    )
