@@ -281,9 +281,10 @@ def test_shard_jobs_ask_for_their_shards_items_times_the_cost_of_one(tmp_path):
     # split: every video's seconds at the split's cost per video-second, split.threads at once
     split_hours = videos * costs["video_seconds"] * costs["split_s_per_video_s"] / config["split"]["threads"] / 3600
     assert minutes("split") == asked(split_hours)
-    # score: every clip at the motion score's cost (the preset has no aesthetic model)
+    # score: every clip at the motion and pHash cost and OCR's per frame (the preset has no aesthetic model)
     assert config["score"]["aesthetic_model"] is None
-    assert minutes("score") == asked(videos * costs["clips_per_video"] * costs["score_s_per_clip"] / 3600)
+    per_clip = costs["score_s_per_clip"] + costs["text_area_s_per_frame"] * config["score"]["text_area"]["frames"]
+    assert minutes("score") == asked(videos * costs["clips_per_video"] * per_clip / 3600)
     # sample: every video's sampling steps, each two STDiT forwards (guidance), at the plan's MFU
     samples = len(config["sample"]["prompts"]) + config["sample"]["training_captions"]
     flops = samples * config["diffusion"]["sample_steps"] * 2 * stage_plan(config, "hq_512").forward_flops

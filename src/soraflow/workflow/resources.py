@@ -99,7 +99,8 @@ def shard_work(config: dict, step: str, stage: str | None = None) -> tuple[float
         return videos, "video", per_video, videos * per_video / config["split"]["threads"] / 3600
     if step == "score":
         aesthetic = plan_["aesthetic_s_per_clip"] if config["score"]["aesthetic_model"] else 0.0
-        per_clip = (plan_["score_s_per_clip"] + aesthetic) / plan_["cpu_speed"]
+        text_area = plan_["text_area_s_per_frame"] * config["score"]["text_area"]["frames"]
+        per_clip = (plan_["score_s_per_clip"] + text_area + aesthetic) / plan_["cpu_speed"]
         return clips, "clip", per_clip, clips * per_clip / 3600
     if step == "match":
         # without a model the job only writes the clip ids
