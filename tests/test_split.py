@@ -10,7 +10,7 @@ from conftest import section
 from soraflow.data import table
 from soraflow.data.ingest import ingest_shard
 from soraflow.data.probe import probe
-from soraflow.data.split import detect_scenes, output_size, plan_clips, split_shard
+from soraflow.data.split import detect_scenes, output_size, plan_clips, split_shard, transnet_cuts
 from soraflow.data.video import count_frames, read_frames
 from soraflow.scoring.shard import score_shard
 
@@ -265,3 +265,42 @@ def test_drop_raw_deletes_raw_files_once_split_never_a_source(tmp_path, syntheti
         # splitting again without the raw file is an error naming why, not a reject
         with pytest.raises(FileNotFoundError, match="ingest.keep_raw false"):
             split_shard(videos, tmp_path / "clips", out, tmp_path / "rejects.parquet", PARAMS)
+
+
+def test_transnetv2_cuts_at_the_frames_the_videos_were_cut_at(synthetic_cut_video, vfr_video):
+    params = {**PARAMS, "detector": "transnetv2", "threshold": 0.5}
+    scenes, _ = detect_scenes(synthetic_cut_video["path"], params)
+    n = synthetic_cut_video["num_frames"]
+    bounds = [0, *synthetic_cut_video["cut_frames"], n]
+    assert scenes == list(zip(bounds[:-1], bounds[1:]))
+    scenes, _ = detect_scenes(vfr_video["path"], params)  # by frame index, whatever the timestamps
+    assert scenes == [(0, 24), (24, 48)]
+    with pytest.raises(ValueError, match="transition probability"):
+        detect_scenes(synthetic_cut_video["path"], {**params, "threshold": 27.0})
+
+
+def test_transnetv2_cut_frames_follow_each_run_of_transition_frames():
+    # a hard cut marks the old shot's last frame (2), a dissolve a run (9-11), noise one frame (13)
+    probabilities = np.zeros(30)
+    probabilities[[2, 9, 10, 11, 13, 29]] = [0.9, 0.6, 0.8, 0.7, 0.55, 0.9]
+    assert transnet_cuts(probabilities, 0.5, min_scene_frames=1) == [3, 12, 14]  # none after the last frame
+    assert transnet_cuts(probabilities, 0.5, min_scene_frames=4) == [12]  # 3 is 3 frames in, 14 is 2 after 12
+    assert transnet_cuts(probabilities, 0.65, min_scene_frames=1) == [3, 12]  # the dissolve's run is 10-11
+
+
+def test_loading_transnetv2_leaves_the_process_seeds_and_torch_flags_alone():
+    import random
+
+    import torch
+
+    import soraflow.data.split
+
+    soraflow.data.split._transnetv2_model.cache_clear()
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    flags = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    soraflow.data.split._transnetv2_model()
+    after = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    assert after == flags == (False, False, False)
+    draws = (random.random(), np.random.random(), torch.rand(1).item())
+    random.setstate(states[0]), np.random.set_state(states[1]), torch.set_rng_state(states[2])
+    assert (random.random(), np.random.random(), torch.rand(1).item()) == draws  # not re-seeded with 42

