@@ -12,7 +12,7 @@ COLOSSALAI_STAMP := $(COLOSSALAI_VENV)/.installed
 CONFIG_ENVS := $(if $(shell grep -Es '^[[:space:]]+engine:[[:space:]]*colossalai' workflow_config.yaml),$(COLOSSALAI_STAMP))
 CORES ?= all
 
-.PHONY: setup setup-dev demo test lint dryrun docs clean
+.PHONY: setup setup-dev demo demo-wan test lint dryrun docs clean
 
 setup: $(STAMP) /usr/bin/ffmpeg $(CONFIG_ENVS)
 setup-dev: setup $(TEST_STAMP)
@@ -46,6 +46,11 @@ $(COLOSSALAI_STAMP): envs/colossalai.txt
 demo: setup
 	PATH=$(abspath $(VENV))/bin:$$PATH snakemake --profile profiles/local --cores $(CORES)
 	@echo "samples: results/samples/ (one mp4 per prompt and stage); checkpoints: results/checkpoints/"
+
+# The same workflow with the Wan family (demo/wan.yaml): tiny random-weight Wan 2.1 parts, a LoRA stage then a full one
+demo-wan: setup
+	PATH=$(abspath $(VENV))/bin:$$PATH snakemake --profile profiles/local --cores $(CORES) --configfile workflow_config.yaml demo/wan.yaml
+	@echo "samples: results/samples/; the LoRA: soraflow export-checkpoint results/checkpoints/stage1.safetensors --format diffusers-lora --out stage1-lora"
 
 test: setup-dev /usr/bin/chromedriver $(COLOSSALAI_STAMP) lint
 	PATH=$(abspath $(VENV))/bin:$$PATH pytest -q --durations=25

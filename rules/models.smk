@@ -13,3 +13,15 @@ rule models:
         cfg=L.params("models"),
     shell:
         "soraflow models --out-dir {params.out_dir} --params {params.cfg:q} > {log} 2>&1"
+
+
+# The Wan family's tiny random-weight pipeline, built only when the config names it.
+rule wan_model:
+    output:
+        directory(L.tiny_wan()),
+    log:
+        "logs/wan_model.log",
+    conda:
+        "../envs/soraflow.yaml"
+    shell:
+        "soraflow tiny-wan --out {output} > {log} 2>&1"

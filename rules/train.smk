@@ -42,6 +42,8 @@ for stage in L.stages:
             index=L.stage_index(stage),
             validation=L.validation_index(stage),
             init=L.init_checkpoint(stage),
+            # the Wan family's base weights, where the workflow builds them (the tiny pipeline)
+            base=L.base_model(),
         output:
             # final weights are never overwritten by a re-run: remove one deliberately to retrain
             checkpoint=protected(L.checkpoint(stage)),

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
+from workflow_run import REPO
 
 from soraflow.models import wan, wan_config
 from soraflow.models.encoders import TextEncoder, WanAutoencoder
 from soraflow.models.family import load_family
 
+PRESET = "wan2.1-t2v-1.3b-lora.yaml"
 PROMPTS = ["a rabbit in a green meadow", "a red car drives down a mountain road"]
 
 
@@ -162,3 +165,33 @@ def test_lora_exported_loads_into_wan_pipeline_with_equal_outputs(tiny_wan, tmp_
         ours = model.eval()(latents, t, y, mask)
     assert (ours - before).abs().max() > 1e-3  # the LoRA changes the output
     assert (ours - theirs).abs().max() < 1e-5
+
+
+def preset_config(**wan) -> dict:
+    """The Wan preset over the Open-Sora preset, as `soraflow plan --configfile` assembles them."""
+    from snakemake.utils import update_config
+
+    from soraflow.workflow.settings import stages_as_listed, with_defaults
+
+    files = [REPO / "workflow_config.yaml", REPO / "presets" / "opensora-1.0.yaml", REPO / "presets" / PRESET]
+    config = {}
+    for path in files:
+        update_config(config, yaml.safe_load(path.read_text()))
+    stages_as_listed(config, files[1:])
+    update_config(config, {"wan": wan})
+    return with_defaults(config)
+
+
+def test_the_wan_presets_plan_counts_wans_tokens_and_a_loras_trained_weights():
+    from soraflow.workflow import plan
+
+    lora, = plan.make_plan(preset_config())[0]
+    full, = plan.make_plan(preset_config(finetune="full"))[0]
+    assert lora.latent == (16, 21, 78, 78) and lora.tokens == 21 * 39 * 39  # 81 frames: 4x in time, 8x and 2x2 in space
+    assert lora.parameters == full.parameters == wan_config.parameter_count(wan_config.TRANSFORMERS["Wan2.1-T2V-1.3B"])
+    # AdamW's two fp32 moments of what trains: the LoRA's 23.6M weights, or all of them
+    assert lora.memory["optimizer"] == 8 * wan_config.lora_parameter_count(wan_config.TRANSFORMERS["Wan2.1-T2V-1.3B"], 32)
+    assert full.memory["optimizer"] == 8 * full.parameters
+    assert lora.step_flops < full.step_flops  # no weight gradients for the frozen base
+    with pytest.raises(plan.PlanError, match="lora_480: needs"):  # 14B in fp32 beside its bf16 copy, per GPU
+        plan.check(preset_config(model="Wan-AI/Wan2.1-T2V-14B-Diffusers"))

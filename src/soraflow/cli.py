@@ -132,6 +132,12 @@ def cmd_models(args) -> None:
     build_all(args.out_dir, args.params)
 
 
+def cmd_tiny_wan(args) -> None:
+    from soraflow.demo.models import build_tiny_wan
+
+    build_tiny_wan(args.out)
+
+
 def cmd_caption(args) -> None:
     from soraflow.data import table
     from soraflow.scoring.caption import caption_shard
@@ -243,6 +249,11 @@ def _pth_settings(args, params: dict) -> dict:
 
 
 def cmd_export_checkpoint(args) -> None:
+    if args.format == "diffusers-lora":
+        from soraflow.models.wan import export_stage_lora
+
+        print(export_stage_lora(args.ckpt, args.out, use_ema=args.weights == "ema"))
+        return
     from soraflow.models.checkpoint import export_opensora
 
     print(export_opensora(args.ckpt, args.out, use_ema=args.weights == "ema"))
@@ -352,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_params(command("models", cmd_models, "build the tiny local models (random weights)"))
     p.add_argument("--out-dir", required=True)
 
+    p = command("tiny-wan", cmd_tiny_wan, "build the tiny random-weight Wan 2.1 pipeline (the Wan family's demo)")
+    p.add_argument("--out", required=True)
+
     p = with_config(command("caption", cmd_caption, "caption clips (files, or a clip table) with a LLaVA model"))
     p.add_argument("inputs", nargs="+", metavar="CLIP_OR_TABLE")
     p.add_argument("--out-dir", default="captions", help="where tables go (default: captions/)")
@@ -414,8 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("export-checkpoint", cmd_export_checkpoint,
                 "write a stage checkpoint as a .pth Open-Sora 1.0 loads, and print the settings its config needs")
     p.add_argument("ckpt", help="a stage checkpoint (results/checkpoints/STAGE.safetensors)")
-    p.add_argument("--out", required=True, help="the .pth to write")
-    p.add_argument("--format", choices=["opensora"], required=True, help="whose layout: opensora (Open-Sora 1.0's STDiT)")
+    p.add_argument("--out", required=True, help="the .pth to write (diffusers-lora: the folder)")
+    p.add_argument("--format", choices=["opensora", "diffusers-lora"], required=True,
+                   help="whose layout: opensora (Open-Sora 1.0's STDiT) or diffusers-lora (a Wan stage's LoRA, "
+                        "which WanPipeline.load_lora_weights loads)")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="EMA (default) or raw weights")
 
     p = command("report-figures", cmd_report_figures, "dataset plots, clip gallery and loss curves for the report")

@@ -43,6 +43,10 @@ class WanDenoiser(nn.Module):
     def blocks(self) -> nn.ModuleList:  # the fsdp engine's shard units
         return self.transformer.blocks
 
+    def enable_sequence_parallel(self, group) -> None:
+        raise ValueError("train.sp_size: the Wan family has no sequence parallelism (its attention is diffusers'); "
+                         "set it to 1")
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
                 force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, 16, T, h, w] latents at timestep t [B] (1000 sigma), y [B, L, C] text features with
@@ -150,6 +154,18 @@ def export_lora(model: WanDenoiser, lora: dict, out_dir) -> Path:
     WanPipeline.save_lora_weights(str(out_dir), transformer_lora_layers=lora_state(model),
                                   transformer_lora_adapter_metadata=metadata, safe_serialization=True)
     return Path(out_dir)
+
+
+def export_stage_lora(checkpoint, out_dir, use_ema: bool = True) -> str:
+    """A Wan stage's LoRA (EMA or raw) as diffusers' LoRA file; returns how to load it."""
+    model, metadata = load_trained(checkpoint, use_ema)
+    lora = metadata["model_config"]["lora"]
+    if not lora:
+        raise ValueError(f"{checkpoint}: this stage trained in full, not a LoRA (its weights are the whole transformer)")
+    export_lora(model, lora, out_dir)
+    return (f"# {out_dir}: rank {lora['rank']}, alpha {lora['alpha']}, on {', '.join(lora['target_modules'])}\n"
+            f"pipe = WanPipeline.from_pretrained({metadata['model_config']['base']!r}); "
+            f"pipe.load_lora_weights({str(out_dir)!r})")
 
 
 def pipeline(model: WanDenoiser, text_encoder, autoencoder, shift: float):

@@ -22,6 +22,7 @@ TRANSFORMERS: dict[str, dict] = {
                            text_dim=TEXT_WIDTH, freq_dim=256, in_channels=16, out_channels=16),
 }
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections (self and cross)
+HUB_IDS = {f"Wan-AI/{name}-Diffusers": name for name in TRANSFORMERS}
 
 
 def check_stage(name: str, stage: dict) -> None:
@@ -52,14 +53,20 @@ def parameter_count(cfg: dict) -> int:
     the modulation table, then the output head. Equals the released checkpoints' counts."""
     d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     patch = PATCH[0] * PATCH[1] * PATCH[2]
-    c_in, c_out, f, text = cfg["in_channels"], cfg["out_channels"], cfg["ffn_dim"], cfg["text_dim"]
+    c_in, c_out, text = cfg["in_channels"], cfg["out_channels"], cfg["text_dim"]
     embed = c_in * patch * d + d  # Conv3d
     time = (cfg["freq_dim"] * d + d) + (d * d + d) + (d * 6 * d + 6 * d)  # linear_1, linear_2, time_proj
     text_embed = (text * d + d) + (d * d + d)
-    attention = 4 * (d * d + d) + 2 * d  # q k v o, norm_q norm_k
-    block = 2 * attention + 2 * d + (d * f + f) + (f * d + d) + 6 * d  # self, cross, norm2 (affine), ffn, table
     head = d * c_out * patch + c_out * patch + 2 * d
-    return embed + time + text_embed + cfg["num_layers"] * block + head
+    return embed + time + text_embed + cfg["num_layers"] * block_parameter_count(cfg) + head
+
+
+def block_parameter_count(cfg: dict) -> int:
+    """One WanTransformerBlock: self- and cross-attention (q, k, v, o, RMS norms over q and k), the
+    cross-attention's affine norm, the FFN and the modulation table."""
+    d, f = cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["ffn_dim"]
+    attention = 4 * (d * d + d) + 2 * d
+    return 2 * attention + 2 * d + (d * f + f) + (f * d + d) + 6 * d
 
 
 def lora_parameter_count(cfg: dict, rank: int, targets=LORA_TARGETS) -> int:

@@ -15,6 +15,7 @@ from functools import cached_property
 from pathlib import Path
 
 from soraflow.data.manifest import num_shards, shard_digests, shard_ids
+from soraflow.models import wan_config
 from soraflow.workflow import resources, settings
 
 
@@ -53,6 +54,12 @@ class Layout:
             if init in self.stages[position:]:
                 raise ValueError(f"stages.{stage}.init: {init!r} is not an earlier stage (stages run in the "
                                  f"order listed: {', '.join(self.stages)})")
+            if self.family == "wan":
+                wan_config.check_stage(stage, config["stages"][stage])
+
+    @property
+    def family(self) -> str:
+        return self.config.get("model", {}).get("family", "stdit")
 
     # --- data ----------------------------------------------------------------------------
     def shard_file(self, name: str, shard="{shard}") -> str:
@@ -96,9 +103,17 @@ class Layout:
         """The tiny models the `models` rule builds, by name."""
         return {name: f"{self.models_dir}/{name}" for name in ("tiny-llava", "tiny-vae", "tiny-t5", "tiny-aesthetic", "tiny-clip")}
 
+    def tiny_wan(self) -> str:
+        """The tiny random-weight Wan pipeline (the wan_model rule's, built only when a config names it)."""
+        return f"{self.models_dir}/tiny-wan"
+
     def model_input(self, ref: str) -> list[str]:
-        """A model the `models` rule builds is an input; hub ids and other paths are not."""
-        return [ref] if ref and ref in self.local_models().values() else []
+        """A model the `models` or `wan_model` rule builds is an input; hub ids and other paths are not."""
+        return [ref] if ref and ref in [*self.local_models().values(), self.tiny_wan()] else []
+
+    def base_model(self) -> list[str]:
+        """The weights the stages fine-tune, where the workflow builds them (the Wan family's wan.model)."""
+        return self.model_input(self.config["wan"]["model"]) if self.family == "wan" else []
 
     # --- caches and training ---------------------------------------------------------------
     def latent_cache(self, stage="{stage}", shard="{shard}") -> str:

@@ -44,6 +44,7 @@ from pathlib import Path
 
 from soraflow.core.hub import resolve_model_ref
 from soraflow.data.manifest import count_rows
+from soraflow.models import wan_config
 from soraflow.models.stdit_config import patch_grid, stdit_kwargs
 from soraflow.scoring.captioner_memory import HUB_CONFIGS, RESERVED, captioner_memory, placement
 from soraflow.workflow.settings import processes_per_node
@@ -111,6 +112,8 @@ def latent_layout(vae: dict) -> tuple[int, int]:
     """(latent channels, downsampling) of the configured autoencoder, without loading it."""
     if vae["kind"] == "pixel_pack":
         return 3 * vae["factor"] ** 2, vae["factor"]
+    if vae["kind"] == "wan":
+        return wan_config.LATENT_CHANNELS, wan_config.VAE_SPACE
     config = local_model_dir(vae["model"])
     if config is not None and (config / "config.json").exists():
         values = json.loads((config / "config.json").read_text())
@@ -146,7 +149,9 @@ def weight_parameters(ref: str) -> int | None:
 
 
 def stage_dims(config: dict, stage: dict) -> tuple[dict, tuple[int, int, int, int]]:
-    """The sizes of the stage's STDiT (see dims) and its latent (C, T, h, w)."""
+    """The sizes of the stage's STDiT or Wan transformer (see dims) and its latent (C, T, h, w)."""
+    if config["model"]["family"] == "wan":
+        return wan_dims(config, stage)
     channels, factor = latent_layout(config["vae"])
     if stage["resolution"] % factor:
         raise PlanError(f"resolution {stage['resolution']} is not a multiple of the autoencoder's factor {factor}")
@@ -176,10 +181,48 @@ def dims(stdit: dict, latent: tuple[int, int, int, int]) -> dict:
     }
 
 
+def wan_transformer(ref: str) -> dict:
+    """The Wan transformer's config: a local pipeline's transformer/config.json, else the released one's."""
+    folder = local_model_dir(ref)
+    if folder is not None and (folder / "transformer" / "config.json").exists():
+        return json.loads((folder / "transformer" / "config.json").read_text())
+    if ref not in wan_config.HUB_IDS:
+        raise PlanError(f"wan.model {ref!r}: neither a local pipeline nor one of {sorted(wan_config.HUB_IDS)}")
+    return wan_config.TRANSFORMERS[wan_config.HUB_IDS[ref]]
+
+
+def wan_dims(config: dict, stage: dict) -> tuple[dict, tuple[int, int, int, int]]:
+    """The dims of a Wan stage: one full attention over all N tokens (no temporal blocks), cross-attention
+    to the text encoder's tokens, its FFN; the latent 4x smaller in time and 8x in space."""
+    cfg = wan_transformer(config["wan"]["model"])
+    latent = (cfg["in_channels"], *wan_config.latent_size(stage["num_frames"], stage["resolution"], stage["resolution"]))
+    t, h, w = patch_grid(latent[1:], wan_config.PATCH)
+    patch = math.prod(wan_config.PATCH)
+    finetune = stage.get("finetune") or config["wan"]["finetune"]
+    return {
+        "D": cfg["num_attention_heads"] * cfg["attention_head_dim"], "F": cfg["ffn_dim"], "H": cfg["num_attention_heads"],
+        "L": config["text_encoder"]["max_length"], "caption": cfg["text_dim"], "depth": cfg["num_layers"],
+        "temporal": False, "t": t, "s": h * w, "N": t * h * w, "patch_values": cfg["out_channels"] * patch,
+        "patch_in": cfg["in_channels"] * patch, "latent_elements": math.prod(latent), "wan": cfg,
+        "lora_rank": config["wan"]["lora"]["rank"] if finetune == "lora" else None,
+        "lora_targets": config["wan"]["lora"]["target_modules"],
+    }, latent
+
+
+def trainable_parameters(d: dict, parameters: int) -> int:
+    """What the optimizer steps: every parameter, or a Wan stage's LoRA (rank x (in + out) per targeted
+    attention projection of every block)."""
+    if d.get("lora_rank") is None:
+        return parameters
+    return wan_config.lora_parameter_count(d["wan"], d["lora_rank"], d["lora_targets"])
+
+
 def parameter_counts(d: dict) -> tuple[int, int, int]:
     """(parameters, parameters of one block, persistent buffers) of the STDiT. Every Linear has
     a bias; the buffer is the null caption (L x caption width); the position embeddings are
-    recomputed buffers, never saved."""
+    recomputed buffers, never saved. A Wan transformer: wan_config's counts, no buffers."""
+    if "wan" in d:
+        return wan_config.parameter_count(d["wan"]), wan_config.block_parameter_count(d["wan"]), 0
     D, F, caption, patch_values = d["D"], d["F"], d["caption"], d["patch_values"]
     attention = 4 * D * D + 4 * D  # qkv and proj, or cross-attention's q, kv and proj
     block = attention * (3 if d["temporal"] else 2) + (2 * D * F + F + D) + 6 * D  # + MLP, scale_shift_table
@@ -232,6 +275,8 @@ def training_flops(d: dict, checkpointing: bool) -> float:
     first_layers = 2 * (N * d["patch_in"] * D + 256 * D + L * d["caption"] * D)  # weight gradients only
     outer = outer_forward_flops(d)
     total = 3 * (blocks + outer) + d["depth"] * 0.5 * attention - first_layers
+    if d.get("lora_rank") is not None:  # a frozen base: no weight gradients, its linears' backward halves
+        total -= d["depth"] * (block_forward_flops(d) - attention) + outer
     return total + (blocks if checkpointing else 0)
 
 
@@ -312,6 +357,8 @@ def stage_plan(config: dict, name: str) -> StagePlan:
     parameters, block_parameters, buffers = parameter_counts(d)
     memory = state_bytes(engine, parameters, block_parameters, buffers, gpus, bf16,
                          train["colossalai"]["zero_stage"] if colossal else 0)
+    share = trainable_parameters(d, parameters) / parameters  # a LoRA: gradients, AdamW and EMA of its own weights
+    memory.update({part: memory[part] * share for part in ("gradients", "optimizer", "ema")})
     checkpoints = checkpointing(config, stage)
     acts = {ckpt: per_gpu * activation_bytes(local, linear_bytes, residual_bytes, ckpt) for ckpt in (True, False)}
     memory["activations"] = acts[checkpoints]

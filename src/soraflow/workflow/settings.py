@@ -33,7 +33,7 @@ STEP_SECTIONS: dict[str, list[str]] = {
     "encode_video": ["vae", "stage"],
     "encode_text": ["text_encoder"],
     "dataset": ["stage.filters", "validation"],
-    "train": ["stage", "train", "stdit", "diffusion", "validation", "tracking"],
+    "train": ["stage", "train", "model", "stdit", "wan", "diffusion", "validation", "tracking"],
     "sample": ["sample", "text_encoder", "vae", "diffusion"],
 }
 STAGE_STEPS = {"encode_video", "dataset", "train"}  # per stage: their settings depend on it

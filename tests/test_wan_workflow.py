@@ -1,0 +1,61 @@
+"""The whole DAG with the Wan family (demo/wan.yaml's settings), on a copy of the session's finished
+STDiT run: switching the family keeps the curation (ingest, split, scores, captions) and runs the
+encode, training, sampling and report steps again with Wan's parts; the trained LoRA loads into
+diffusers' WanPipeline with the trained model's outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from workflow_run import REPO, copy_run, planned_jobs, run_snakemake
+
+from soraflow.models import wan
+from soraflow.models.checkpoint import checkpoint_metadata
+from soraflow.workflow.layout import Layout
+
+CURATION = {"demo_videos", "shard", "ingest", "split", "score", "match", "caption", "export", "models"}
+
+
+def wan_config(config: dict) -> dict:
+    """The finished run's config with demo/wan.yaml's family, encoders and one tiny LoRA stage."""
+    overlay = yaml.safe_load((REPO / "demo" / "wan.yaml").read_text())
+    stage = {**overlay["stages"]["stage1"], "num_frames": 5, "frame_interval": 2, "steps": 3, "batch_size": 2}
+    return {**config, "model": overlay["model"], "wan": overlay["wan"], "vae": overlay["vae"],
+            "text_encoder": {**config["text_encoder"], **overlay["text_encoder"]}, "stages": {"stage1": stage},
+            "diffusion": {**config["diffusion"], "sample_steps": 2}}
+
+
+@pytest.mark.slow
+def test_wan_family_trains_and_samples_on_a_finished_runs_curation(finished_run, tmp_path):
+    workdir = copy_run(finished_run.workdir, tmp_path / "wan")
+    config = wan_config(yaml.safe_load((workdir / "config.yaml").read_text()))
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    planned = {rule for rule, _ in planned_jobs(workdir)}
+    assert not planned & CURATION
+    assert {"wan_model", "encode_video", "encode_text", "dataset", "train_stage1", "sample_stage1",
+            "report_figures"} <= planned
+    run_snakemake(workdir)
+
+    layout = Layout(config)
+    assert all((workdir / path).stat().st_size > 0 for path in layout.all_samples())
+    assert all((workdir / path).exists() for path in layout.report_figures().values())
+    checkpoint = workdir / layout.checkpoint("stage1")
+    metadata = checkpoint_metadata(checkpoint)
+    assert metadata["family"] == "wan" and metadata["model_config"]["lora"]["alpha"] == 8
+    assert metadata["input_size"] == [2, 4, 4]  # 5 frames of 32 px: (5 - 1) / 4 + 1 latent frames, 8x smaller
+
+    # the stage's LoRA, exported as diffusers' file, in a WanPipeline of the same base
+    from diffusers import WanPipeline
+
+    print(wan.export_stage_lora(checkpoint, tmp_path / "lora", use_ema=False))
+    model, _ = wan.load_trained(checkpoint, use_ema=False)
+    pipe = WanPipeline.from_pretrained(str(workdir / "models" / "tiny-wan"))
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    g = torch.Generator().manual_seed(0)
+    latents, text = torch.randn(2, 16, 2, 4, 4, generator=g), torch.randn(2, 32, 32, generator=g)
+    t = torch.tensor([250.0, 750.0])
+    with torch.no_grad():
+        theirs = pipe.transformer(hidden_states=latents, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        ours = model(latents, t, text, torch.ones(2, 32, dtype=torch.long))
+    assert (ours - theirs).abs().max() < 1e-5
