@@ -171,13 +171,13 @@ def cmd_dataset(args) -> None:
 
     tables = shard_table_paths(args.shards_dir, args.num_shards, "captioned")
     scores = shard_table_paths(args.shards_dir, args.num_shards, "scored")
+    matches = shard_table_paths(args.shards_dir, args.num_shards, "matched")
     latents = shard_cache_paths(args.latent_dir, args.num_shards)
     texts = shard_cache_paths(args.text_dir, args.num_shards)
     dropped = [path for name in ("rejects_score", f"rejects_encode_video_{args.stage}")
                for path in shard_table_paths(args.shards_dir, args.num_shards, name)]  # fmt: skip
     build_stage_index(tables, scores, latents, texts, args.params["stage"], args.out, args.rejects, dropped,
                       args.params["validation"]["fraction"], args.validation, matched_tables=matches)
-    matches = shard_table_paths(args.shards_dir, args.num_shards, "matched")
 
 
 def cmd_train(args) -> None:
@@ -265,6 +265,7 @@ def cmd_report_figures(args) -> None:
     losses = dict(item.split("=", 1) for item in args.loss)
     validation = {stage: {"validation": csv_path, "run_dir": run_dir}
                   for stage, csv_path, run_dir in (item.split("=", 2) for item in args.validation)}  # fmt: skip
+    stage_rejects = dict(item.split("=", 1) for item in args.stage_rejects)
     make_figures(args.clips, args.rejects, losses, args.out_dir, validation if args.validation else None,
                  args.overfit_evaluations, stage_rejects or None)
 
@@ -276,7 +277,6 @@ def cmd_plan(args) -> None:
     try:
         print(check(config))
     except ValueError as error:  # a config that does not fit (PlanError)
-    stage_rejects = dict(item.split("=", 1) for item in args.stage_rejects)
         raise SystemExit(str(error)) from None
 
 
@@ -442,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation logs and run folders (their sample grids) by stage: validation.html")
     p.add_argument("--overfit-evaluations", type=int, default=3,
                    help="validation losses in a row that rose while training loss fell: a warning")
+    p.add_argument("--stage-rejects", nargs="+", default=[], metavar="STAGE=PARQUET",
+                   help="each stage's rejects table: filters.html, what each filter removed")
     p.add_argument("--out-dir", required=True)
 
     p = command("plan", cmd_plan, "tokens, FLOPs, memory per GPU, cache sizes and GPU-hours of every stage of a "
@@ -458,8 +460,6 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if getattr(args, "params", None) is not None:
         from soraflow.workflow.settings import merged
-    p.add_argument("--stage-rejects", nargs="+", default=[], metavar="STAGE=PARQUET",
-                   help="each stage's rejects table: filters.html, what each filter removed")
 
         # the rules pass the two halves apart (only the first re-runs a job); the step takes both
         args.output_settings, args.params = args.params, merged(args.params, args.operational)
