@@ -4,6 +4,9 @@ scheduler, and a LoRA that loads into WanPipeline."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -195,3 +198,62 @@ def test_the_wan_presets_plan_counts_wans_tokens_and_a_loras_trained_weights():
     assert lora.step_flops < full.step_flops  # no weight gradients for the frozen base
     with pytest.raises(plan.PlanError, match="lora_480: needs"):  # 14B in fp32 beside its bf16 copy, per GPU
         plan.check(preset_config(model="Wan-AI/Wan2.1-T2V-14B-Diffusers"))
+
+
+@pytest.fixture(scope="module")
+def wan_index(tmp_path_factory) -> Path:
+    """A shard cache as the Wan family's encode jobs write it: latents [16, 2, 4, 4] (5 frames of
+    32 px), UMT5 features 32 wide of 16 tokens."""
+    from test_train import write_shard_cache
+
+    from soraflow.data import cache, table
+
+    root = tmp_path_factory.mktemp("wan_cache")
+    g = torch.Generator().manual_seed(0)
+    ids = [f"clip{i}" for i in range(4)]
+    latents = write_shard_cache(root / "latents.json", ids, {"latents": torch.randn(4, 16, 2, 4, 4, generator=g)})
+    mask = torch.zeros(4, 16, dtype=torch.long)
+    mask[:, :6] = 1
+    texts = write_shard_cache(root / "text.json", ids, cache.text_tensors(torch.randn(4, 16, 32, generator=g), mask))
+    index = pd.DataFrame({
+        "id": ids, "latent_path": [latents[i][0] for i in ids], "latent_index": [latents[i][1] for i in ids],
+        "text_emb_path": [texts[i][0] for i in ids], "text_emb_index": [texts[i][1] for i in ids],
+    })  # fmt: skip
+    table.write(index, root / "index.parquet")
+    return root / "index.parquet"
+
+
+def test_a_wan_lora_stage_trains_and_resumes_to_identical_weights(tiny_wan, wan_index, tmp_path):
+    """The trainer with the Wan family: only the LoRA trains (and the EMA follows only it), the
+    final checkpoint says its family, and a run stopped at step 2 and resumed ends bit-identical
+    to one that ran its 4 steps at once."""
+    from test_train import split_settings, train_params
+
+    from soraflow.models.checkpoint import load_checkpoint_file
+    from soraflow.training.loop import train
+
+    def params(steps: int) -> dict:
+        lora = {"rank": 4, "alpha": 8, "target_modules": list(wan_config.LORA_TARGETS)}
+        return {**train_params(steps, data_workers=0), "model": {"family": "wan"},
+                "wan": {"model": str(tiny_wan), "flow_shift": 3.0, "finetune": "lora", "lora": lora}}
+
+    def run(name: str, steps: int):
+        outputs, ops = split_settings(params(steps))
+        merged = {section: {**values, **ops.get(section, {})} for section, values in outputs.items()}
+        train(wan_index, tmp_path / name / "final.safetensors", tmp_path / name, merged, outputs)
+        return tmp_path / name / "final.safetensors"
+
+    whole = run("whole", 4)
+    run("resumed", 2)
+    resumed = run("resumed", 4)
+    for group in ("model", "ema"):
+        a, metadata = load_checkpoint_file(whole, group)
+        b, _ = load_checkpoint_file(resumed, group)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert metadata["family"] == "wan" and metadata["steps"] == 4
+    ema, _ = load_checkpoint_file(whole, "ema")
+    assert ema and all("lora_" in name for name in ema)  # the frozen base has no EMA
+    base = wan.pretrained_transformer(str(tiny_wan)).state_dict()
+    model, _ = load_checkpoint_file(whole, "model")
+    frozen = {k.removeprefix("transformer.").replace(".base_layer", ""): v for k, v in model.items() if "lora_" not in k}
+    assert all(torch.equal(frozen[k], base[k]) for k in base)  # the base did not move
