@@ -66,7 +66,7 @@ for stage in L.stages:
             **{k: v for k, v in L.train_job(stage).items() if k != "retries"},
             operational=L.operational("train", stage),
             # what the sample grids during training draw with (they change no weights)
-            sampling=L.params("sample"),
+            sampling=L.all_settings("sample"),
             # the colossalai engine's own environment (a resource, so choosing it re-runs nothing)
             soraflow=L.train_environment(workflow.basedir)["command"],
             attempt=lambda wildcards, attempt: attempt,

@@ -214,3 +214,9 @@ class Layout:
         """The settings that never change the step's outputs (JSON); rules pass them to their
         command as a resource, outside `params`, so changing one re-runs nothing."""
         return as_json(settings.operational(self.config, step, stage))
+
+    def all_settings(self, step: str, stage: str | None = None) -> str:
+        """Both, merged, as the step's function receives them (JSON): what another step (the
+        sample grids during training, for `sample`) runs with, passed as a resource."""
+        return as_json(settings.merged(settings.params(self.config, step, stage),
+                                       settings.operational(self.config, step, stage)))
