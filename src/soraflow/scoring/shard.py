@@ -79,13 +79,14 @@ def match_shard(table_path: str | Path, out_table: str | Path, params: dict) -> 
     job = JobProgress(progress_folder(out_table), {"match": params, "model": model, "table": file_digest(table_path)})
     done = job.parts()
     todo = clips[~clips["id"].isin(list(done))]
+    scorer = None
     if model_ref:
         from soraflow.scoring.match import load_scorer
 
         scorer = load_scorer(model_ref)
     for row in progress(todo.itertuples(), desc="match", total=len(clips), initial=len(clips) - len(todo)):
         value = None
-        if model_ref:
+        if scorer is not None:
             try:
                 value = scorer.score_clip(row.path, int(row.num_frames), str(row.text), frames)
             except (ValueError, av.FFmpegError) as error:
