@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 from conftest import encode_source, ffmpeg, section
+from conftest_caption import tiny_models  # noqa: F401  (session fixture)
 from PIL import Image, ImageDraw, ImageFont
 
 from soraflow.data import table, video
-from soraflow.demo.models import build_tiny_clip
 from soraflow.scoring.filters import apply_filters, failed_filters, without_caption_filters
 from soraflow.scoring.match import MatchScorer
 from soraflow.scoring.phash import clip_phash, mean_distance
@@ -119,8 +119,8 @@ def test_phash_frames_are_the_same_moments_whatever_the_frame_rate(shots, tmp_pa
 
 
 @pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    return build_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip")
+def tiny_clip(tiny_models):
+    return tiny_models["tiny-clip"]
 
 
 def test_match_is_the_cosine_of_clips_own_image_and_text_features(tiny_clip, shots):
