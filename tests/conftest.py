@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -22,6 +23,17 @@ from soraflow.workflow.settings import with_defaults
 
 REPO = Path(__file__).resolve().parents[1]
 SLOW_TIMEOUT = 1800  # s: a slow test may build a whole tiny run or a Slurm cluster first
+
+
+def pytest_collection_finish(session):
+    """The Slurm test's workflow starts now, beside the other tests (tests/test_slurm.py)."""
+    if any(item.module.__name__ == "test_slurm" for item in session.items if hasattr(item, "module")):
+        sys.modules["test_slurm"].start_workflow(session.config._tmp_path_factory.mktemp("slurm"))
+
+
+def pytest_sessionfinish(session):
+    if "test_slurm" in sys.modules:
+        sys.modules["test_slurm"].end_workflow()
 
 
 def pytest_collection_modifyitems(items):

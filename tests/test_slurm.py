@@ -1,21 +1,33 @@
-"""The workflow under `--profile profiles/slurm`, on a real one-node Slurm cluster on localhost.
+"""The workflow under `--profile profiles/slurm`, on a real two-node Slurm cluster on this machine.
 
-tests/slurm/cluster.sh starts slurmctld + slurmd (two fake GPUs) for this module and stops them
-after; it installs slurm-wlm and munge with apt where missing. The test is skipped only when that
-is impossible (not root and no passwordless sudo, or apt cannot install the packages).
+`tests/slurm/cluster.sh start` starts slurmctld in one network namespace and slurmd node1 and node2
+in two more (own hostnames, a veth bridge, two fake GPUs each); it installs slurm-wlm and munge with
+apt where missing. Snakemake submits from inside the controller's namespace. The root network
+namespace must gain no address, and the namespaces must be gone after `stop`. Every data job runs on
+one node; the training stage spans both (2 nodes x 2 GPUs, a process each).
 
-One tiny workflow (one demo video, stage1 only) runs through the profile in a temp dir:
-  1. `-n`                       plans every rule and submits nothing
-  2. `--until train_stage1`     runs up to training (a few steps), nothing after it
-  3. `--until train_stage1`     with more steps (about 60 s of training at the speed just measured):
-                                training resumes as a chain of jobs with a 1-minute time limit; each
-                                stops ahead of its limit (Slurm's end time of the job) with a
-                                checkpoint of its last step, and the next resumes it and finishes
-  4. `-n --forcerun caption`    plans caption and everything downstream of it, nothing upstream
-  5. the whole workflow         samples, plus `flaky` (tests/slurm/Snakefile), which fails on its
-                                first attempt and succeeds when the profile's `retries` resubmits it
-Every Snakemake call runs under `timeout -s INT`: Snakemake cancels its Slurm jobs and stops.
-The module prints the measured figures (submit -> start latency, job and run times).
+One tiny workflow (one demo video, stage1 only, the STDiT-tiny model) runs through the profile:
+  1. `-n`                     plans every rule and submits nothing
+  2. `--until train_stage1`   every job up to training and a few training steps, nothing after it;
+                              the launcher's srun starts torchrun on both nodes, the 4 ranks meet over
+                              gloo at node1 and report their hosts. The score job (a 1-minute limit)
+                              stalls at its last clip (tests/kill_hook) until Slurm ends it at the
+                              limit; its retry resumes after the clips done and writes the bytes of an
+                              uninterrupted run
+  3. more steps               (about 90 s of training at the speed just measured; the final checkpoint
+                              removed, as the rule's protected output asks), the cluster's job time
+                              limit now 1 minute (cluster.max_runtime): the ranks stop ahead of
+                              the limit (rank 0 asks squeue for the job's end time), checkpoint, and
+                              Snakemake submits the next link, which resumes it, until the stage is done
+  4. `-n --forcerun caption`  plans caption and everything downstream of it, nothing upstream
+  5. the whole workflow       samples, plus `flaky` (tests/slurm/Snakefile), which fails on its first
+                              attempt and succeeds when the profile's `retries` resubmits it
+  6. one process              (`soraflow train --nproc 1`), no Slurm, the same global batch: its loss
+                              at every step must be the 2 x 2 run's, across the cuts
+What Slurm receives (the executor plugin's sbatch calls in Snakemake's --verbose log, and
+`scontrol show job`) is checked against what the test's config says each job needs. Every Snakemake
+call runs under `timeout -s INT`: Snakemake cancels its Slurm jobs and stops. The module prints the
+measured figures (submit -> start latency, job and run times).
 """
 
 from __future__ import annotations
@@ -26,69 +38,70 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-from workflow_run import small_config
+from workflow_run import copy_run, run_snakemake, small_config
 
 from soraflow.data import video
-from soraflow.models.checkpoint import load_for_sampling
+from soraflow.workflow import settings
 from soraflow.workflow.layout import Layout
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
 SNAKEFILE = REPO / "tests" / "slurm" / "Snakefile"  # the workflow + a CUDA probe + a flaky rule
 PROFILE = REPO / "profiles" / "slurm" / "config.v8+.yaml"
+KILL_HOOK = REPO / "tests" / "kill_hook"
+PYTHON_BIN = str(Path(sys.executable).parent)
 
 GPU_RULES = {"caption", "encode_video", "encode_text", "train_stage1", "sample_stage1"}
-CPU_RULES = {"demo_videos", "shard", "ingest", "split", "score", "models", "dataset", "flaky"}
-FIRST_STEPS = 60  # the first training run, which also measures this machine's steps/s (4-9 seen)
-PREEMPT_SECONDS = 60  # then steps for this much training: jobs of a 1-minute limit (30-40 s of training each) cut it
-SNAKEMAKE_TIMEOUT = 1500  # training speed here swings 3-15 steps/s with other load on 2 cores
+CPU_RULES = {"demo_videos", "shard", "ingest", "split", "score", "match", "models", "dataset", "flaky"}
+# What the stage needs, as the config says it; Slurm must receive exactly this.
+NODES, GPUS_PER_NODE, PROCESSES_PER_NODE, CPUS_PER_GPU, MEM_MB = 2, 2, 2, 1, 2000
+TIME_LIMIT = 1  # minutes: the chain's job time limit (cluster.max_runtime); Slurm enforces it 60-90 s in
+STAGE_RUNTIME = 8  # minutes: the first training run's job, started before the cluster has a limit
+GLOBAL_BATCH = 4  # one sample per rank
+FIRST_STEPS = 20
+TRAIN_SECONDS = 90  # the chain's training: more than a 1-minute job (enforced 60-90 s in) can hold
+SCORE_STALL = "*/scored.parquet.progress/*.part.json:2"  # the score job stalls as it finishes its 3rd clip
+SNAKEMAKE_TIMEOUT = 1500
 
 pytestmark = pytest.mark.slow
 
 
-# --- the cluster ---------------------------------------------------------------------------------
-def _why_no_cluster() -> str | None:
+def why_no_cluster() -> str | None:
     if not sys.platform.startswith("linux"):
         return "a local Slurm cluster needs Linux"
     if os.geteuid() != 0 and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode != 0:
-        return "a local Slurm cluster needs root or passwordless sudo (apt, slurmctld, slurmd)"
+        return "a local Slurm cluster needs root or passwordless sudo (apt, slurmctld, slurmd, namespaces)"
     if not shutil.which("slurmctld") and not shutil.which("apt-get"):
         return "slurm-wlm is not installed and there is no apt-get to install it"
     return None
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    reason = _why_no_cluster()
-    if reason:
-        pytest.skip(reason)
-    started = time.time()
-    result = subprocess.run([str(CLUSTER), "start"], capture_output=True, text=True, timeout=900)
-    if result.returncode != 0:
-        if not (shutil.which("slurmctld") and shutil.which("slurmd") and shutil.which("sbatch")):
-            pytest.skip(f"could not install slurm-wlm with apt: {result.stderr[-1500:]}")
-        pytest.fail(f"the local Slurm cluster did not start:\n{result.stdout}{result.stderr}")
-    print(f"\ncluster started in {time.time() - started:.1f} s")
-    yield
-    subprocess.run([str(CLUSTER), "stop"], capture_output=True, text=True, timeout=120)
+def root_addresses() -> str:
+    return subprocess.run(["ip", "-br", "addr"], capture_output=True, text=True, check=True).stdout
+
+
+def namespaces() -> str:
+    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+
+
+def cluster(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(CLUSTER), *args], capture_output=True, text=True, timeout=timeout)
 
 
 def slurm_jobs(workdir: Path) -> list[dict]:
-    """Every job Slurm still lists (MinJobAge=600) that ran in workdir, oldest first."""
-    out = subprocess.run(["scontrol", "show", "job", "-o"], capture_output=True, text=True, check=True).stdout
-    jobs = []
-    for line in out.splitlines():
-        fields = dict(re.findall(r"(\w+)=(\S*)", line))
-        if fields.get("WorkDir") != str(workdir):
-            continue
-        fields["rule"] = re.sub(r"^rule_|_wildcards_.*$", "", fields.get("Comment", ""))
-        jobs.append(fields)
+    """Every job the controller still lists (MinJobAge=600) that ran in workdir, oldest first."""
+    out = cluster("exec", "scontrol", "show", "job", "-o").stdout
+    jobs = [dict(re.findall(r"([^\s=]+)=(\S*)", line)) for line in out.splitlines()]
+    jobs = [j for j in jobs if j.get("WorkDir") == str(workdir)]
+    for job in jobs:
+        job["rule"] = re.sub(r"^rule_|_wildcards_.*$", "", job.get("Comment", ""))
     return sorted(jobs, key=lambda j: int(j["JobId"]))
 
 
@@ -98,15 +111,19 @@ def seconds(job: dict, start: str, end: str) -> float:
 
 # --- the workflow --------------------------------------------------------------------------------
 def slurm_config(workdir: Path) -> dict:
-    """test_end_to_end's small config, smaller: one demo video (3 scenes, one shard), stage1 only."""
+    """test_end_to_end's small config, smaller (one demo video, stage1 only, STDiT-tiny), the stage
+    on 2 nodes x 2 GPUs with a process each, every step logged (so every step's loss compares)."""
     config = small_config(workdir)
     (workdir / "manifest.csv").write_text("url,id,text\ndata/demo/cuts_a.mp4,cuts_a,\n")
-    # what the test cluster's nodes have (2 CPUs, 2 GPUs, a few GB)
-    config["stages"] = {"stage1": {**config["stages"]["stage1"], "steps": FIRST_STEPS,
-                                   "resources": {"cpus_per_gpu": 2, "mem_mb": 2000, "runtime": 30}}}  # fmt: skip
-    config["resources"] = {step: {"mem_mb": 2000} for step in ("caption", "encode_video", "encode_text", "sample")}
-    config["train"]["log_every"] = 10
-    config["train"]["checkpoint_every"] = 25
+    stage = {**config["stages"]["stage1"], "steps": FIRST_STEPS, "batch_size": GLOBAL_BATCH}
+    stage["resources"] = {"nodes": NODES, "gpus_per_node": GPUS_PER_NODE, "processes_per_node": PROCESSES_PER_NODE,
+                          "cpus_per_gpu": CPUS_PER_GPU, "mem_mb": MEM_MB, "runtime": STAGE_RUNTIME}  # fmt: skip
+    config["stages"] = {"stage1": stage}
+    config["stdit"]["preset"] = "STDiT-tiny"
+    # what the test cluster's nodes have (2 CPUs, 2 GPUs, a few GB); the score job's limit cuts it
+    config["resources"] = {step: {"mem_mb": MEM_MB} for step in ("caption", "encode_video", "encode_text", "sample")}
+    config["resources"]["score"] = {"runtime": TIME_LIMIT}
+    config["train"].update(log_every=1, checkpoint_every=10_000, data_workers=0)
     config["caption"]["max_new_tokens"] = 8
     config["diffusion"]["sample_steps"] = 2
     return config
@@ -122,53 +139,137 @@ def profile_for_test(folder: Path) -> Path:
     return folder
 
 
-def snakemake(workdir: Path, profile: Path, *args: str) -> str:
-    cmd = ["timeout", "-s", "INT", "-k", "60", str(SNAKEMAKE_TIMEOUT), sys.executable, "-m", "snakemake",
-           "-s", str(SNAKEFILE), "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"),
-           "--profile", str(profile), *args]  # fmt: skip
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+def run(cmd: list[str], what: str, cwd: Path | None = None, **env: str) -> str:
+    env = {**os.environ, "PATH": f"{PYTHON_BIN}:{os.environ['PATH']}", **env}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
     log = result.stdout + result.stderr
-    assert result.returncode != 124, f"snakemake {' '.join(args)} ran past {SNAKEMAKE_TIMEOUT} s:\n{log[-6000:]}"
-    assert result.returncode == 0, f"snakemake {' '.join(args)} failed:\n{log[-6000:]}"
+    assert result.returncode != 124, f"{what} ran past {SNAKEMAKE_TIMEOUT} s:\n{log[-6000:]}"
+    assert result.returncode == 0, f"{what} failed:\n{log[-6000:]}"
     return log
 
 
+def snakemake_on_slurm(workdir: Path, profile: Path, *args: str, **env: str) -> str:
+    """Snakemake inside the controller's namespace; SIGINT at the timeout cancels its jobs."""
+    cmd = [str(CLUSTER), "exec", "timeout", "-s", "INT", "-k", "60", str(SNAKEMAKE_TIMEOUT),
+           sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(workdir),
+           "--configfile", str(workdir / "config.yaml"), "--profile", str(profile), "--verbose", *args]  # fmt: skip
+    return run(cmd, f"snakemake {' '.join(args)}", **env)
+
+
+def one_process(workdir: Path, config: dict, run_dir: str) -> pd.DataFrame:
+    """`soraflow train` on one process with the stage's settings, outside Slurm; its loss log."""
+    layout = Layout(settings.with_defaults(config))
+    run(["soraflow", "train", layout.stage_index("stage1"), "--out", f"{run_dir}/out.safetensors", "--run-dir", run_dir,
+         "--params", layout.params("train", "stage1"), "--operational", layout.operational("train", "stage1"),
+         "--nproc", "1", "--nodes", "1"], "one-process training", cwd=workdir)  # fmt: skip
+    return pd.read_csv(workdir / run_dir / "loss.csv")
+
+
+def steps_per_second(log: pd.DataFrame) -> float:
+    """From a loss log's last run (`seconds` counts from each run's start)."""
+    return (log["step"].iloc[-1] - log["step"].iloc[0]) / (log["seconds"].iloc[-1] - log["seconds"].iloc[0])
+
+
+def score_outputs(workdir: Path, layout: Layout) -> dict[str, bytes]:
+    shard = layout.shards[0]
+    return {name: (workdir / layout.shard_file(name, shard)).read_bytes() for name in ("scored", "rejects_score")}
+
+
+def run_workflow(folder: Path) -> dict:
+    """The cluster up, the workflow's Snakemake calls on it, the cluster down, then the references
+    outside Slurm; everything the tests read, by name."""
+    reason = why_no_cluster()
+    if reason:
+        pytest.skip(reason)
+    started = time.time()
+    installed = cluster("install", timeout=900)  # slurm-wlm, munge, iproute2 where missing
+    if installed.returncode != 0:
+        pytest.skip(f"could not install what a two-node Slurm cluster needs with apt: {installed.stderr[-1500:]}")
+    runs = {"addresses_before": root_addresses(), "namespaces_before": namespaces(), "seconds": {}, "notes": []}
+    result = cluster("start", timeout=120)
+    if result.returncode != 0:
+        cluster("stop")
+        pytest.fail(f"the two-node Slurm cluster did not start:\n{result.stdout}{result.stderr}")
+    runs["seconds"]["cluster start"] = time.time() - started
+    try:
+        runs["addresses_running"] = root_addresses()
+        runs["status"] = cluster("status").stdout
+        workdir = runs["workdir"] = folder / "workflow"
+        workdir.mkdir(parents=True)
+        config = slurm_config(workdir)
+        (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+        profile = profile_for_test(folder / "profile")
+        layout = runs["layout"] = Layout(settings.with_defaults(config))
+
+        def timed(name, *args, **env):
+            mark = time.time()
+            runs[name] = snakemake_on_slurm(workdir, profile, *args, **env)
+            runs["seconds"][name] = time.time() - mark
+            runs[f"jobs_after_{name}"] = slurm_jobs(workdir)
+
+        timed("dry_run", "-n")
+        timed("until", "--until", "train_stage1",
+              PYTHONPATH=os.pathsep.join([str(KILL_HOOK), os.environ.get("PYTHONPATH", "")]),
+              SORAFLOW_TEST_STALL_AT=SCORE_STALL)  # fmt: skip
+        runs["first_train_log"] = (workdir / "logs" / "train" / "stage1.log").read_text()
+        runs["score_log"] = (workdir / "logs" / "score" / f"{layout.shards[0]}.log").read_text()
+        speed = steps_per_second(pd.read_csv(workdir / layout.run_dir("stage1") / "loss.csv"))
+
+        # More steps of the same run: the final weights go (the rule protects them), the job resumes
+        # at FIRST_STEPS and its chain of 1-minute jobs carries it to the end.
+        config["stages"]["stage1"]["steps"] = runs["total_steps"] = FIRST_STEPS + int(speed * TRAIN_SECONDS)
+        config["cluster"] = {"max_runtime": TIME_LIMIT}
+        (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+        (workdir / layout.checkpoint("stage1")).unlink()
+        runs["notes"].append(f"2 x 2 training at {speed:.2f} steps/s: {runs['total_steps']} steps")
+        timed("chain", "--until", "train_stage1")
+        runs["chain_train_log"] = (workdir / "logs" / "train" / "stage1.log").read_text()
+        timed("forcerun_plan", "-n", "--forcerun", "caption")
+        timed("full")
+    finally:
+        stopped = cluster("stop")
+        runs["stop"] = stopped.stdout + stopped.stderr
+        runs["addresses_after"] = root_addresses()
+        runs["namespaces_after"] = namespaces()
+
+    mark = time.time()
+    runs["reference"] = one_process(workdir, config, "reference")
+    runs["seconds"]["one process"] = time.time() - mark
+    # the score job as an uninterrupted local run writes it, in a copy of the finished workflow
+    mark = time.time()
+    uninterrupted = copy_run(workdir, folder / "score_reference")
+    run_snakemake(uninterrupted, "--forcerun", "score", "--until", "score")
+    runs["score_reference"] = score_outputs(uninterrupted, layout)
+    runs["seconds"]["score reference"] = time.time() - mark
+    return runs
+
+
+# The workflow takes minutes, most of them waiting on Slurm (scheduling, a time limit, the
+# chain's links), so it starts in a thread of its own as soon as the suite is collected
+# (conftest.py) and runs beside the other tests; the tests here wait for it.
+_workflow = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slurm-workflow")
+_started: Future | None = None
+
+
+def start_workflow(folder: Path) -> None:
+    global _started
+    if _started is None:
+        _started = _workflow.submit(run_workflow, folder)
+
+
+def end_workflow() -> None:
+    """At the end of the session: a workflow still running (its tests deselected or the session
+    stopped early) ends with its cluster, whose `stop` ends every process in it, Snakemake too."""
+    if _started is not None and not _started.done():
+        cluster("stop")
+    _workflow.shutdown(wait=True)
+
+
 @pytest.fixture(scope="module")
-def runs(cluster, tmp_path_factory) -> dict:
-    workdir = tmp_path_factory.mktemp("slurm_workflow")
-    config = slurm_config(workdir)
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    profile = profile_for_test(tmp_path_factory.mktemp("profile"))
-    layout = Layout(config)
-    runs = {"workdir": workdir, "layout": layout, "seconds": {}}
-
-    def timed(name, *args):
-        started = time.time()
-        runs[name] = snakemake(workdir, profile, *args)
-        runs["seconds"][name] = time.time() - started
-        runs[f"jobs_after_{name}"] = slurm_jobs(workdir)
-
-    timed("dry_run", "-n")
-    timed("until", "--until", "train_stage1")
-    # More steps for the same run: train_stage1 runs again (its params changed; its protected
-    # final checkpoint removed first, as a user does), resumes at step FIRST_STEPS and stops ahead
-    # of the 1-minute limit; the chain's next job resumes it, and so on until it finishes. A loss row
-    # only when a job stops or the stage ends (log_every, an operational setting, re-runs nothing).
-    log = pd.read_csv(workdir / "results" / "runs" / "stage1" / "loss.csv")
-    steps_per_second = (log["step"].iloc[-1] - log["step"].iloc[1]) / (log["seconds"].iloc[-1] - log["seconds"].iloc[1])
-    # then a cluster whose jobs last a minute: the stage (3 minutes) runs as a chain of them
-    config["cluster"] = {"max_runtime": 1}
-    config["stages"]["stage1"]["resources"]["runtime"] = 3
-    config["stages"]["stage1"]["steps"] = runs["total_steps"] = FIRST_STEPS + int(steps_per_second * PREEMPT_SECONDS)
-    config["train"]["log_every"] = 10 * runs["total_steps"]
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    (workdir / layout.checkpoint("stage1")).unlink()
-    print(f"\ntraining speed {steps_per_second:.1f} steps/s: {runs['total_steps']} steps")
-    timed("preempt", "--until", "train_stage1")
-    runs["captioned_mtime"] = (workdir / layout.shard_file("captioned", layout.shards[0])).stat().st_mtime_ns
-    timed("forcerun_plan", "-n", "--forcerun", "caption")
-    timed("full")
+def runs(tmp_path_factory) -> dict:
+    if _started is None:  # not started by conftest.py
+        start_workflow(tmp_path_factory.mktemp("slurm"))
+    runs = _started.result()
     report(runs)
     return runs
 
@@ -176,19 +277,39 @@ def runs(cluster, tmp_path_factory) -> dict:
 def report(runs: dict) -> None:
     jobs = runs["jobs_after_full"]
     waits = [seconds(j, "SubmitTime", "StartTime") for j in jobs]
-    lines = [f"{j['JobId']:>4} {j['rule']:<14} {j['Partition']:<4} {j.get('TresPerJob', '-'):<12} "
-             f"{j['JobState']:<9} wait {seconds(j, 'SubmitTime', 'StartTime'):3.0f} s  "
+    lines = [f"{j['JobId']:>4} {j['rule']:<14} {j['Partition']:<4} {j['NumNodes']} node(s) {j['JobState']:<9} "
+             f"limit {j['TimeLimit']}  wait {seconds(j, 'SubmitTime', 'StartTime'):3.0f} s  "
              f"run {seconds(j, 'StartTime', 'EndTime'):4.0f} s" for j in jobs]  # fmt: skip
-    print("\n".join(["", "slurm jobs:", *lines]))
+    first = [line for line in runs["first_train_log"].splitlines() if re.search(r"from step|stopped at|job ends at", line)]
+    print("\n".join(["", *runs["notes"], "first training run:", *first, "slurm jobs:", *lines]))
     print(f"submit -> start: min {min(waits):.0f} s, median {sorted(waits)[len(waits) // 2]:.0f} s, max {max(waits):.0f} s")
-    print("snakemake calls: " + ", ".join(f"{k} {v:.0f} s" for k, v in runs["seconds"].items()))
+    print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in runs["seconds"].items()))
+    print("sbatch:", sbatch_calls(runs["chain"])[0])
+
+
+def sbatch_calls(log: str) -> list[str]:
+    """The executor plugin's sbatch commands (logged at --verbose), without the wrapped job command."""
+    return [call.split(" --wrap=")[0] for call in re.findall(r"sbatch call: (sbatch .*)", log)]
 
 
 def by_rule(jobs: list[dict], rule: str) -> list[dict]:
     return [j for j in jobs if j["rule"] == rule]
 
 
+def new_jobs(runs: dict, name: str, before: str) -> list[dict]:
+    """The jobs Slurm lists after the call `name` that it did not list after the call `before`."""
+    known = {j["JobId"] for j in runs[f"jobs_after_{before}"]}
+    return [j for j in runs[f"jobs_after_{name}"] if j["JobId"] not in known]
+
+
 # --- the tests -----------------------------------------------------------------------------------
+def test_every_address_lives_in_the_clusters_namespaces_and_they_are_removed(runs):
+    assert re.search(r"nodes: node1=\w+ node2=\w+", runs["status"]), runs["status"]
+    assert runs["addresses_running"] == runs["addresses_before"]
+    assert runs["addresses_after"] == runs["addresses_before"]
+    assert runs["namespaces_after"] == runs["namespaces_before"], runs["stop"]
+
+
 def test_dry_run_plans_every_rule_and_submits_nothing(runs):
     for rule in GPU_RULES | CPU_RULES:
         assert f"rule {rule}:" in runs["dry_run"], rule
@@ -197,65 +318,103 @@ def test_dry_run_plans_every_rule_and_submits_nothing(runs):
 
 def test_until_train_stage1_stops_before_sampling(runs):
     workdir, layout = runs["workdir"], runs["layout"]
-    assert "train_stage1" in runs["until"] and "sample_stage1" not in runs["until"]
+    assert "rule train_stage1:" in runs["until"] and "rule sample_stage1:" not in runs["until"]
     rules = {j["rule"] for j in runs["jobs_after_until"]}
     assert rules == GPU_RULES - {"sample_stage1"} | CPU_RULES - {"flaky"}, rules
-    assert (workdir / layout.checkpoint("stage1")).exists()
-    before = {j["JobId"] for j in runs["jobs_after_until"]}  # squeue forgets old jobs: compare ids
-    rules = {j["rule"] for j in runs["jobs_after_preempt"] if j["JobId"] not in before}
+    assert (workdir / layout.run_dir("stage1") / "loss.csv").exists()
+    rules = {j["rule"] for j in new_jobs(runs, "chain", "until")}
     assert rules == {"train_stage1"}, rules  # a changed train param reruns training only
 
 
-def test_gpu_rules_get_a_gpu_and_see_cuda_visible_devices(runs):
+def test_a_shard_job_cut_by_the_time_limit_resumes_and_writes_the_uninterrupted_bytes(runs):
+    """The score job stalls as it finishes its last clip: Slurm ends it at the limit (TIMEOUT),
+    Snakemake deletes its outputs and resubmits it, and the retry scores only that clip."""
+    score = by_rule(runs["jobs_after_until"], "score")
+    assert [j["JobState"] for j in score] == ["TIMEOUT", "COMPLETED"], score
+    assert {j["TimeLimit"] for j in score} == {"00:01:00"}
+    assert "resuming after 2 finished parts of an earlier attempt" in runs["score_log"], runs["score_log"]
+    assert score_outputs(runs["workdir"], runs["layout"]) == runs["score_reference"]
+
+
+def test_slurm_receives_what_each_job_needs(runs):
+    """Training: both nodes, its GPUs and a CPU per GPU on each, its stage's runtime, then the
+    cluster's time limit; every other job one node, one GPU for the GPU steps, on the partition
+    that fits it."""
+    first, chain = (by_rule(new_jobs(runs, name, before), "train_stage1")
+                    for name, before in (("until", "dry_run"), ("chain", "until")))  # fmt: skip
+    for log, jobs, minutes in ((runs["until"], first, STAGE_RUNTIME), (runs["chain"], chain, TIME_LIMIT)):
+        calls = [c for c in sbatch_calls(log) if "rule_train_stage1" in c]
+        assert len(calls) == len(jobs), calls
+        for call in calls:
+            options = call.split()
+            assert {"--nodes=2", "--gres=gpu:2", "--cpus-per-task=2"} <= set(options), call  # GPUs per node, a CPU each
+            assert options[options.index("--mem") + 1] == str(MEM_MB) and options[options.index("-t") + 1] == str(minutes), call
+            assert options[options.index("-p") + 1] == "gpu", call
+            assert not any(o.startswith(("--gpus", "--ntasks")) for o in options), call  # --gpus counts the whole job
+        for job in jobs:
+            assert (job["NumNodes"], job["NodeList"], job["BatchHost"]) == ("2", "node[1-2]", "node1"), job
+            assert (job["NumTasks"], job["CPUs/Task"], job["TresPerNode"]) == ("2", "2", "gres:gpu:2"), job
+            assert (job["MinMemoryNode"], job["TimeLimit"]) == (f"{MEM_MB}M", f"00:0{minutes}:00"), job
+    for job in runs["jobs_after_full"]:
+        gpu = job["rule"] in GPU_RULES
+        assert job["Partition"] == ("gpu" if gpu else "cpu"), job
+        if job["rule"] != "train_stage1":
+            assert job["NumNodes"] == "1", job
+            assert (job.get("TresPerJob") == "gres:gpu:1") == gpu, job
+
+
+def test_gpu_rules_get_their_gpus_and_see_cuda_visible_devices(runs):
     workdir = runs["workdir"]
     jobs = runs["jobs_after_full"]
     # squeue keeps finished jobs for MinJobAge only: the full run's own jobs, at least
     assert {"sample_stage1", "flaky"} <= {j["rule"] for j in jobs} <= GPU_RULES | CPU_RULES
     for job in jobs:
-        gpu = job["rule"] in GPU_RULES
-        assert job["Partition"] == ("gpu" if gpu else "cpu"), job
-        # training asks per node (gres gpu:1 on each of its nodes), the other GPU jobs per job
-        tres = job.get("TresPerNode") if job["rule"] == "train_stage1" else job.get("TresPerJob")
-        assert (tres == "gres:gpu:1") == gpu, job
         logs = list((workdir / ".snakemake" / "slurm_logs").glob(f"rule_{job['rule']}/**/{job['JobId']}.log"))
         assert len(logs) == 1, (job["rule"], job["JobId"])
         probe = re.search(r"probe CUDA_VISIBLE_DEVICES=(\S+) SLURM_JOB_ID=(\d+)", logs[0].read_text())
         assert probe and probe[2] == job["JobId"], logs[0]
-        assert (probe[1] in {"0", "1"}) if gpu else probe[1] == "unset", (job["rule"], probe[1])
+        expected = {"0,1"} if job["rule"] == "train_stage1" else {"0", "1"} if job["rule"] in GPU_RULES else {"unset"}
+        assert probe[1] in expected, (job["rule"], probe[1])
 
 
-def test_a_job_that_fails_once_is_retried_and_succeeds(runs):
-    workdir = runs["workdir"]
-    flaky = by_rule(runs["jobs_after_full"], "flaky")
-    assert [j["JobState"] for j in flaky] == ["FAILED", "COMPLETED"]
-    assert (workdir / "results" / "flaky_attempts.txt").read_text() == "attempt 1\nattempt 2\n"
-    assert (workdir / "results" / "flaky.txt").read_text() == "ok\n"
+def test_ranks_meet_across_both_nodes_and_report_their_hosts(runs):
+    for log in (runs["first_train_log"], runs["chain_train_log"]):
+        launch = re.search(r"^launching: (.*)$", log, re.MULTILINE)[1]
+        assert launch.startswith("srun --overlap --whole --nodes 2 --ntasks 2 --ntasks-per-node 1 "), launch
+        assert "--nnodes 2 " in launch and "--rdzv-endpoint node1:29500 " in launch and "--nproc-per-node 2 " in launch
+        hosts = re.findall(r"^ranks on hosts: (.*)$", log, re.MULTILINE)[-1].split()
+        assert sorted(hosts) == ["node1", "node1", "node2", "node2"], hosts
+        assert "engine ddp x4" in log
 
 
-def test_training_stops_ahead_of_the_time_limit_with_its_last_step_checkpointed(runs):
-    """Every job of the chain but the last stops on its own before its 1-minute limit (FAILED, not
-    TIMEOUT: nothing was killed) with a checkpoint of the last step it ran: its loss row, logged as
-    it stops, is still in the log after the next job resumed (a resume drops the rows past its
-    checkpoint), one row per job."""
+def test_the_jobs_stop_ahead_of_the_time_limit_and_the_next_link_resumes(runs):
+    """Every link of the chain but the last stops on its own before its 1-minute limit (FAILED, not
+    TIMEOUT: nothing was killed) with a checkpoint of the last step it ran; the last link resumes
+    from such a checkpoint, mid-run, and the loss log holds every step once."""
     workdir, layout = runs["workdir"], runs["layout"]
-    total = runs["total_steps"]
-    first, *train = by_rule(runs["jobs_after_preempt"], "train_stage1")
-    assert first["JobState"] == "COMPLETED"  # FIRST_STEPS, within the limit
-    states = [j["JobState"] for j in train]
-    assert states[-1] == "COMPLETED" and states[:-1] and set(states[:-1]) == {"FAILED"}, states  # a chain
-    assert {j["TimeLimit"] for j in train} == {"00:01:00"}  # every link at the cluster's limit
-    log = (workdir / "logs" / "train" / "stage1.log").read_text()  # the last attempt's
-    resumed_from = int(re.search(r"from step (\d+)", log)[1])
-    assert "the job ends at" in log  # it knew its end time (squeue %e under Slurm 22.05)
-    run_dir = workdir / "results" / "runs" / "stage1"
-    rows = pd.read_csv(run_dir / "loss.csv")
-    stops = rows[rows["step"] > FIRST_STEPS]["step"].tolist()
-    print(f"\ntraining: jobs of {[round(seconds(j, 'StartTime', 'EndTime')) for j in train]} s stopped at steps "
-          f"{stops[:-1]}, the last resumed from step {resumed_from} and ended at {total}")
-    assert len(stops) == len(train) and stops == sorted(stops) and stops[-1] == total, (stops, states)
-    assert resumed_from == stops[-2]  # the last job resumed from the step its predecessor stopped at
-    _, input_size = load_for_sampling(workdir / layout.checkpoint("stage1"), use_ema=False)
-    assert input_size[0] == 1
+    first = by_rule(runs["jobs_after_until"], "train_stage1")
+    assert [j["JobState"] for j in first] == ["COMPLETED"]  # FIRST_STEPS, with no limit yet
+    chain = by_rule(new_jobs(runs, "chain", "until"), "train_stage1")
+    states = [j["JobState"] for j in chain]
+    assert states[-1] == "COMPLETED" and states[:-1] and set(states[:-1]) == {"FAILED"}, states
+    last_link_start = int(re.search(r"from step (\d+)", runs["chain_train_log"])[1])  # the log is the last link's
+    print(f"\nchain: {' '.join(states)}; links of {[round(seconds(j, 'StartTime', 'EndTime')) for j in chain]} s, "
+          f"the last resumed from step {last_link_start} of {runs['total_steps']}")
+    assert FIRST_STEPS < last_link_start < runs["total_steps"]  # cut mid-run, continued from its checkpoint
+    assert (workdir / layout.run_dir("stage1") / f"step-{last_link_start:07d}").is_dir()
+    log = pd.read_csv(workdir / layout.run_dir("stage1") / "loss.csv")
+    assert log["step"].tolist() == list(range(1, runs["total_steps"] + 1))  # one run, continued, not restarted
+    assert "the job ends at" in runs["chain_train_log"]  # it knew its end time (squeue %e under Slurm 22.05)
+    assert (workdir / layout.checkpoint("stage1")).exists()
+
+
+def test_loss_equals_one_process_on_the_same_global_batch_at_every_step(runs):
+    workdir, layout = runs["workdir"], runs["layout"]
+    two_nodes = pd.read_csv(workdir / layout.run_dir("stage1") / "loss.csv")
+    reference = runs["reference"]
+    assert reference["step"].tolist() == two_nodes["step"].tolist()
+    assert (two_nodes["loss"] - reference["loss"]).abs().max() < 1e-5, (two_nodes, reference)
+    assert (two_nodes["grad_norm"] - reference["grad_norm"]).abs().max() < 1e-4
 
 
 def test_forcerun_caption_plans_caption_and_downstream_only(runs):
@@ -264,7 +423,15 @@ def test_forcerun_caption_plans_caption_and_downstream_only(runs):
         assert f"rule {rule}:" in plan, rule
     for rule in ("demo_videos", "shard", "ingest", "split", "models", "encode_video"):
         assert f"rule {rule}:" not in plan, rule
-    assert len(runs["jobs_after_forcerun_plan"]) == len(runs["jobs_after_preempt"])  # a plan submits nothing
+    assert not new_jobs(runs, "forcerun_plan", "chain")  # a plan submits nothing
+
+
+def test_a_job_that_fails_once_is_retried_and_succeeds(runs):
+    workdir = runs["workdir"]
+    flaky = by_rule(runs["jobs_after_full"], "flaky")
+    assert [j["JobState"] for j in flaky] == ["FAILED", "COMPLETED"]
+    assert (workdir / "results" / "flaky_attempts.txt").read_text() == "attempt 1\nattempt 2\n"
+    assert (workdir / "results" / "flaky.txt").read_text() == "ok\n"
 
 
 def test_the_whole_workflow_completes_under_the_profile(runs):
