@@ -207,8 +207,8 @@ def test_checkpoints_load_and_samples_decode(finished_run):
         assert (workdir / png).stat().st_size > 0
 
 
-def planned_rules(workdir: Path) -> set[str]:
-    return {rule for rule, _ in planned_jobs(workdir)}
+def planned_rules_for(workdir: Path, config: str) -> set[str]:
+    return {rule for rule, _ in planned_jobs(workdir, config)}
 
 
 @pytest.fixture(scope="module")
@@ -227,49 +227,48 @@ def remove_final_checkpoints(workdir: Path, layout: Layout) -> None:
         checkpoint.unlink()
 
 
-def test_changing_the_vae_re_encodes_latents_and_retrains_from_step_0(rerun):
-    """A VAE setting keeps the latents' shape, so only the run identity's cache digests can tell
-    the old checkpoints are stale: the retrain starts at step 0 and ends with other weights."""
+def changed(workdir: Path, section: str, key: str, value) -> str:
+    """A config file beside the run's, `section.key` set to `value`; its name."""
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config[section][key] = value
+    name = f"config_{section}_{key}.yaml"
+    (workdir / name).write_text(yaml.safe_dump(config))
+    return name
+
+
+def test_changing_the_vae_and_a_caption_setting_reruns_what_each_declares_and_retrains_from_step_0(rerun):
+    """Each change alone plans its own steps; both together run once. A VAE setting keeps the
+    latents' shape, so only the run identity's cache digests can tell the old checkpoints are
+    stale, and new captions are new training data: every stage retrains from step 0, its old run
+    kept under superseded/, and ends with other weights; what neither change touches stays."""
     workdir, layout = rerun
     config = yaml.safe_load((workdir / "config.yaml").read_text())
-    config["vae"]["scaling_factor"] = 0.5
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    planned = planned_rules(workdir)
-    assert {"encode_video", "dataset", "train_stage1", "sample_stage3"} <= planned
-    assert not planned & {"split", "caption", "encode_text", "models"}
+    vae_only = planned_rules_for(workdir, changed(workdir, "vae", "scaling_factor", 0.5))
+    assert {"encode_video", "dataset", "train_stage1", "sample_stage3"} <= vae_only
+    assert not vae_only & {"split", "caption", "encode_text", "models"}
+    caption_only = planned_rules_for(workdir, changed(workdir, "caption", "max_new_tokens",
+                                                      config["caption"]["max_new_tokens"] + 4))  # fmt: skip
+    assert {"caption", "encode_text", "dataset", "train_stage1", "train_stage3", "sample_stage3"} <= caption_only
+    assert not caption_only & {"demo_videos", "shard", "ingest", "split", "models", "encode_video"}
 
-    before = {stage: load_for_sampling(workdir / layout.checkpoint(stage), use_ema=False)[0].state_dict()
-              for stage in layout.stages}  # fmt: skip
+    config["vae"]["scaling_factor"] = 0.5
+    config["caption"]["max_new_tokens"] += 4
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    upstream = [workdir / p for p in layout.shard_files("clips") + layout.shard_files("scored")]
+    downstream = [workdir / p for p in layout.shard_files("captioned") + [layout.latent_cache("stage1", s) for s in layout.shards]]
+    before = {p: p.stat().st_mtime_ns for p in upstream + downstream}
+    weights = {stage: load_for_sampling(workdir / layout.checkpoint(stage), use_ema=False)[0].state_dict()
+               for stage in layout.stages}  # fmt: skip
     remove_final_checkpoints(workdir, layout)
     run_snakemake(workdir)
+    assert all(p.stat().st_mtime_ns == before[p] for p in upstream)
+    assert all(p.stat().st_mtime_ns > before[p] for p in downstream)
     for stage in layout.stages:
         log = (workdir / f"logs/train/{stage}.log").read_text()
         assert "from step 0," in log and "cache files" in log and "superseded" in log, log[-2000:]
         assert list((workdir / layout.run_dir(stage) / "superseded").glob("*/step-*"))  # kept, not deleted
         after = load_for_sampling(workdir / layout.checkpoint(stage), use_ema=False)[0].state_dict()
-        assert any(not torch.equal(after[k], before[stage][k]) for k in after), stage
-
-
-def test_changing_a_caption_setting_reruns_caption_and_downstream_only(rerun):
-    workdir, layout = rerun
-    config = yaml.safe_load((workdir / "config.yaml").read_text())
-    config["caption"]["max_new_tokens"] += 4
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    upstream = [workdir / p for p in layout.shard_files("clips") + [layout.latent_cache("stage1", s) for s in layout.shards]]
-    downstream = [workdir / p for p in layout.shard_files("captioned") + [layout.checkpoint("stage1")]]
-    before = {p: p.stat().st_mtime_ns for p in upstream + downstream}
-
-    planned = planned_rules(workdir)
-    assert {"caption", "encode_text", "dataset", "train_stage1", "train_stage3", "sample_stage3"} <= planned
-    assert not planned & {"demo_videos", "shard", "ingest", "split", "models", "encode_video"}
-
-    remove_final_checkpoints(workdir, layout)
-    run_snakemake(workdir)
-    assert all(p.stat().st_mtime_ns == before[p] for p in upstream)
-    assert all(p.stat().st_mtime_ns > before[p] for p in downstream)
-    # new captions are new training data: no stage resumes the old run's checkpoints
-    for stage in layout.stages:
-        assert "from step 0," in (workdir / f"logs/train/{stage}.log").read_text()
+        assert any(not torch.equal(after[k], weights[stage][k]) for k in after), stage
 
 
 VIDEO_LOADS = """
