@@ -125,6 +125,31 @@ rule score:
         " --params {params.cfg:q} > {log} 2>&1"
 
 
+# Near-duplicates across the corpus, from every shard's scored table (their pHashes): one rejects
+# table, the clips every stage's index leaves out. It spans all shards, so a new shard re-runs it
+# (14 CPU s for a million clips at the default threshold) and the stage indexes; the latent jobs
+# do not read it (they encode the few near-duplicates too), so no other shard's job runs again.
+rule dedup:
+    input:
+        tables=L.shard_files("scored"),
+    output:
+        rejects=L.dedup_rejects(),
+    log:
+        "logs/dedup.log",
+    conda:
+        "../envs/soraflow.yaml"
+    threads: config["dedup"]["threads"]
+    resources:
+        operational=L.operational("dedup"),
+    params:
+        shards_dir=lambda w, input: folder(input.tables, levels=2),
+        num_shards=len(L.shards),
+        cfg=L.params("dedup"),
+    shell:
+        "soraflow dedup --shards-dir {params.shards_dir} --num-shards {params.num_shards} --out {output.rejects}"
+        " --params {params.cfg:q} --operational {resources.operational:q} > {log} 2>&1"
+
+
 # After captioning: all shards as one table, Open-Sora 1.0's and 1.1+'s CSVs beside it, every reject in one place.
 rule export:
     input:

@@ -10,6 +10,8 @@ rule dataset:
         matches=L.shard_files("matched"),
         latents=lambda w: [L.latent_cache(w.stage, s) for s in L.shards],
         texts=[L.text_cache(s) for s in L.shards],
+        # near-duplicates across the corpus: left out, and in the stage's rejects
+        dedup=L.dedup_rejects(),
     output:
         index=L.stage_index(),
         rejects=L.stage_rejects(),
@@ -30,7 +32,7 @@ rule dataset:
         "soraflow dataset --shards-dir {params.shards_dir} --num-shards {params.num_shards}"
         " --latent-dir {params.latent_dir} --text-dir {params.text_dir} --stage {wildcards.stage}"
         " --out {output.index} --rejects {output.rejects} --validation {output.validation}"
-        " --params {params.cfg:q} > {log} 2>&1"
+        " --dedup {input.dedup} --params {params.cfg:q} > {log} 2>&1"
 
 
 for stage in L.stages:

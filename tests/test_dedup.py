@@ -1,6 +1,7 @@
 """Near-duplicate search and choice (soraflow.scoring.dedup) against brute force over all pairs."""
 
 import itertools
+import json
 
 import imagehash
 import numpy as np
@@ -8,7 +9,9 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageFilter
 
-from soraflow.scoring.dedup import bands, near_duplicates, near_pairs, parse_phashes
+from soraflow.cli import main
+from soraflow.data import table
+from soraflow.scoring.dedup import bands, dedup_corpus, near_duplicates, near_pairs, parse_phashes
 
 
 def as_strings(hashes: np.ndarray) -> list[str]:
@@ -144,3 +147,39 @@ def test_real_phashes_of_a_re_encoded_picture_are_near_and_of_another_picture_ar
 def test_phash_strings_of_different_lengths_are_an_error():
     with pytest.raises(ValueError, match="different numbers"):
         parse_phashes(["0123456789abcdef", "0123456789abcdef 0123456789abcdef"])
+
+
+def test_dedup_corpus_writes_the_dropped_clips_of_every_shard_as_rejects(tmp_path):
+    # shard 0 holds a clip and its re-encode, shard 1 another re-encode (longer) and another shot
+    other = flipped(BASE, range(40))
+    shards = [clips(np.stack([BASE, flipped(BASE, range(1))]), [2.0, 2.0], ids=["a0", "a1"]),
+              clips(np.stack([flipped(BASE, range(2)), other]), [3.0, 2.0], ids=["b0", "b1"])]  # fmt: skip
+    paths = []
+    for k, shard in enumerate(shards):
+        paths.append(tmp_path / f"scored_{k}.parquet")
+        table.write(shard.assign(url=[f"{i}.mp4" for i in shard["id"]]), paths[-1])
+    assert dedup_corpus(paths, tmp_path / "rejects.parquet", max_distance=4) == 2
+    assert table.read(tmp_path / "rejects.parquet").to_dict("records") == [
+        {"id": "a0", "url": "a0.mp4", "stage": "dedup", "reason": "near-duplicate of b0 (mean pHash distance 2 bits)"},
+        {"id": "a1", "url": "a1.mp4", "stage": "dedup", "reason": "near-duplicate of b0 (mean pHash distance 1 bits)"},
+    ]
+    assert dedup_corpus(paths, tmp_path / "none.parquet", max_distance=None) == 0
+    assert table.read(tmp_path / "none.parquet").empty
+    with pytest.raises(ValueError, match="repeat"):
+        dedup_corpus([paths[0], paths[0]], tmp_path / "twice.parquet", max_distance=4)
+
+
+def test_the_tiny_run_searched_its_clips_and_a_loose_threshold_keeps_only_the_longest(finished_run, tmp_path):
+    """The shared run's dedup step ran over its shards and dropped nothing (its clips are different
+    shots); the same command over the run's scored tables at 64 bits (every clip alike) keeps one."""
+    workdir, layout = finished_run.workdir, finished_run.layout
+    assert table.read(workdir / layout.dedup_rejects()).empty
+    scored = table.concat([workdir / path for path in layout.shard_files("scored")])
+    assert scored["phash"].notna().all() and len(scored) > 3
+    out = tmp_path / "rejects.parquet"
+    main(["dedup", "--shards-dir", str(workdir / layout.root / "shards"), "--num-shards", str(len(layout.shards)),
+          "--out", str(out), "--params", json.dumps({"max_distance": 64})])  # fmt: skip
+    longest = scored.sort_values(["duration_s", "aes", "id"], ascending=[False, False, True])["id"].iat[0]
+    dropped = table.read(out)
+    assert sorted(dropped["id"]) == sorted(set(scored["id"]) - {longest})
+    assert dropped["reason"].str.startswith(f"near-duplicate of {longest} ").all()

@@ -35,6 +35,7 @@ from soraflow.data.ingest import ingest_shard
 from soraflow.data.split import split_shard
 from soraflow.inference.sample import sample_prompts
 from soraflow.scoring.caption import caption_shard
+from soraflow.scoring.dedup import dedup_corpus
 from soraflow.training.encode import encode_video_shard
 from soraflow.training.loop import train
 from soraflow.workflow.settings import STAGE_STEPS, STEP_SECTIONS, declared_steps, operational, with_defaults
@@ -51,6 +52,7 @@ VALUES = {
     "ingest.per_host": (8, 1),
     "ingest.keep_raw": (True, False),
     "split.threads": (1, 4),
+    "dedup.threads": (1, 2),
     "caption.batch_size": (1, 4),
     "vae.micro_batch": (16, 1),  # four clips of four frames per autoencoder call, or one frame
     "stages.*.grad_checkpointing": (None, True),
@@ -234,6 +236,29 @@ def run_split(synthetic_cut_video, vfr_video, rotated_video, tmp_path_factory):
         work = fresh(folder)
         split_shard(inputs / "videos.parquet", work / "clips", work / "clips.parquet", work / "rejects.parquet",
                     section("split", **given(values, "split")))
+        return folder_outputs(work)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def run_dedup(tmp_path_factory):
+    """Two shards of 300 clips, a third of them near-duplicates (a few bits flipped a frame)."""
+    from test_dedup import as_strings, corpus
+
+    inputs = tmp_path_factory.mktemp("dedup_inputs")
+    hashes = as_strings(corpus(seed=3, n=600))
+    paths = [inputs / "00000.parquet", inputs / "00001.parquet"]
+    for k, path in enumerate(paths):
+        ids = [f"clip{i:03d}" for i in range(300 * k, 300 * (k + 1))]
+        table.write(pd.DataFrame({"id": ids, "url": ids, "phash": hashes[300 * k : 300 * (k + 1)],
+                                  "duration_s": [1.0 + i % 3 for i in range(300)]}), path)  # fmt: skip
+    folder = tmp_path_factory.mktemp("dedup_run")
+
+    def run(values: dict) -> dict:
+        work = fresh(folder)
+        settings = section("dedup", **given(values, "dedup"))
+        dedup_corpus(paths, work / "rejects.parquet", settings["max_distance"], settings["threads"])
         return folder_outputs(work)
 
     return run

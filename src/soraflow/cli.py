@@ -120,6 +120,15 @@ def cmd_score(args) -> None:
     score_shard(args.table, args.out, args.params, args.rejects)
 
 
+def cmd_dedup(args) -> None:
+    from soraflow.data.manifest import shard_table_paths
+    from soraflow.scoring.dedup import dedup_corpus
+
+    tables = shard_table_paths(args.shards_dir, args.num_shards, "scored")
+    dropped = dedup_corpus(tables, args.out, args.params["max_distance"], args.params.get("threads", 1))
+    print(f"dedup: {dropped} near-duplicate clips left out")
+
+
 def cmd_match(args) -> None:
     from soraflow.scoring.shard import match_shard
 
@@ -176,6 +185,7 @@ def cmd_dataset(args) -> None:
     texts = shard_cache_paths(args.text_dir, args.num_shards)
     dropped = [path for name in ("rejects_score", f"rejects_encode_video_{args.stage}")
                for path in shard_table_paths(args.shards_dir, args.num_shards, name)]  # fmt: skip
+    dropped += [args.dedup] if args.dedup else []
     build_stage_index(tables, scores, latents, texts, args.params["stage"], args.out, args.rejects, dropped,
                       args.params["validation"]["fraction"], args.validation, matched_tables=matches)
 
@@ -356,6 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--rejects", help="rejects table: clips that do not decode (without it, such a clip is an error)")
 
+    p = with_params(command("dedup", cmd_dedup, "near-duplicate clips across every shard's scored table, by pHash"))
+    p.add_argument("--shards-dir", required=True, help="the workflow's shard folder (data/shards)")
+    p.add_argument("--num-shards", type=int, required=True)
+    p.add_argument("--out", required=True, help="rejects table: the near-duplicates every stage leaves out")
+
     p = with_params(command("match", cmd_match, "caption-video match (CLIP) of a captioned clip table"))
     p.add_argument("table")
     p.add_argument("--out", required=True)
@@ -391,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--rejects", required=True)
     p.add_argument("--validation", default=None, help="where the stage's held-out clips go (validation.fraction)")
+    p.add_argument("--dedup", help="the dedup step's rejects table: near-duplicates, left out and in --rejects")
 
     p = with_params(command("train", cmd_train, "train STDiT on a stage's index (run under torchrun)"))
     p.add_argument("index")

@@ -84,6 +84,10 @@ class Layout:
     def clip_dir(self, shard="{shard}") -> str:
         return f"{self.root}/clips/{shard}"
 
+    def dedup_rejects(self) -> str:
+        """Near-duplicates across the corpus: the clips every stage leaves out (soraflow dedup)."""
+        return f"{self.root}/dedup/rejects.parquet"
+
     def exports(self) -> dict[str, str]:
         """The export rule's outputs: every captioned clip (parquet), the CSVs Open-Sora 1.0 (headerless)
         and 1.1+ (with a header) read, all rejects."""

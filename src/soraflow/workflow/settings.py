@@ -28,6 +28,7 @@ STEP_SECTIONS: dict[str, list[str]] = {
     "split": ["split"],
     "score": ["score"],
     "match": ["score"],
+    "dedup": ["dedup"],
     "models": ["local_models"],
     "caption": ["caption"],
     "encode_video": ["vae", "stage"],
