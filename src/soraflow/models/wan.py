@@ -50,9 +50,9 @@ class WanDenoiser(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
                 force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, 16, T, h, w] latents at timestep t [B] (1000 sigma), y [B, L, C] text features with
-        mask [B, L]: the features past the caption's tokens are zeroed, as WanPipeline pads them."""
-        text = y * mask[..., None].to(y.dtype)
-        return self.transformer(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        mask [B, L] (force_drop_ids: no caption dropout in this family)."""
+        return self.transformer(hidden_states=x, timestep=t, encoder_hidden_states=pipeline_text(y, mask),
+                                return_dict=False)[0]
 
 
 class FlowMatching:
@@ -67,10 +67,9 @@ class FlowMatching:
         return torch.rand((), generator=generator)  # u, shifted in training_losses
 
     def training_losses(self, model_fn, x_start, t, model_kwargs=None, noise=None) -> dict:
-        kwargs = {k: v for k, v in (model_kwargs or {}).items() if k != "force_drop_ids"}
         sigma = shifted_sigma(t.float(), self.shift).reshape(-1, *([1] * (x_start.dim() - 1)))
         x_t = (1 - sigma) * x_start + sigma * noise
-        prediction = model_fn(x_t, sigma.flatten() * NUM_TRAIN_TIMESTEPS, **kwargs)
+        prediction = model_fn(x_t, sigma.flatten() * NUM_TRAIN_TIMESTEPS, **(model_kwargs or {}))
         loss = ((prediction.float() - (noise - x_start).float()) ** 2).mean(dim=tuple(range(1, x_start.dim())))
         return {"loss": loss}
 
