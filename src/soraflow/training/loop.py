@@ -536,6 +536,10 @@ class Trainer:
             bar.close()
             if self.writer is not None:
                 self.writer.close()
+            # its workers stop when the iterator goes; a library that keeps an exception it caught
+            # (its traceback holds this frame) would keep it to the exit, which joins the workers,
+            # and they ignore the SIGTERM meant for the trainer: the process never ends
+            del batches
         self.finish_save(wait=True)
         if self.world > 1:
             self.check_replicas()
