@@ -53,6 +53,15 @@ def test_near_pairs_are_exactly_the_pairs_brute_force_finds(max_total):
     assert len(expected) > (0 if max_total == 0 else 5)  # the corpus has pairs to find
 
 
+def test_candidates_verified_in_small_chunks_give_the_same_pairs(monkeypatch):
+    import soraflow.scoring.dedup
+
+    hashes = corpus(seed=7, n=240)
+    expected = near_pairs(hashes, 30)
+    monkeypatch.setattr(soraflow.scoring.dedup, "CANDIDATES_PER_CHUNK", 5)
+    assert all(np.array_equal(x, y) for x, y in zip(near_pairs(hashes, 30), expected)) and len(expected[0]) > 5
+
+
 def test_bands_are_disjoint_cover_every_bit_and_number_more_than_the_distance():
     for words, max_total in [(4, 0), (4, 16), (4, 48), (1, 12), (3, 100)]:
         edges = bands(words, max_total)

@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from soraflow.data import table
 
 HASH_BITS = 64
+CANDIDATES_PER_CHUNK = 1 << 23  # candidate pairs verified at once (about 0.4 GB of temporaries)
 
 
 def parse_phashes(strings) -> np.ndarray:
@@ -86,8 +87,9 @@ def _ranges(sizes: np.ndarray) -> np.ndarray:
 
 def _band_pairs(hashes: np.ndarray, lo: int, hi: int, max_total: int) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (i, j) of rows that agree on bits [lo, hi) and differ in at most max_total bits."""
-    order = np.argsort(band_keys(hashes, lo, hi), kind="stable")
-    keys = band_keys(hashes, lo, hi)[order]
+    keys = band_keys(hashes, lo, hi)
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
     starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
     sizes = np.diff(np.r_[starts, len(keys)])
     starts, sizes = starts[sizes > 1], sizes[sizes > 1]
@@ -97,17 +99,25 @@ def _band_pairs(hashes: np.ndarray, lo: int, hi: int, max_total: int) -> tuple[n
     position = _ranges(sizes)
     first = np.repeat(starts, sizes) + position
     partners = np.repeat(sizes, sizes) - 1 - position
-    left = np.repeat(first, partners)
-    right = left + _ranges(partners) + 1
-    # verified a word at a time, dropping pairs as soon as they are too far apart (most pairs
-    # are: a random word alone differs in 32 bits); neighbours in sorted order are close in memory
     ordered = hashes[order]
-    total = np.zeros(len(left), dtype=np.int64)
-    for word in range(hashes.shape[1]):
-        total += np.bitwise_count(ordered[left, word] ^ ordered[right, word])
-        near = total <= max_total
-        left, right, total = left[near], right[near], total[near]
-    a, b = order[left], order[right]
+    ends = np.cumsum(partners)
+    found_a, found_b = [], []
+    start = 0
+    while start < len(first):  # a chunk of positions at a time: memory bounded by CANDIDATES_PER_CHUNK pairs
+        stop = max(start + 1, int(np.searchsorted(ends, ends[start] - partners[start] + CANDIDATES_PER_CHUNK, side="right")))
+        left = np.repeat(first[start:stop], partners[start:stop])
+        right = left + _ranges(partners[start:stop]) + 1
+        # verified a word at a time, dropping pairs as soon as they are too far apart (most pairs
+        # are: a random word alone differs in 32 bits); neighbours in sorted order are close in memory
+        total = np.zeros(len(left), dtype=np.int64)
+        for word in range(hashes.shape[1]):
+            total += np.bitwise_count(ordered[left, word] ^ ordered[right, word])
+            near = total <= max_total
+            left, right, total = left[near], right[near], total[near]
+        found_a.append(order[left])
+        found_b.append(order[right])
+        start = stop
+    a, b = np.concatenate(found_a), np.concatenate(found_b)
     return np.minimum(a, b), np.maximum(a, b)
 
 
