@@ -5,7 +5,8 @@ the losses and weights of 1 process x batch 4. Both ranks print the digest of th
 weights they hold at the end (the trainer all-gathers them); they must be equal. FSDP2
 (`fully_shard`) runs on gloo/CPU in torch 2.13 and is tested the same way, a
 checkpoint written by one engine resumes under the other, and one written at one world
-size resumes at another.
+size resumes at another. The validation loss (its items shared out over the ranks, the sums
+all-reduced) is the single process's.
 """
 
 from __future__ import annotations
@@ -27,12 +28,15 @@ from test_train import cli_settings, latent_index, train_params  # noqa: F401  (
 from soraflow.training.loop import train
 
 STEPS = 4
+# 6 clips x 3 timesteps: 9 items per rank of 2, in batches of 2 (one padded)
+VALIDATION = {"every": 2, "timesteps": 3, "max_clips": 64, "sample_every": None, "sample_steps": 2,
+              "sample_captions": 0, "overfit_evaluations": 3}
 
 
-def launch(index, out, run_dir, params, nproc=2, python=sys.executable, env=None) -> subprocess.Popen:
+def launch(index, out, run_dir, params, nproc=2, python=sys.executable, env=None, args=()) -> subprocess.Popen:
     """`soraflow train --nproc` of `python`'s environment, with `env` added to ours."""
     cmd = [str(python), "-m", "soraflow.cli", "train", str(index), "--out", str(out), "--run-dir", str(run_dir),
-           "--nproc", str(nproc), *cli_settings(params)]
+           "--nproc", str(nproc), *cli_settings(params), *args]
     env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")},
            "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -60,17 +64,19 @@ def params_for(engine: str, batch_size: int, steps: int = STEPS, **overrides) ->
 
 @pytest.fixture(scope="module")
 def single_process(latent_index, tmp_path_factory):  # noqa: F811
-    """The reference: one process, the global batch of 4."""
+    """The reference: one process, the global batch of 4, validated on its own clips."""
     root = tmp_path_factory.mktemp("single")
-    params = params_for("ddp", batch_size=4)
-    train(latent_index, root / "out.safetensors", root / "run", params, params)
-    return load_file(str(root / "out.safetensors")), pd.read_csv(root / "run" / "loss.csv")
+    params = {**params_for("ddp", batch_size=4), "validation": VALIDATION}
+    train(latent_index, root / "out.safetensors", root / "run", params, params, validation_index=latent_index)
+    return (load_file(str(root / "out.safetensors")), pd.read_csv(root / "run" / "loss.csv"),
+            pd.read_csv(root / "run" / "validation.csv"))
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_two_processes_match_one_with_the_same_global_batch(engine, latent_index, single_process, tmp_path):  # noqa: F811
     out = tmp_path / "out.safetensors"
-    process = launch(latent_index, out, tmp_path / "run", params_for(engine, batch_size=4))
+    process = launch(latent_index, out, tmp_path / "run", {**params_for(engine, batch_size=4), "validation": VALIDATION},
+                     args=["--validation-index", str(latent_index)])
     output = finish(process)
     assert process.returncode == 0, output
     assert f"engine {engine} x2" in output
@@ -78,10 +84,14 @@ def test_two_processes_match_one_with_the_same_global_batch(engine, latent_index
     digests = rank_digests(output)
     assert len(digests) == 2 and digests[0] == digests[1], output
 
-    reference_weights, reference_log = single_process
+    reference_weights, reference_log, reference_validation = single_process
     log = pd.read_csv(tmp_path / "run" / "loss.csv")
     assert log["step"].tolist() == reference_log["step"].tolist() == list(range(1, STEPS + 1))
     assert (log["loss"] - reference_log["loss"]).abs().max() < 1e-5, (log, reference_log)
+    validation = pd.read_csv(tmp_path / "run" / "validation.csv")
+    assert validation["step"].tolist() == reference_validation["step"].tolist() == [2, 4]
+    for column in ("loss", "ema_loss"):
+        assert (validation[column] - reference_validation[column]).abs().max() < 1e-5, (validation, reference_validation)
 
     weights = load_file(str(out))
     assert set(weights) == set(reference_weights)
@@ -132,7 +142,7 @@ def test_a_checkpoint_resumes_at_another_world_size(latent_index, single_process
         if nproc == 2:  # each rank wrote its own shards
             written = {p.name: p.stat().st_size for p in (run_dir / f"step-{steps:07d}").glob("*.distcp")}
             assert sorted(written) == ["__0_0.distcp", "__1_0.distcp"] and min(written.values()) > 0, written
-    reference_weights, reference_log = single_process
+    reference_weights, reference_log, _ = single_process
     log = pd.read_csv(run_dir / "loss.csv")
     assert log["step"].tolist() == reference_log["step"].tolist()
     assert (log["loss"] - reference_log["loss"]).abs().max() < 1e-5, (log, reference_log)

@@ -372,6 +372,7 @@ class Trainer:
             sums = self.validation.loss_sums(self.wrapped, self.diffusion, self.device, self.autocast)
         finally:
             self.wrapped.train()
+            self.engine.after_forward_only(self.model)
         if self.rank % self.sp_size:
             sums.zero_()  # a sequence-parallel group's ranks computed the same items: count them once
         if self.world > 1:

@@ -90,6 +90,10 @@ class Engine:
         optimizer.zero_grad(set_to_none=True)
         return self.full_tensor(norm)
 
+    def after_forward_only(self, model: torch.nn.Module) -> None:
+        """Called after forward passes without a backward (the validation loss): an engine that
+        keeps gathered weights for the backward lets them go here."""
+
     def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Full CPU state dict on rank 0, {} elsewhere (a collective: every rank calls it)."""
         state = get_model_state_dict(model, options=GATHERED)

@@ -30,6 +30,14 @@ class FSDPEngine(Engine):
             fully_shard(model)
         return model, make_optimizer(model.parameters())  # the sharded (DTensor) parameters
 
+    def after_forward_only(self, model):
+        # FSDP2 keeps the root's gathered parameters after a forward for the backward; without
+        # one they stay the module's parameters, which the optimizer does not know, and the EMA
+        # copied into the shards would not reach the next forward
+        for module in model.modules():
+            if hasattr(module, "reshard"):
+                module.reshard()
+
     def full_tensor(self, t):
         from torch.distributed.tensor import DTensor
 
