@@ -182,13 +182,12 @@ def dims(stdit: dict, latent: tuple[int, int, int, int]) -> dict:
 
 
 def wan_transformer(ref: str) -> dict:
-    """The Wan transformer's config: a local pipeline's transformer/config.json, else the released one's."""
+    """The Wan transformer's config: a local pipeline's transformer/config.json, else the released one's;
+    a pipeline not built yet (the demo's, before its rule runs) or not known here is planned as 1.3B."""
     folder = local_model_dir(ref)
     if folder is not None and (folder / "transformer" / "config.json").exists():
         return json.loads((folder / "transformer" / "config.json").read_text())
-    if ref not in wan_config.HUB_IDS:
-        raise PlanError(f"wan.model {ref!r}: neither a local pipeline nor one of {sorted(wan_config.HUB_IDS)}")
-    return wan_config.TRANSFORMERS[wan_config.HUB_IDS[ref]]
+    return wan_config.TRANSFORMERS[wan_config.HUB_IDS.get(ref, "Wan2.1-T2V-1.3B")]
 
 
 def wan_dims(config: dict, stage: dict) -> tuple[dict, tuple[int, int, int, int]]:
