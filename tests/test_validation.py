@@ -171,7 +171,7 @@ def test_over_fitting_is_named_only_when_validation_rises_while_training_falls()
 @pytest.mark.slow
 def test_the_tiny_run_holds_out_validates_samples_and_tracks_every_stage(finished_run):
     """The shared tiny run (tests/workflow_run.py): 2 of its 8 clips held out in every stage,
-    evaluated and sampled at steps 2 and 4, each stage an MLflow run, and the report's page."""
+    evaluated at steps 2 and 4 and sampled at 4, each stage an MLflow run, and the report's page."""
     from mlflow import MlflowClient
 
     workdir, layout = finished_run.workdir, finished_run.layout
@@ -186,13 +186,13 @@ def test_the_tiny_run_holds_out_validates_samples_and_tracks_every_stage(finishe
         log = pd.read_csv(workdir / layout.validation_log(stage))
         assert log["step"].tolist() == [2, 4] and log["loss"].notna().all() and log["ema_loss"].notna().all()
         grids = sorted(p.name for p in (workdir / layout.run_dir(stage) / "samples").glob("step-*.png"))
-        assert grids == ["step-0000002.png", "step-0000004.png"]
+        assert grids == ["step-0000004.png"]
         assert "validation: " in (workdir / "logs" / "train" / f"{stage}.log").read_text()
     assert len({frozenset(ids) for ids in held.values()}) == 1  # the same clips in every stage
 
     page = (workdir / layout.report_figures()["validation"]).read_text()
     assert all(f"<h2>{stage}</h2>" in page for stage in layout.stages)
-    assert page.count("<figcaption>step ") == 2 * len(layout.stages)
+    assert page.count("<figcaption>step 4</figcaption>") == len(layout.stages)
 
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'results' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("soraflow")  # the schema's default
@@ -207,7 +207,7 @@ def test_the_tiny_run_holds_out_validates_samples_and_tracks_every_stage(finishe
 
 def test_validation_sample_grids_and_tracking_leave_the_weights_as_they_are(tmp_path):
     """The operational keys of validation and tracking (test_operational's MEASURING): a run that
-    evaluates at every step, samples a grid every 2 and records to MLflow ends with the weights
+    evaluates at every step, samples a grid at its end and records to MLflow ends with the weights
     of a run that does none of it. Latents of pixel_pack (12 channels), so the grid decodes."""
     from conftest import bare_section
     from safetensors.torch import load_file
@@ -220,14 +220,14 @@ def test_validation_sample_grids_and_tracking_leave_the_weights_as_they_are(tmp_
                 "vae": bare_section("vae", kind="pixel_pack", factor=2),
                 "diffusion": {"num_timesteps": 1000, "cfg_scale": 4.0}}  # fmt: skip
     plain = params_with(steps=4)
-    measured = {**params_with(steps=4, every=1, sample_every=2, sample_captions=1),
+    measured = {**params_with(steps=4, every=1, sample_every=4, sample_captions=1),
                 "tracking": {"mlflow": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "test"}}
     train(data, tmp_path / "plain.safetensors", tmp_path / "plain", {**plain, "validation": None}, plain)
     train(data, tmp_path / "measured.safetensors", tmp_path / "measured", measured, plain, validation_index=data,
           sampling=sampling)
     assert pd.read_csv(tmp_path / "measured" / "validation.csv")["step"].tolist() == [1, 2, 3, 4]
-    grids = sorted((tmp_path / "measured" / "samples").glob("*.png"))
-    assert [p.name for p in grids] == ["step-0000002.png", "step-0000004.png"]
+    grids = sorted((tmp_path / "measured" / "samples").glob("*"))
+    assert [p.name for p in grids] == ["step-0000004.png"]  # and no weights left beside it
     # a row per prompt and per validation caption (its sample beside its clip), 2 frames of 8 px each
     assert Image.open(grids[-1]).size == (2 * 2 * 8, 2 * 8)
     a, b = load_file(str(tmp_path / "plain.safetensors")), load_file(str(tmp_path / "measured.safetensors"))

@@ -41,8 +41,8 @@ def small_config(workdir: Path) -> dict:
     config["sample"]["prompts"] = config["sample"]["prompts"][:1]
     config["sample"]["training_captions"] = 1
     config["train"]["checkpoint_every"] = 2
-    # 2 of the 8 clips held out (cuts_a_scene-001, -002), evaluated and sampled at steps 2 and 4
-    config["validation"].update(fraction=0.1, every=2, sample_every=2, sample_steps=2, sample_captions=1)
+    # 2 of the 8 clips held out (cuts_a_scene-001, -002), evaluated at steps 2 and 4, sampled at 4
+    config["validation"].update(fraction=0.1, every=2, sample_every=4, sample_steps=2, sample_captions=1)
     return config
 
 

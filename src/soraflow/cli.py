@@ -224,6 +224,12 @@ def cmd_train(args) -> None:
         raise SystemExit(f"preempted: {stop}") from None
 
 
+def cmd_sample_grid(args) -> None:
+    from soraflow.inference.grid import sample_grid
+
+    sample_grid(args.weights, args.out, args.settings, args.steps, args.validation_index, args.captions)
+
+
 def cmd_sample(args) -> None:
     from soraflow.inference.sample import sample_prompts, sample_training_captions
     from soraflow.models.checkpoint import is_torch_checkpoint
@@ -422,6 +428,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=1, help="nodes; >1 starts srun + torchrun inside a Slurm job")
     p.add_argument("--attempt", type=int, default=1,
                    help="Snakemake's attempt: a retry exits at once after a failure a retry repeats (NaN loss, bad settings)")
+
+    p = command("sample-grid", cmd_sample_grid, "a grid of samples of weights during training (prompts, validation captions)")
+    p.add_argument("weights", help="a checkpoint file of one set of weights")
+    p.add_argument("--out", required=True, help="the PNG")
+    p.add_argument("--settings", type=_params, required=True, help="the sample step's settings, all of them (JSON)")
+    p.add_argument("--steps", type=int, required=True, help="sampling steps")
+    p.add_argument("--validation-index", default=None)
+    p.add_argument("--captions", type=int, default=0, help="validation captions sampled, each beside its clip")
 
     p = with_config(command("sample", cmd_sample, "sample one video per prompt from a checkpoint"))
     p.add_argument("--ckpt", required=True,

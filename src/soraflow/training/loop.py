@@ -34,6 +34,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -48,10 +50,7 @@ from soraflow.core.atomic import atomic_path
 from soraflow.core.progress import progress
 from soraflow.data.cache import LatentDataset
 from soraflow.models.checkpoint import save_checkpoint_file, saved, weights_digest
-from soraflow.models.diffusion import sample
-from soraflow.models.encoders import TextEncoder, load_autoencoder
 from soraflow.models.family import load_family
-from soraflow.models.stdit import build_model
 from soraflow.training import failure
 from soraflow.training.dataset import StepBatches, TrainingSamples
 from soraflow.training.engines import load_engine
@@ -59,7 +58,7 @@ from soraflow.training.engines.base import compute_dtype
 from soraflow.training.identity import digest, identity_parts, what_changed
 from soraflow.training.launch import job_end_time
 from soraflow.training.tracking import Tracker
-from soraflow.training.validation import ValidationSet, append_row, grid_image, overfitting, read_log, write_empty_log
+from soraflow.training.validation import ValidationSet, append_row, overfitting, read_log, write_empty_log
 
 # a step folder's layout (state.json says it): an earlier soraflow wrote one safetensors file
 CHECKPOINT_FORMAT = "torch.distributed.checkpoint"
@@ -157,11 +156,11 @@ class Trainer:
         self.diffusion = self.family.objective(params, self.model_config)
         self.samples = TrainingSamples(self.data, self.opts["seed"], self.diffusion.draw_timestep,
                                        self.family.uncond_prob(self.model, self.diffusion))
+        self.validation_index = validation_index
         self.held_out = LatentDataset(validation_index) if self.checks and validation_index else None
         self.validation = self.held_out and len(self.held_out) and ValidationSet(
             self.held_out, self.checks, self.opts["seed"], self.diffusion, self.stage["batch_size"] // self.dp_size,
             self.dp_rank, self.dp_size)
-        self.grid_inputs = None  # (autoencoder, prompts' features and mask), made at the first grid
         self.tracker = None
         self.step = 0
         self.data_wait = 0.0  # seconds the loop waited for a batch (train/data_wait_share)
@@ -419,41 +418,30 @@ class Trainer:
             print(f"WARNING: {self.run_dir.name}, step {self.step}: {warning}", flush=True)
 
     def sample_grid(self) -> None:
-        """A grid of samples of the weights sample.use_ema names, on rank 0: a row per prompt of
-        sample.prompts and per validation caption (its sample beside its clip), each at a seed of
-        its own from sample.seed; written to samples/step-N.png. Gathering the weights is a
-        collective; the other ranks go on and wait for rank 0 at the next one. STDiT only."""
+        """A grid of samples of the weights sample.use_ema names (soraflow.inference.grid, in a
+        process of its own: the loop imports no text encoder or autoencoder), written by rank 0
+        to samples/step-N.png. Gathering the weights is a collective; the other ranks go on and
+        wait for rank 0 at the next one. STDiT only."""
         use_ema = self.sampling["sample"]["use_ema"]
         weights = self._ema_to_save() if use_ema else self.engine.model_state(self.model)
         if self.rank != 0:
             return
         started = time.perf_counter()
-        if self.grid_inputs is None:
-            features, mask = TextEncoder(self.sampling["text_encoder"]).encode(self.sampling["sample"]["prompts"])
-            self.grid_inputs = (load_autoencoder(self.sampling["vae"]), features, mask)
-        autoencoder, features, mask = self.grid_inputs
-        model = build_model({**self.model_config, "grad_checkpointing": False}, input_size=self.input_size)
-        model.load_state_dict(weights, strict=False)  # position embeddings are built, never saved
-        model.to(self.device).eval()
-        captions = [(features[k : k + 1], mask[k : k + 1], None) for k in range(len(features))]
-        for row in range(min(self.checks["sample_captions"], len(self.held_out or ()))):
-            latents, y, y_mask = self.held_out[row]
-            captions.append((y[None], y_mask[None], latents))
-        rows = []
-        diffusion = self.sampling["diffusion"]
-        for k, (y, y_mask, clip) in enumerate(captions):
-            latents = sample(model, shape=(1, model.in_channels, *self.input_size), y=y.to(self.device),
-                             mask=y_mask.to(self.device), cfg_scale=diffusion["cfg_scale"],
-                             num_steps=self.checks["sample_steps"], seed=self.sampling["sample"]["seed"] + k,
-                             num_timesteps=diffusion["num_timesteps"], clip_denoised=autoencoder.latent_bound)
-            videos = [latents[0]] + ([] if clip is None else [clip])  # [C, T, h, w] each
-            rows.append([autoencoder.decode(v.transpose(0, 1)).float().cpu() for v in videos])
         path = self.run_dir / "samples" / f"step-{self.step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            grid_image(rows).save(tmp, format="PNG")
-        print(f"{path}: {len(rows)} samples ({'EMA' if use_ema else 'raw'} weights) in "
-              f"{time.perf_counter() - started:.1f} s", flush=True)
+        held = path.with_suffix(".safetensors")
+        save_checkpoint_file(held, {"model": weights}, {"model_config": self.model_config,
+                                                        "input_size": list(self.input_size), "steps": self.step})
+        command = [sys.executable, "-m", "soraflow.cli", "sample-grid", str(held), "--out", str(path),
+                   "--settings", json.dumps(self.sampling), "--steps", str(self.checks["sample_steps"]),
+                   "--captions", str(self.checks["sample_captions"])]
+        if self.held_out is not None:
+            command += ["--validation-index", str(self.validation_index)]
+        try:
+            subprocess.run(command, check=True)
+        finally:
+            held.unlink(missing_ok=True)
+        print(f"{path}: {'EMA' if use_ema else 'raw'} weights in {time.perf_counter() - started:.1f} s", flush=True)
 
     # --- the loop ----------------------------------------------------------------------
     def request_stop(self, signum, _frame) -> None:

@@ -19,9 +19,7 @@ import math
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-from soraflow.data import video
 from soraflow.data.cache import LatentDataset
 
 LOG_COLUMNS = ["step", "loss", "ema_loss", "seconds"]
@@ -127,23 +125,3 @@ def read_log(path: Path, column: str = "loss") -> list[tuple[int, float]]:
         return []
     with Path(path).open(newline="") as f:
         return [(int(row["step"]), float(row[column])) for row in csv.DictReader(f) if row.get(column)]
-
-
-def grid_image(rows: list[list[torch.Tensor]], frames: int = 4) -> Image.Image:
-    """One image: a row per entry, each entry's videos ([T, 3, H, W] in [-1, 1]) side by side,
-    `frames` evenly spaced frames of each."""
-    strips = []
-    for videos in rows:
-        shown = []
-        for pixels in videos:
-            count = min(frames, pixels.shape[0])
-            picks = [round(k * (pixels.shape[0] - 1) / max(count - 1, 1)) for k in range(count)]
-            shown += list(video.to_uint8(pixels[picks]))
-        strips.append(torch.cat(shown, dim=1))
-    width = max(s.shape[1] for s in strips)
-    canvas = torch.full((sum(s.shape[0] for s in strips), width, 3), 255, dtype=torch.uint8)
-    top = 0
-    for strip in strips:
-        canvas[top : top + strip.shape[0], : strip.shape[1]] = strip
-        top += strip.shape[0]
-    return Image.fromarray(canvas.numpy())
