@@ -22,15 +22,18 @@ rule report_figures:
         "logs/report_figures.log",
     conda:
         "../envs/soraflow.yaml"
+    resources:
+        # operational (the trainers' job logs warn with it too): a change re-runs nothing, and
+        # the page says what the value was when it was made
+        overfit=config["validation"]["overfit_evaluations"],
     params:
         losses=" ".join(f"{stage}={L.loss_log(stage)}" for stage in L.stages),
         stage_rejects=" ".join(f"{stage}={L.stage_rejects(stage)}" for stage in L.stages),
         # the sample grids lie in the run folders, beside the checkpoints (not declared outputs)
         validation=" ".join(f"{stage}={L.validation_log(stage)}={L.run_dir(stage)}" for stage in L.stages),
-        overfit=config["validation"]["overfit_evaluations"],
         out_dir=lambda w, output: os.path.dirname(output.dataset),
     shell:
         "soraflow report-figures --clips {input.clips} --rejects {input.rejects} --loss {params.losses}"
-        " --validation {params.validation} --overfit-evaluations {params.overfit}"
+        " --validation {params.validation} --overfit-evaluations {resources.overfit}"
         " --stage-rejects {params.stage_rejects}"
         " --out-dir {params.out_dir} > {log} 2>&1"
