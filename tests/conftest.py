@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -25,23 +24,20 @@ REPO = Path(__file__).resolve().parents[1]
 SLOW_TIMEOUT = 1800  # s: a slow test may build a whole tiny run or a Slurm cluster first
 
 
-def pytest_collection_finish(session):
-    """The Slurm test's workflow starts now, beside the other tests (tests/test_slurm.py)."""
-    if any(item.module.__name__ == "test_slurm" for item in session.items if hasattr(item, "module")):
-        sys.modules["test_slurm"].start_workflow(session.config._tmp_path_factory.mktemp("slurm"))
-
-
-def pytest_sessionfinish(session):
-    if "test_slurm" in sys.modules:
-        sys.modules["test_slurm"].end_workflow()
-
-
+@pytest.hookimpl(tryfirst=True)  # the groups must be there when xdist reads them
 def pytest_collection_modifyitems(items):
     """A hang fails with a stack (pytest-timeout) after the suite's timeout (pyproject.toml), or
-    SLOW_TIMEOUT for the end-to-end tests marked slow, unless a test names its own."""
+    SLOW_TIMEOUT for the end-to-end tests marked slow, unless a test names its own.
+
+    `make test` runs the suite on two workers (pytest-xdist, --dist loadgroup), a module's tests on
+    one worker (its module fixtures are built once) and every test that reads the session's
+    finished run on one (a session fixture is built once per worker). The Slurm test's module,
+    most of its minutes waiting on Slurm, runs beside the others."""
     for item in items:
         if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))
+        shared = "finished_run" in getattr(item, "fixturenames", ())
+        item.add_marker(pytest.mark.xdist_group("finished_run" if shared else item.module.__name__))
 
 
 def section(name: str, **values) -> dict:

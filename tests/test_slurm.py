@@ -10,10 +10,10 @@ One tiny workflow (one demo video, stage1 only, the STDiT-tiny model) runs throu
   1. `-n`                     plans every rule and submits nothing
   2. `--until train_stage1`   every job up to training and a few training steps, nothing after it;
                               the launcher's srun starts torchrun on both nodes, the 4 ranks meet over
-                              gloo at node1 and report their hosts. The score job (a 1-minute limit)
-                              stalls at its last clip (tests/kill_hook) until Slurm ends it at the
-                              limit; its retry resumes after the clips done and writes the bytes of an
-                              uninterrupted run
+                              gloo at node1 and report their hosts. The score, caption and match jobs
+                              (a 1-minute limit) stall at their last clip (tests/kill_hook) until Slurm
+                              ends them at the limit; each retry resumes after the clips done and
+                              writes the bytes of an uninterrupted run
   3. more steps               (about 90 s of training at the speed just measured; the final checkpoint
                               removed, as the rule's protected output asks), the cluster's job time
                               limit now 1 minute (cluster.max_runtime): the ranks stop ahead of
@@ -38,7 +38,6 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
@@ -67,7 +66,10 @@ STAGE_RUNTIME = 8  # minutes: the first training run's job, started before the c
 GLOBAL_BATCH = 4  # one sample per rank
 FIRST_STEPS = 20
 TRAIN_SECONDS = 90  # the chain's training: more than a 1-minute job (enforced 60-90 s in) can hold
-SCORE_STALL = "*/scored.parquet.progress/*.part.json:2"  # the score job stalls as it finishes its 3rd clip
+# Each per-clip shard job stalls as it finishes its 3rd and last clip (a caption batch of one):
+# the jobs with parts (tests/kill_hook), their outputs; the one-video ingest and split have one part.
+STALL_AT = "*.progress/*.part.json:2"
+STALLED = {"score": ["scored", "rejects_score"], "caption": ["captioned", "rejects_caption"], "match": ["matched"]}
 SNAKEMAKE_TIMEOUT = 1500
 
 pytestmark = pytest.mark.slow
@@ -120,9 +122,11 @@ def slurm_config(workdir: Path) -> dict:
                           "cpus_per_gpu": CPUS_PER_GPU, "mem_mb": MEM_MB, "runtime": STAGE_RUNTIME}  # fmt: skip
     config["stages"] = {"stage1": stage}
     config["stdit"]["preset"] = "STDiT-tiny"
-    # what the test cluster's nodes have (2 CPUs, 2 GPUs, a few GB); the score job's limit cuts it
+    # what the test cluster's nodes have (2 CPUs, 2 GPUs, a few GB); the stalled jobs' limit cuts them
     config["resources"] = {step: {"mem_mb": MEM_MB} for step in ("caption", "encode_video", "encode_text", "sample")}
-    config["resources"]["score"] = {"runtime": TIME_LIMIT}
+    for step in STALLED:
+        config["resources"].setdefault(step, {})["runtime"] = TIME_LIMIT
+    config["caption"]["batch_size"] = 1  # a part per clip
     config["train"].update(log_every=1, checkpoint_every=10_000, data_workers=0)
     config["caption"]["max_new_tokens"] = 8
     config["diffusion"]["sample_steps"] = 2
@@ -170,9 +174,9 @@ def steps_per_second(log: pd.DataFrame) -> float:
     return (log["step"].iloc[-1] - log["step"].iloc[0]) / (log["seconds"].iloc[-1] - log["seconds"].iloc[0])
 
 
-def score_outputs(workdir: Path, layout: Layout) -> dict[str, bytes]:
+def stalled_outputs(workdir: Path, layout: Layout) -> dict[str, bytes]:
     shard = layout.shards[0]
-    return {name: (workdir / layout.shard_file(name, shard)).read_bytes() for name in ("scored", "rejects_score")}
+    return {name: (workdir / layout.shard_file(name, shard)).read_bytes() for names in STALLED.values() for name in names}
 
 
 def run_workflow(folder: Path) -> dict:
@@ -210,9 +214,9 @@ def run_workflow(folder: Path) -> dict:
         timed("dry_run", "-n")
         timed("until", "--until", "train_stage1",
               PYTHONPATH=os.pathsep.join([str(KILL_HOOK), os.environ.get("PYTHONPATH", "")]),
-              SORAFLOW_TEST_STALL_AT=SCORE_STALL)  # fmt: skip
+              SORAFLOW_TEST_STALL_AT=STALL_AT)  # fmt: skip
         runs["first_train_log"] = (workdir / "logs" / "train" / "stage1.log").read_text()
-        runs["score_log"] = (workdir / "logs" / "score" / f"{layout.shards[0]}.log").read_text()
+        runs["stalled_logs"] = {step: (workdir / "logs" / step / f"{layout.shards[0]}.log").read_text() for step in STALLED}
         speed = steps_per_second(pd.read_csv(workdir / layout.run_dir("stage1") / "loss.csv"))
 
         # More steps of the same run: the final weights go (the rule protects them), the job resumes
@@ -235,41 +239,18 @@ def run_workflow(folder: Path) -> dict:
     mark = time.time()
     runs["reference"] = one_process(workdir, config, "reference")
     runs["seconds"]["one process"] = time.time() - mark
-    # the score job as an uninterrupted local run writes it, in a copy of the finished workflow
+    # the stalled jobs as an uninterrupted local run writes them, in a copy of the finished workflow
     mark = time.time()
-    uninterrupted = copy_run(workdir, folder / "score_reference")
-    run_snakemake(uninterrupted, "--forcerun", "score", "--until", "score")
-    runs["score_reference"] = score_outputs(uninterrupted, layout)
-    runs["seconds"]["score reference"] = time.time() - mark
+    uninterrupted = copy_run(workdir, folder / "uninterrupted")
+    run_snakemake(uninterrupted, "--forcerun", *STALLED, "--until", *STALLED)
+    runs["uninterrupted"] = stalled_outputs(uninterrupted, layout)
+    runs["seconds"]["uninterrupted jobs"] = time.time() - mark
     return runs
-
-
-# The workflow takes minutes, most of them waiting on Slurm (scheduling, a time limit, the
-# chain's links), so it starts in a thread of its own as soon as the suite is collected
-# (conftest.py) and runs beside the other tests; the tests here wait for it.
-_workflow = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slurm-workflow")
-_started: Future | None = None
-
-
-def start_workflow(folder: Path) -> None:
-    global _started
-    if _started is None:
-        _started = _workflow.submit(run_workflow, folder)
-
-
-def end_workflow() -> None:
-    """At the end of the session: a workflow still running (its tests deselected or the session
-    stopped early) ends with its cluster, whose `stop` ends every process in it, Snakemake too."""
-    if _started is not None and not _started.done():
-        cluster("stop")
-    _workflow.shutdown(wait=True)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    if _started is None:  # not started by conftest.py
-        start_workflow(tmp_path_factory.mktemp("slurm"))
-    runs = _started.result()
+    runs = run_workflow(tmp_path_factory.mktemp("slurm"))
     report(runs)
     return runs
 
@@ -326,14 +307,18 @@ def test_until_train_stage1_stops_before_sampling(runs):
     assert rules == {"train_stage1"}, rules  # a changed train param reruns training only
 
 
-def test_a_shard_job_cut_by_the_time_limit_resumes_and_writes_the_uninterrupted_bytes(runs):
-    """The score job stalls as it finishes its last clip: Slurm ends it at the limit (TIMEOUT),
-    Snakemake deletes its outputs and resubmits it, and the retry scores only that clip."""
-    score = by_rule(runs["jobs_after_until"], "score")
-    assert [j["JobState"] for j in score] == ["TIMEOUT", "COMPLETED"], score
-    assert {j["TimeLimit"] for j in score} == {"00:01:00"}
-    assert "resuming after 2 finished parts of an earlier attempt" in runs["score_log"], runs["score_log"]
-    assert score_outputs(runs["workdir"], runs["layout"]) == runs["score_reference"]
+@pytest.mark.parametrize("step", STALLED)
+def test_a_shard_job_cut_by_the_time_limit_resumes_and_writes_the_uninterrupted_bytes(runs, step):
+    """The job stalls as it finishes its last clip: Slurm ends it at the limit (TIMEOUT), Snakemake
+    deletes its outputs and resubmits it, and the retry does only that clip."""
+    jobs = by_rule(runs["jobs_after_until"], step)
+    assert [j["JobState"] for j in jobs] == ["TIMEOUT", "COMPLETED"], jobs
+    assert {j["TimeLimit"] for j in jobs} == {"00:01:00"}
+    log = runs["stalled_logs"][step]
+    assert "resuming after 2 finished parts of an earlier attempt" in log, log
+    done = stalled_outputs(runs["workdir"], runs["layout"])
+    for name in STALLED[step]:
+        assert done[name] == runs["uninterrupted"][name], name
 
 
 def test_slurm_receives_what_each_job_needs(runs):
