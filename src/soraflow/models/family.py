@@ -7,11 +7,13 @@
 
 The trainer and the sampler reach a family only through `Family`'s methods; the autoencoder and
 the text encoder are the config's `vae` and `text_encoder` (soraflow.models.encoders), which the
-encode jobs cache and the sampler decodes with. The Wan family's module is imported only when
-chosen: the STDiT path imports no diffusers.
+encode jobs cache and the sampler decodes with. The Wan family's module is imported by name, only
+when chosen: the STDiT path imports no diffusers.
 """
 
 from __future__ import annotations
+
+import importlib
 
 from soraflow.models import checkpoint as files
 from soraflow.models.diffusion import IDDPM
@@ -50,54 +52,16 @@ class STDiTFamily:
         return model.y_embedder.uncond_prob
 
 
-class WanFamily:
-    name = "wan"
-
-    def model_config(self, params: dict, stage: dict, channels: int, caption_channels: int,
-                     grad_checkpointing: bool) -> dict:
-        from diffusers import WanTransformer3DModel
-
-        from soraflow.core.hub import resolve_model_ref
-        from soraflow.models.wan import TRANSFORMER
-
-        wan = params["wan"]
-        transformer = dict(WanTransformer3DModel.load_config(resolve_model_ref(wan["model"]), subfolder=TRANSFORMER))
-        if (transformer["in_channels"], transformer["text_dim"]) != (channels, caption_channels):
-            raise ValueError(f"wan.model {wan['model']}: its transformer takes {transformer['in_channels']} latent "
-                             f"channels and text {transformer['text_dim']} wide, but the caches hold {channels} and "
-                             f"{caption_channels} (vae, text_encoder)")
-        finetune = stage.get("finetune") or wan["finetune"]
-        return {"family": self.name, "base": wan["model"], "transformer": transformer, "flow_shift": wan["flow_shift"],
-                "lora": dict(wan["lora"]) if finetune == "lora" else None, "grad_checkpointing": grad_checkpointing}
-
-    def build(self, model_config: dict, input_size, init_path: str | None, initial: bool):
-        """The base weights are wan.model's transformer, or a previous stage's (its LoRA fused in);
-        the stage's LoRA, if any, goes on top of them."""
-        from soraflow.models import wan
-
-        base, report = None, {}
-        if initial:
-            if init_path:
-                state, metadata = files.load_checkpoint_file(init_path, "model")
-                base, report = wan.fused_base_state(metadata["model_config"], state), {"base": str(init_path)}
-            else:
-                base = wan.pretrained_transformer(model_config["base"]).state_dict()
-                report = {"base": model_config["base"]}
-        return wan.build(model_config, base), report
-
-    def objective(self, params: dict, model_config: dict):
-        from soraflow.models.wan import FlowMatching
-
-        return FlowMatching(model_config["flow_shift"])
-
-    def uncond_prob(self, model, objective) -> float:
-        return objective.uncond_prob
-
-
-FAMILIES = {family.name: family for family in (STDiTFamily(), WanFamily())}
+# A family other than the default is a module, imported by name when a config chooses it (the
+# STDiT path, and the colossalai environment, have no diffusers): module -> its family class.
+FAMILY_CLASSES = {"wan": ("soraflow.models.wan", "WanFamily")}
 
 
 def load_family(name: str | None):
-    if (name or DEFAULT) not in FAMILIES:
-        raise ValueError(f"model.family: unknown family {name!r} (choose from {sorted(FAMILIES)})")
-    return FAMILIES[name or DEFAULT]
+    name = name or DEFAULT
+    if name == STDiTFamily.name:
+        return STDiTFamily()
+    if name not in FAMILY_CLASSES:
+        raise ValueError(f"model.family: unknown family {name!r} (choose from {sorted([DEFAULT, *FAMILY_CLASSES])})")
+    module, cls = FAMILY_CLASSES[name]
+    return getattr(importlib.import_module(module), cls)()

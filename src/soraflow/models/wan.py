@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from soraflow.core.hub import resolve_model_ref
+from soraflow.models.checkpoint import load_checkpoint_file
 
 NUM_TRAIN_TIMESTEPS = 1000  # diffusers' FlowMatchEulerDiscreteScheduler: timestep = 1000 sigma
 TRANSFORMER = "transformer"  # the transformer's folder in a diffusers pipeline
@@ -180,3 +181,40 @@ def pipeline(model: WanDenoiser, text_encoder, autoencoder, shift: float):
 def pipeline_text(y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Cached features as WanPipeline's prompt_embeds: zero past each caption's tokens."""
     return y * mask[..., None].to(y.dtype)
+
+
+class WanFamily:
+    name = "wan"
+
+    def model_config(self, params: dict, stage: dict, channels: int, caption_channels: int,
+                     grad_checkpointing: bool) -> dict:
+        from diffusers import WanTransformer3DModel
+
+        wan = params["wan"]
+        transformer = dict(WanTransformer3DModel.load_config(resolve_model_ref(wan["model"]), subfolder=TRANSFORMER))
+        if (transformer["in_channels"], transformer["text_dim"]) != (channels, caption_channels):
+            raise ValueError(f"wan.model {wan['model']}: its transformer takes {transformer['in_channels']} latent "
+                             f"channels and text {transformer['text_dim']} wide, but the caches hold {channels} and "
+                             f"{caption_channels} (vae, text_encoder)")
+        finetune = stage.get("finetune") or wan["finetune"]
+        return {"family": self.name, "base": wan["model"], "transformer": transformer, "flow_shift": wan["flow_shift"],
+                "lora": dict(wan["lora"]) if finetune == "lora" else None, "grad_checkpointing": grad_checkpointing}
+
+    def build(self, model_config: dict, input_size, init_path: str | None, initial: bool):
+        """The base weights are wan.model's transformer, or a previous stage's (its LoRA fused in);
+        the stage's LoRA, if any, goes on top of them."""
+        base, report = None, {}
+        if initial:
+            if init_path:
+                state, metadata = load_checkpoint_file(init_path, "model")
+                base, report = fused_base_state(metadata["model_config"], state), {"base": str(init_path)}
+            else:
+                base = pretrained_transformer(model_config["base"]).state_dict()
+                report = {"base": model_config["base"]}
+        return build(model_config, base), report
+
+    def objective(self, params: dict, model_config: dict):
+        return FlowMatching(model_config["flow_shift"])
+
+    def uncond_prob(self, model, objective) -> float:
+        return objective.uncond_prob
