@@ -31,13 +31,18 @@ def pytest_collection_modifyitems(items):
 
     `make test` runs the suite on two workers (pytest-xdist, --dist loadgroup), a module's tests on
     one worker (its module fixtures are built once) and every test that reads the session's
-    finished run on one (a session fixture is built once per worker). The Slurm test's module,
-    most of its minutes waiting on Slurm, runs beside the others."""
+    finished run on one (a session fixture is built once per worker). The two longest groups go
+    first, one to each worker (--no-loadscope-reorder keeps this order): the Slurm test, most of
+    its minutes waiting on Slurm, and the finished run's tests; the rest fill in beside them."""
     for item in items:
         if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))
-        shared = "finished_run" in getattr(item, "fixturenames", ())
-        item.add_marker(pytest.mark.xdist_group("finished_run" if shared else item.module.__name__))
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    items.sort(key=lambda item: {"test_slurm": 0, "finished_run": 1}.get(group(item), 2))  # stable
+
+
+def group(item) -> str:
+    return "finished_run" if "finished_run" in getattr(item, "fixturenames", ()) else item.module.__name__
 
 
 def section(name: str, **values) -> dict:

@@ -327,14 +327,16 @@ def ran_on(ops: Counter) -> set[str]:
 
 def main(argv: list[str]) -> None:
     """`python tests/fake_accelerator.py MODULE:FUNCTION JSON`: the function called with the JSON
-    list's arguments on one fake GPU (a training rank of a multi-process test); prints the
-    devices that computed, as JSON, on its last line."""
+    list's arguments on one fake GPU (a training step in a process of its own, whose autograd
+    engine starts with the device registered); prints the operators each device computed,
+    `compute ops: {"DEVICE OP": calls}`, then the devices that computed, as JSON, on its last line."""
     import importlib
     import json
 
     module, function = argv[0].split(":")
     with fake_accelerator() as ops:
         getattr(importlib.import_module(module), function)(*json.loads(argv[1]))
+    print("compute ops:", json.dumps({f"{device} {op}": calls for (device, op), calls in ops.items()}), flush=True)
     print(json.dumps(sorted(ran_on(ops))), flush=True)
 
 

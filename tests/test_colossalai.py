@@ -29,6 +29,8 @@ from test_distributed import finish, launch, params_for, rank_digests
 from test_sequence_parallel import assert_same_training, result
 from test_train import latent_index  # noqa: F401  (the fixture is shared)
 
+from soraflow.data import table
+
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = REPO / ".venv-colossalai" / "bin" / "python"
 CPU_STAND_INS = {"PYTHONPATH": str(REPO / "tests" / "colossalai_cpu")}
@@ -155,6 +157,7 @@ def test_the_train_rule_trains_in_the_colossalai_environment(latent_index, tmp_p
     index = tmp_path / "data" / "train" / "stage1" / "index.parquet"
     index.parent.mkdir(parents=True)
     shutil.copyfile(latent_index, index)
+    table.write(table.read(index).iloc[:0], index.with_name("validation.parquet"))  # the dataset step's: none held out
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "results/checkpoints/stage1.safetensors",
            "--configfile", "config.yaml", "--cores", "2", "--allowed-rules", "train_stage1"]
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,

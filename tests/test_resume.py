@@ -129,6 +129,15 @@ def test_caption_resumes(shard, tiny_models, tmp_path):  # noqa: F811
     assert_resumes(argv, tmp_path, out, [], PARTS, total=5, done=2)  # 9 clips in batches of 2
 
 
+def test_match_resumes(shard, tiny_models, tmp_path):  # noqa: F811
+    clips = table.read(shard / "clips.parquet")
+    table.write(clips.assign(text=[f"scene {i} of a test video" for i in range(len(clips))]), tmp_path / "captioned.parquet")
+    out = tmp_path / "matched.parquet"
+    settings = section("score", match={"model": str(tiny_models["tiny-clip"]), "frames": 2})
+    argv = ["match", "captioned.parquet", "--out", str(out), *params(settings)]
+    assert_resumes(argv, tmp_path, [out], [], PARTS, total=9, done=4)
+
+
 def test_encode_video_resumes(shard, tmp_path):
     # 16 frames of 256 x 256 in bf16, packed: 6 MiB a clip, so two clips (micro_batch 16: one a
     # batch) fill a chunk and the shard's 9 clips make 5

@@ -235,6 +235,7 @@ def test_snakemake_does_not_retry_a_failure_a_retry_repeats(latent_index, tmp_pa
     index = tmp_path / "data" / "train" / "stage1" / "index.parquet"
     index.parent.mkdir(parents=True)
     shutil.copyfile(latent_index, index)
+    table.write(table.read(index).iloc[:0], index.with_name("validation.parquet"))  # the dataset step's: none held out
     cmd = [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "results/checkpoints/stage1.safetensors",
            "--configfile", "config.yaml", "--cores", "1", "--allowed-rules", "train_stage1"]
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,

@@ -456,8 +456,14 @@ class Trainer:
         log_path, validation_path = self.run_dir / "loss.csv", self.run_dir / "validation.csv"
         checks = self.checks or {}
         validate_every = checks.get("every") if self.validation else None
-        # sample grids sample an STDiT (another family's model config names it)
+        # sample grids sample an STDiT (another family's model config names it) in the project's
+        # environment: the colossalai engine's own has no video decoder or text encoder
         grids = self.sampling is not None and self.model_config.get("family", "stdit") == "stdit"
+        if grids and self.opts["engine"] == "colossalai" and checks.get("sample_every"):
+            grids = False
+            if self.rank == 0:
+                print("validation.sample_every: no sample grids under the colossalai engine (its environment "
+                      "has no video decoder or text encoder); the stage's samples come after it", flush=True)
         sample_every = checks.get("sample_every") if grids else None
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
