@@ -59,7 +59,7 @@ demo-wan: setup
 test:
 	$(MAKE) -j3 --output-sync=target setup-dev /usr/bin/chromedriver $(COLOSSALAI_STAMP)
 	$(MAKE) lint
-	PATH=$(abspath $(VENV))/bin:$$PATH pytest -q --durations=25 -n 2 --dist loadgroup --no-loadscope-reorder
+	PATH=$(abspath $(VENV))/bin:$$PATH pytest -q --durations=25 -n 3 --dist loadgroup --no-loadscope-reorder
 
 # The layering contract (import-linter, pyproject.toml), Python and Snakemake style, Snakemake's own lint.
 lint: setup-dev

@@ -29,11 +29,12 @@ def pytest_collection_modifyitems(items):
     """A hang fails with a stack (pytest-timeout) after the suite's timeout (pyproject.toml), or
     SLOW_TIMEOUT for the end-to-end tests marked slow, unless a test names its own.
 
-    `make test` runs the suite on two workers (pytest-xdist, --dist loadgroup), a module's tests on
-    one worker (its module fixtures are built once) and every test that reads the session's
-    finished run on one (a session fixture is built once per worker). The two longest groups go
-    first, one to each worker (--no-loadscope-reorder keeps this order): the Slurm test, most of
-    its minutes waiting on Slurm, and the finished run's tests; the rest fill in beside them."""
+    `make test` runs the suite on three workers for two cores (pytest-xdist, --dist loadgroup), a
+    module's tests on one worker (its module fixtures are built once) and every test that reads
+    the session's finished run on one (a session fixture is built once per worker). The two
+    longest groups go first, one to each of two workers (--no-loadscope-reorder keeps this order):
+    the Slurm test, most of its minutes waiting on Slurm, and the finished run's tests; a worker
+    takes more only when its own are nearly done, so the third fills in the rest beside them."""
     for item in items:
         if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))
