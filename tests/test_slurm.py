@@ -128,6 +128,9 @@ def slurm_config(workdir: Path) -> dict:
         config["resources"].setdefault(step, {})["runtime"] = TIME_LIMIT
     config["caption"]["batch_size"] = 1  # a part per clip
     config["train"].update(log_every=1, checkpoint_every=10_000, data_workers=0)
+    # no validation or sample grids while the chain runs: each grid is a process of its own, which
+    # left a 1-minute link a few steps (the shared run tests them)
+    config["validation"].update(every=10_000, sample_every=None)
     config["caption"]["max_new_tokens"] = 8
     config["diffusion"]["sample_steps"] = 2
     return config
