@@ -56,6 +56,12 @@ def _thumbnail(frame, height: int = 96) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def write_page(out_html, title: str, style: str, body: str) -> None:
+    """One self-contained HTML page of the report."""
+    Path(out_html).write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>"
+                              f"body{{font-family:sans-serif}} {style}</style></head><body>{body}</body></html>")
+
+
 def gallery_html(clips_path, out_html, max_clips: int = 24, positions=(0.2, 0.5, 0.8)) -> None:
     """Three frames of each clip beside its caption, as one self-contained page."""
     clips = table.read(clips_path).head(max_clips)
@@ -67,13 +73,8 @@ def gallery_html(clips_path, out_html, max_clips: int = 24, positions=(0.2, 0.5,
             f"<tr><td>{images}</td><td><b>{html.escape(clip.id)}</b> · {clip.num_frames} frames · "
             f"{clip.width}x{clip.height}<br>{html.escape(str(clip.text))}</td></tr>"
         )
-    page = (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>clips</title><style>"
-        "body{font-family:sans-serif} td{vertical-align:top;padding:4px;overflow-wrap:anywhere}"
-        "td:first-child{white-space:nowrap} img{margin-right:2px}"
-        "</style></head><body><table>" + "".join(rows) + "</table></body></html>"
-    )
-    Path(out_html).write_text(page)
+    write_page(out_html, "clips", "td{vertical-align:top;padding:4px;overflow-wrap:anywhere}"
+               "td:first-child{white-space:nowrap} img{margin-right:2px}", "<table>" + "".join(rows) + "</table>")
 
 
 def filters_html(clips_path, stage_rejects: dict[str, str | Path], out_html, examples: int = 4) -> None:
@@ -104,13 +105,9 @@ def filters_html(clips_path, stage_rejects: dict[str, str | Path], out_html, exa
         body = "".join(rows) or "<tr><td colspan=3>no clip left out</td></tr>"
         sections.append(f"<h2>{html.escape(stage)}</h2><table><tr><th>filter</th><th>clips removed</th>"
                         f"<th>examples</th></tr>{body}</table>")
-    page = (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>filters</title><style>"
-        "body{font-family:sans-serif} td,th{vertical-align:top;padding:4px;text-align:left}"
-        "figure{display:inline-block;margin:4px;max-width:180px;font-size:small;overflow-wrap:anywhere}"
-        "</style></head><body>" + "".join(sections) + "</body></html>"
-    )
-    Path(out_html).write_text(page)
+    write_page(out_html, "filters", "td,th{vertical-align:top;padding:4px;text-align:left}"
+               "figure{display:inline-block;margin:4px;max-width:180px;font-size:small;overflow-wrap:anywhere}",
+               "".join(sections))
 
 
 def plot_losses(loss_csvs: dict[str, str | Path], out_png) -> None:
@@ -168,15 +165,10 @@ def validation_html(stages: dict[str, dict], out_html, evaluations: int) -> None
             f"<figcaption>step {int(path.stem.removeprefix('step-'))}</figcaption></figure>" for path in grids)
         sections.append(f"<h2>{html.escape(stage)}</h2><img src='data:image/png;base64,{curve}'>{notes}"
                         f"<div class='strip'>{strip or '<p>no sample grids (validation.sample_every)</p>'}</div>")
-    page = (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>validation</title><style>"
-        "body{font-family:sans-serif} .warn{color:#b00;font-weight:bold} .strip{display:flex;overflow-x:auto}"
-        "figure{margin:4px} figcaption{text-align:center}"
-        "</style></head><body>"
-        "<p>Sample grids: a row per prompt, then per validation caption (its sample beside its held-out clip).</p>"
-        + "".join(sections) + "</body></html>"
-    )
-    Path(out_html).write_text(page)
+    page_body = ("<p>Sample grids: a row per prompt, then per validation caption (its sample beside its held-out "
+                 "clip).</p>" + "".join(sections))
+    write_page(out_html, "validation", ".warn{color:#b00;font-weight:bold} .strip{display:flex;overflow-x:auto}"
+               "figure{margin:4px} figcaption{text-align:center}", page_body)
 
 
 def make_figures(clips_path, rejects_path, loss_csvs: dict, out_dir, validation: dict | None = None,
