@@ -31,6 +31,7 @@ class VideoServer(BaseHTTPRequestHandler):
     requests: dict[str, list[str | None]] = defaultdict(list)  # name[?query] -> Range header per request
     lock = threading.Lock()
     in_flight = max_in_flight = 0
+    latency_s = 0.0  # before any answer, so that concurrent clients overlap here
 
     def log_message(self, *args):
         pass
@@ -41,6 +42,7 @@ class VideoServer(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data) if length is None else length))
         if content_range:
             self.send_header("Content-Range", content_range)
+        self.leave()  # before the client can have the whole answer, and so free its host slot
         self.end_headers()
         self.wfile.write(data)
 
@@ -56,11 +58,24 @@ class VideoServer(BaseHTTPRequestHandler):
         with cls.lock:
             cls.in_flight += 1
             cls.max_in_flight = max(cls.max_in_flight, cls.in_flight)
+        self.counted = True
         try:
+            time.sleep(cls.latency_s)
             self.respond()
         finally:
-            with cls.lock:
-                cls.in_flight -= 1
+            self.leave()
+
+    def send_error(self, *args, **kwargs):
+        self.leave()
+        super().send_error(*args, **kwargs)
+
+    def leave(self):
+        """A request stops counting as in flight once its answer starts out: the client frees
+        its slot when the body is read, which can be before this thread returns."""
+        if self.counted:
+            self.counted = False
+            with type(self).lock:
+                type(self).in_flight -= 1
 
     def respond(self):
         route, _, query = self.path.strip("/").partition("?")
@@ -101,6 +116,7 @@ def server(bad_videos):
     VideoServer.body = bad_videos["good"].read_bytes()
     VideoServer.requests = defaultdict(list)
     VideoServer.in_flight = VideoServer.max_in_flight = 0
+    VideoServer.latency_s = 0.0
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), VideoServer)
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -280,6 +296,7 @@ def test_rejects_and_retries_under_concurrency_match_one_at_a_time(tmp_path, ser
     kinds = ["missing", "flaky", "truncated", "cut-once", "unavailable", "good"]
     rows = [{"id": f"{kind}_{k}", "url": f"{base}/{kind}.mp4?copy={k}"} for k in range(3) for kind in kinds]
     (tmp_path / "parallel").mkdir()
+    handler.latency_s = 0.05
     videos, rejects = run_ingest(tmp_path / "parallel", rows, {**PARAMS, "concurrency": 15, "per_host": 15})
     assert handler.max_in_flight > 1
     requests = dict(handler.requests)
