@@ -4,6 +4,7 @@ workflow path (split, grids, report) rides on the shared tiny run (test_end_to_e
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -122,8 +123,10 @@ def test_validation_loss_on_unrelated_noise_clips_does_not(curves):
 
 
 def test_a_resumed_run_logs_the_validation_numbers_of_an_uninterrupted_one(data, tmp_path):
-    """The first run stops at step 4 (its checkpoint at 4); raising its steps resumes it there.
-    Both runs record to one MLflow store, read back through MLflow's client."""
+    """The first run is killed after logging step 6 and before its checkpoint of step 6 is
+    complete (as a SIGKILL there leaves it: the checkpoint of step 4 is its last); raising its
+    steps resumes it at 4. Both runs record to one MLflow store, read back through MLflow's
+    client: the resumed run's metric histories are the uninterrupted run's, each step once."""
     from mlflow import MlflowClient
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -135,7 +138,8 @@ def test_a_resumed_run_logs_the_validation_numbers_of_an_uninterrupted_one(data,
               validation_index=data["reencoded"])
 
     run(tmp_path / "uninterrupted", 8)
-    run(tmp_path / "resumed", 4)
+    run(tmp_path / "resumed", 6)
+    shutil.rmtree(tmp_path / "resumed" / "step-0000006")
     run(tmp_path / "resumed", 8)
     whole = pd.read_csv(tmp_path / "uninterrupted" / "validation.csv")
     resumed = pd.read_csv(tmp_path / "resumed" / "validation.csv")
@@ -155,7 +159,14 @@ def test_a_resumed_run_logs_the_validation_numbers_of_an_uninterrupted_one(data,
     assert record.data.params["stage.lr"] == "0.001" and record.data.params["validation.every"] == "2"
     history = {m.step: m.value for m in client.get_metric_history(record.info.run_id, "validation/loss")}
     assert history == pytest.approx(dict(zip(resumed["step"], resumed["loss"])), abs=1e-6)
-    assert client.get_metric_history(record.info.run_id, "train/loss")
+
+    def points(run_dir: Path, key: str) -> list[tuple[int, float]]:
+        return sorted((m.step, m.value) for m in client.get_metric_history(runs[str(run_dir)].info.run_id, key))
+
+    for key in ("train/loss", "train/grad_norm", "validation/loss", "validation/ema_loss"):
+        expected = points(tmp_path / "uninterrupted", key)
+        assert [step for step, _ in expected] == [2, 4, 6, 8]
+        assert points(tmp_path / "resumed", key) == expected, key
 
 
 def test_over_fitting_is_named_only_when_validation_rises_while_training_falls():
@@ -202,7 +213,7 @@ def test_the_tiny_run_holds_out_validates_samples_and_tracks_every_stage(finishe
         assert record.info.status == "FINISHED" and record.data.tags["soraflow.index_sha256"]
         history = client.get_metric_history(record.info.run_id, "validation/loss")
         log = pd.read_csv(workdir / layout.validation_log(stage))
-        assert sorted({m.step for m in history}) == log["step"].tolist()  # a retried run logs its steps again
+        assert sorted(m.step for m in history) == log["step"].tolist()  # each step once, retried or not
 
 
 def test_validation_sample_grids_and_tracking_leave_the_weights_as_they_are(tmp_path):

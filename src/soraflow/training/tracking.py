@@ -4,8 +4,12 @@ sqlite store by default, which `mlflow ui --backend-store-uri sqlite:///results/
 
 One MLflow run per training run: the run folder remembers its MLflow run under the run identity,
 so a resumed run (the next link of a chain, a retry) logs into the same MLflow run, and a run
-that starts afresh (changed settings or data) opens a new one. Points logged past a resumed
-checkpoint are logged again with the same values (MLflow keeps both). Rank 0 logs.
+that starts afresh (changed settings or data) opens a new one. A run killed after its last
+checkpoint had logged points past it, which the resumed run computes again (MLflow would keep
+both): the resumed run reads the run's metric history back from MLflow and logs only the points
+it lacks, so its history is an uninterrupted run's, each step once, wherever the kill fell (MLflow
+itself is the record of what was logged; resume is exact, so the points it holds are the ones the
+resumed run computes). Rank 0 logs.
 """
 
 from __future__ import annotations
@@ -56,9 +60,12 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=uri)
         memo_path = run_dir / MEMO
         memo = json.loads(memo_path.read_text()) if memo_path.exists() else {}
+        self.logged: set[tuple[str, int]] = set()  # (metric, step) already in the MLflow run
         if memo.get("identity") == identity and memo.get("uri") == uri:
             self.run_id = memo["run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
+            for key in self.client.get_run(self.run_id).data.metrics:
+                self.logged.update((key, m.step) for m in self.client.get_metric_history(self.run_id, key))
             return
         experiment = self.client.get_experiment_by_name(settings["experiment"])
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(settings["experiment"])
@@ -79,7 +86,9 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items() if v is not None])
+        new = {k: v for k, v in metrics.items() if v is not None and (k, step) not in self.logged}
+        if new:
+            self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in new.items()])
 
     def finish(self, status: str) -> None:
         """FINISHED, FAILED or KILLED (stopped for a resume)."""
