@@ -216,11 +216,40 @@ def test_the_tiny_run_holds_out_validates_samples_and_tracks_every_stage(finishe
         assert sorted(m.step for m in history) == log["step"].tolist()  # each step once, retried or not
 
 
+def wandb_records(path: Path) -> list:
+    """The records of a W&B run file (run-ID.wandb), decoded with W&B's own protobufs; wandb 0.31
+    reads them only in its Go core. The file: a 7-byte header (':W&B', magic, version), then
+    LevelDB-log framing: 32 KiB blocks of chunks, each with a 7-byte header (CRC32C, length,
+    type: 1 whole record, 2 first, 3 middle, 4 last part) and a block's tail under 7 bytes unused."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B"
+    records, pos, parts = [], 7, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        parts += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            records.append(wandb_internal_pb2.Record.FromString(parts))
+            parts = b""
+    return records
+
+
 def test_validation_sample_grids_and_tracking_leave_the_weights_as_they_are(tmp_path):
     """The operational keys of validation and tracking (test_operational's MEASURING): a run that
-    evaluates at every step, samples a grid at its end and records to MLflow ends with the weights
-    of a run that does none of it. Latents of pixel_pack (12 channels), so the grid decodes."""
+    evaluates at every step, samples a grid at its end and records to MLflow and to W&B (offline:
+    no network) ends with the weights of a run that does none of it. Latents of pixel_pack (12
+    channels), so the grid decodes. What W&B recorded is read back from its offline run file."""
+    import json
+
     from conftest import bare_section
+    from mlflow import MlflowClient
     from safetensors.torch import load_file
 
     g = torch.Generator().manual_seed(1)
@@ -232,7 +261,8 @@ def test_validation_sample_grids_and_tracking_leave_the_weights_as_they_are(tmp_
                 "diffusion": {"num_timesteps": 1000, "cfg_scale": 4.0}}  # fmt: skip
     plain = params_with(steps=4)
     measured = {**params_with(steps=4, every=1, sample_every=4, sample_captions=1),
-                "tracking": {"mlflow": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "test"}}
+                "tracking": {"mlflow": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "test",
+                             "wandb": {"project": "test", "mode": "offline", "dir": str(tmp_path / "wandb")}}}
     train(data, tmp_path / "plain.safetensors", tmp_path / "plain", {**plain, "validation": None}, plain)
     train(data, tmp_path / "measured.safetensors", tmp_path / "measured", measured, plain, validation_index=data,
           sampling=sampling)
@@ -243,3 +273,23 @@ def test_validation_sample_grids_and_tracking_leave_the_weights_as_they_are(tmp_
     assert Image.open(grids[-1]).size == (2 * 2 * 8, 2 * 8)
     a, b = load_file(str(tmp_path / "plain.safetensors")), load_file(str(tmp_path / "measured.safetensors"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+    (run_file,) = (tmp_path / "wandb" / "wandb").glob("offline-run-*/run-*.wandb")
+    records = wandb_records(run_file)
+    (run,) = [r.run for r in records if r.HasField("run")]
+    assert run.project == "test" and run.display_name == "measured"
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert config["stage"]["lr"] == 0.001 and config["validation"]["every"] == 1
+    assert len(config["soraflow"]["git_commit"]) == 40 and config["soraflow"]["stage"] == "measured"
+    history: dict[str, list[tuple[int, float]]] = {}
+    for record in records:
+        if record.HasField("history"):
+            for item in record.history.item:
+                history.setdefault(".".join(item.nested_key) or item.key, []).append(
+                    (record.history.step.num, json.loads(item.value_json)))
+    # the same points as MLflow's run holds (an independent store of the same numbers)
+    client = MlflowClient(tracking_uri=measured["tracking"]["mlflow"])
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    for key in ("train/loss", "validation/loss", "validation/ema_loss"):
+        expected = [(m.step, m.value) for m in client.get_metric_history(mlflow_run.info.run_id, key)]
+        assert expected and sorted(history[key]) == sorted(expected), key

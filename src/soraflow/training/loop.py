@@ -13,7 +13,7 @@ Loss goes to `<run_dir>/loss.csv` (each row the mean loss and gradient norm over
 the previous row) and to TensorBoard (`<run_dir>/tensorboard`); every `validation.every` steps the
 loss on the stage's held-out clips, of the raw and the EMA weights, to `<run_dir>/validation.csv`
 (soraflow.training.validation), and every `validation.sample_every` steps a sample grid to
-`<run_dir>/samples/step-N.png`; all of it also to MLflow (soraflow.training.tracking).
+`<run_dir>/samples/step-N.png`; all of it also to MLflow and W&B (soraflow.training.tracking).
 
 Checkpoints: every `checkpoint_every` steps, and when the job must stop, each rank writes its
 share of the model, EMA and optimizer state in parallel into `<run_dir>/step-N`
@@ -57,7 +57,7 @@ from soraflow.training.engines import load_engine
 from soraflow.training.engines.base import compute_dtype
 from soraflow.training.identity import digest, identity_parts, what_changed
 from soraflow.training.launch import job_end_time
-from soraflow.training.tracking import Tracker
+from soraflow.training.tracking import Trackers
 from soraflow.training.validation import ValidationSet, append_row, overfitting, read_log, write_empty_log
 
 # a step folder's layout (state.json says it): an earlier soraflow wrote one safetensors file
@@ -470,8 +470,7 @@ class Trainer:
             drop_log_rows_after(log_path, self.step)
             drop_log_rows_after(validation_path, self.step)
             self.writer = tensorboard_writer(self.run_dir / "tensorboard", self.step)
-            if self.tracking.get("mlflow"):
-                self.tracker = Tracker(self.tracking, self.run_dir, self.identity, self.identity_parts, self.params)
+            self.tracker = Trackers(self.tracking, self.run_dir, self.identity, self.identity_parts, self.params)
             if self.checks:
                 print(f"validation: {self.validation.size if self.validation else 0} items "
                       f"({len(self.held_out or ())} held-out clips x timesteps) every {validate_every} steps"
