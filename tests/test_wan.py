@@ -226,7 +226,10 @@ def wan_index(tmp_path_factory) -> Path:
 def test_a_wan_lora_stage_trains_and_resumes_to_identical_weights(tiny_wan, wan_index, tmp_path):
     """The trainer with the Wan family: only the LoRA trains (and the EMA follows only it), the
     final checkpoint says its family, and a run stopped at step 2 and resumed ends bit-identical
-    to one that ran its 4 steps at once."""
+    to one that ran its 4 steps at once, which also validated and drew a sample grid at its end
+    through WanPipeline (EMA LoRA over the frozen base)."""
+    from conftest import bare_section
+    from PIL import Image
     from test_train import split_settings, train_params
 
     from soraflow.models.checkpoint import load_checkpoint_file
@@ -237,13 +240,23 @@ def test_a_wan_lora_stage_trains_and_resumes_to_identical_weights(tiny_wan, wan_
         return {**train_params(steps, data_workers=0), "model": {"family": "wan"},
                 "wan": {"model": str(tiny_wan), "flow_shift": 3.0, "finetune": "lora", "lora": lora}}
 
-    def run(name: str, steps: int):
+    def run(name: str, steps: int, **checks):
         outputs, ops = split_settings(params(steps))
         merged = {section: {**values, **ops.get(section, {})} for section, values in outputs.items()}
-        train(wan_index, tmp_path / name / "final.safetensors", tmp_path / name, merged, outputs)
+        sampling = {"sample": {"prompts": PROMPTS[:1], "seed": 0, "use_ema": True},
+                    "text_encoder": bare_section("text_encoder", model=str(tiny_wan), subfolder="text_encoder",
+                                                 max_length=16),
+                    "vae": bare_section("vae", kind="wan", model=str(tiny_wan), subfolder="vae", scaling_factor=None),
+                    "diffusion": {"num_timesteps": 1000, "cfg_scale": 4.0}} if checks else None  # fmt: skip
+        train(wan_index, tmp_path / name / "final.safetensors", tmp_path / name,
+              {**merged, "validation": checks or None}, outputs, validation_index=checks and wan_index, sampling=sampling)
         return tmp_path / name / "final.safetensors"
 
-    whole = run("whole", 4)
+    whole = run("whole", 4, every=4, timesteps=2, max_clips=1, sample_every=4, sample_steps=2, sample_captions=1,
+                overfit_evaluations=3)
+    # a row for the prompt, one for a validation caption's sample beside its clip: 4 of 5 frames, 32 px
+    (grid,) = (tmp_path / "whole" / "samples").glob("*")
+    assert grid.name == "step-0000004.png" and Image.open(grid).size == (2 * 4 * 32, 2 * 32)
     run("resumed", 2)
     resumed = run("resumed", 4)
     for group in ("model", "ema"):

@@ -24,7 +24,7 @@ def wan_config(config: dict) -> dict:
     return {**config, "model": overlay["model"], "wan": overlay["wan"], "vae": overlay["vae"],
             "text_encoder": {**config["text_encoder"], **overlay["text_encoder"]}, "stages": {"stage1": stage},
             "diffusion": {**config["diffusion"], "sample_steps": 2},
-            # the sample grids during training draw an STDiT (soraflow.training.loop.sample_grid)
+            # no sample grids during training: each is a process of its own, and test_wan draws Wan's
             "validation": {**config.get("validation", {}), "sample_every": None}}
 
 

@@ -1,7 +1,8 @@
 """A sample grid of weights during training (`soraflow sample-grid`, which the trainer's rank 0
 runs every `validation.sample_every` steps: the training loop imports no text encoder or
 autoencoder): a row per prompt, then a row per validation caption, its sample beside its clip;
-a few evenly spaced frames of each video, one PNG."""
+a few evenly spaced frames of each video, one PNG. Sampled as the stage's samples are
+(soraflow.inference.sample.Sampler: an STDiT, or a Wan transformer in diffusers' WanPipeline)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,9 @@ import torch
 from PIL import Image
 
 from soraflow.core.atomic import atomic_path
-from soraflow.core.devices import device_and_dtype
 from soraflow.data import video
 from soraflow.data.cache import LatentDataset
-from soraflow.models import diffusion
-from soraflow.models.checkpoint import load_for_sampling
-from soraflow.models.encoders import TextEncoder, load_autoencoder
+from soraflow.inference.sample import Sampler
 
 
 def grid_image(rows: list[list[torch.Tensor]], frames: int = 4) -> Image.Image:
@@ -40,14 +38,13 @@ def grid_image(rows: list[list[torch.Tensor]], frames: int = 4) -> Image.Image:
 
 
 def sample_grid(weights, out_png, params: dict, steps: int, validation_index=None, captions: int = 0) -> None:
-    """`weights`: a checkpoint file of one set of weights ("model"); params: the sample step's
-    settings (sample.prompts and seed, text_encoder, vae, diffusion); `captions` of the
-    validation index's clips sampled with their own caption features, each beside its clip."""
-    device, _ = device_and_dtype()
-    model, input_size = load_for_sampling(weights, use_ema=False)
-    model.to(device)
-    autoencoder = load_autoencoder(params["vae"])
-    features, mask = TextEncoder(params["text_encoder"]).encode(params["sample"]["prompts"])
+    """`weights`: a checkpoint file of one set of weights (its "model" group, with the metadata of
+    a stage checkpoint); params: the sample step's settings (sample.prompts and seed, text_encoder,
+    vae, diffusion), sampled in `steps` steps; `captions` of the validation index's clips sampled
+    with their own caption features, each beside its clip."""
+    sampler = Sampler(weights, {**params, "sample": {**params["sample"], "use_ema": False},
+                                "diffusion": {**params["diffusion"], "sample_steps": steps}})
+    features, mask = sampler.text_encoder.encode(params["sample"]["prompts"])
     entries = [(features[k : k + 1], mask[k : k + 1], None) for k in range(len(features))]
     held_out = LatentDataset(validation_index) if validation_index and captions else None
     for row in range(min(captions, len(held_out or ()))):
@@ -55,11 +52,7 @@ def sample_grid(weights, out_png, params: dict, steps: int, validation_index=Non
         entries.append((y[None], y_mask[None], latents))
     rows = []
     for k, (y, y_mask, clip) in enumerate(entries):
-        latents = diffusion.sample(model, shape=(1, model.in_channels, *input_size), y=y.to(device), mask=y_mask.to(device),
-                                   cfg_scale=params["diffusion"]["cfg_scale"], num_steps=steps,
-                                   seed=params["sample"]["seed"] + k, num_timesteps=params["diffusion"]["num_timesteps"],
-                                   clip_denoised=autoencoder.latent_bound)  # fmt: skip
-        videos = [latents[0]] + ([] if clip is None else [clip])  # [C, T, h, w] each
-        rows.append([autoencoder.decode(v.transpose(0, 1)).float().cpu() for v in videos])
+        sample = sampler.generate(y, y_mask, params["sample"]["seed"] + k)
+        rows.append([sample] + ([] if clip is None else [sampler.decode(clip)]))
     with atomic_path(Path(out_png)) as tmp:
         grid_image(rows).save(tmp, format="PNG")

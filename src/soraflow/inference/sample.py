@@ -7,6 +7,7 @@ distances), which shows at a glance whether the stage learned its data.
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 import pandas as pd
@@ -35,17 +36,21 @@ class Sampler:
         if not is_torch_checkpoint(checkpoint) and checkpoint_metadata(checkpoint).get("family") == "wan":
             model, metadata = wan.load_trained(checkpoint, params["sample"]["use_ema"])
             self.frames, self.height, self.width = metadata["input_size"]
-            text_encoder = TextEncoder(params["text_encoder"])
-            self.wan = wan.pipeline(model.to(self.device), text_encoder, self.autoencoder,
+            self.wan = wan.pipeline(model.to(self.device), self.text_encoder, self.autoencoder,
                                     metadata["model_config"]["flow_shift"])
             # guidance against the empty prompt, as WanPipeline encodes it (its default negative prompt)
-            self.negative = wan.pipeline_text(*text_encoder.encode_batch([""]))
+            self.negative = wan.pipeline_text(*self.text_encoder.encode_batch([""]))
             return
         pth_settings = self.pth_settings(checkpoint, params) if is_torch_checkpoint(checkpoint) else {}
         model, (self.frames, self.height, self.width) = load_for_sampling(
             checkpoint, use_ema=params["sample"]["use_ema"], **pth_settings
         )
         self.model = model.to(self.device)
+
+    @cached_property
+    def text_encoder(self) -> TextEncoder:
+        """The prompts' encoder (loaded once: a Wan pipeline holds it too; cached captions need none)."""
+        return TextEncoder(self.params["text_encoder"])
 
     def pth_settings(self, checkpoint, params: dict) -> dict:
         """A .pth holds weights only: the STDiT settings come from params["stdit"], the video size
@@ -101,7 +106,7 @@ def sample_prompts(checkpoint, prompts: list[str], out_paths: list, params: dict
     if len(prompts) != len(out_paths):
         raise ValueError(f"{len(prompts)} prompts but {len(out_paths)} output paths")
     sampler = Sampler(checkpoint, params)
-    y, mask = TextEncoder(params["text_encoder"]).encode(prompts)
+    y, mask = sampler.text_encoder.encode(prompts)
     for k, (prompt, out_path) in enumerate(zip(prompts, out_paths)):
         sampler.write(sampler.generate(y[k : k + 1], mask[k : k + 1], params["sample"]["seed"] + k), out_path, prompt)
 

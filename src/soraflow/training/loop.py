@@ -421,16 +421,19 @@ class Trainer:
         """A grid of samples of the weights sample.use_ema names (soraflow.inference.grid, in a
         process of its own: the loop imports no text encoder or autoencoder), written by rank 0
         to samples/step-N.png. Gathering the weights is a collective; the other ranks go on and
-        wait for rank 0 at the next one. STDiT only."""
+        wait for rank 0 at the next one."""
         use_ema = self.sampling["sample"]["use_ema"]
-        weights = self._ema_to_save() if use_ema else self.engine.model_state(self.model)
+        weights = self._ema_to_save() if use_ema else {}
+        if not use_ema or any(not p.requires_grad for p in self.model.parameters()):
+            # the raw weights, or under the EMA (which follows only what trains) a LoRA's frozen base
+            weights = {**self.engine.model_state(self.model), **weights}
         if self.rank != 0:
             return
         started = time.perf_counter()
         path = self.run_dir / "samples" / f"step-{self.step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         held = path.with_suffix(".safetensors")
-        save_checkpoint_file(held, {"model": weights}, {"model_config": self.model_config,
+        save_checkpoint_file(held, {"model": weights}, {"model_config": self.model_config, "family": self.family.name,
                                                         "input_size": list(self.input_size), "steps": self.step})
         command = [sys.executable, "-m", "soraflow.cli", "sample-grid", str(held), "--out", str(path),
                    "--settings", json.dumps(self.sampling), "--steps", str(self.checks["sample_steps"]),
@@ -456,9 +459,9 @@ class Trainer:
         log_path, validation_path = self.run_dir / "loss.csv", self.run_dir / "validation.csv"
         checks = self.checks or {}
         validate_every = checks.get("every") if self.validation else None
-        # sample grids sample an STDiT (another family's model config names it) in the project's
-        # environment: the colossalai engine's own has no video decoder or text encoder
-        grids = self.sampling is not None and self.model_config.get("family", "stdit") == "stdit"
+        # sample grids sample in the project's environment: the colossalai engine's own has no
+        # video decoder or text encoder
+        grids = self.sampling is not None
         if grids and self.opts["engine"] == "colossalai" and checks.get("sample_every"):
             grids = False
             if self.rank == 0:
