@@ -59,7 +59,7 @@ class Layout:
 
     @property
     def family(self) -> str:
-        return self.config.get("model", {}).get("family", "stdit")
+        return settings.model_family(self.config)
 
     # --- data ----------------------------------------------------------------------------
     def shard_file(self, name: str, shard="{shard}") -> str:

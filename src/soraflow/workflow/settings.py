@@ -47,7 +47,7 @@ def schema() -> dict:
 
 
 @cache
-def affects() -> dict[str, list[str]]:
+def affects() -> dict[str, list[str] | dict]:
     return yaml.safe_load(_schema_file("affects.yaml"))
 
 
@@ -95,17 +95,24 @@ def stages_as_listed(config: dict, configfiles, overrides: Mapping = MappingProx
         config["stages"] = merged(config["stages"], overrides["stages"])
 
 
-def declared_steps(path: str) -> list[str]:
+def declared_steps(path: str, family: str | None = None) -> list[str] | None:
     """The steps a config key (dotted path, stages as `stages.<name>`) changes: its own entry or
-    its nearest declared ancestor's. A key nothing declares is an error (the table is complete)."""
+    its nearest declared ancestor's. None for a key only another model family reads (`family`
+    None: under any family). A key nothing declares is an error (the table is complete)."""
     parts = path.split(".")
     if parts[0] == "stages" and len(parts) > 1:
         parts[1] = "*"
     for end in range(len(parts), 0, -1):
-        entry = ".".join(parts[:end])
-        if entry in affects():
-            return affects()[entry]
+        entry = affects().get(".".join(parts[:end]))
+        if isinstance(entry, dict):
+            return entry["steps"] if family in (None, entry["family"]) else None
+        if entry is not None:
+            return entry
     raise KeyError(f"{path}: no entry in schemas/affects.yaml says which steps it changes")
+
+
+def model_family(config: dict) -> str:
+    return config.get("model", {}).get("family", "stdit")
 
 
 def _section(config: dict, name: str, stage: str | None) -> tuple[str, dict]:
@@ -125,21 +132,23 @@ def _split(config: dict, step: str, stage: str | None, operational: bool) -> dic
     names = STEP_SECTIONS[step]
     if operational and stage is None:
         names = [name for name in names if not name.startswith("stage")]
-    out = {}
+    out, family = {}, model_family(config)
     for name in names:
         path, values = _section(config, name, stage)
         out[name.split(".")[0]] = {
             key: value
             for key, value in values.items()
             # a job's resources reach it as Slurm resources (soraflow.workflow.resources)
-            if key != "resources" and _wanted(declared_steps(f"{path}.{key}"), step, operational)
+            if key != "resources" and _wanted(declared_steps(f"{path}.{key}", family), step, operational)
         }
     if len(STEP_SECTIONS[step]) == 1:
         return next(iter(out.values()), {})
     return {name: values for name, values in out.items() if values or not operational}
 
 
-def _wanted(steps: list[str], step: str, operational: bool) -> bool:
+def _wanted(steps: list[str] | None, step: str, operational: bool) -> bool:
+    if steps is None:  # another family's key
+        return False
     return steps == [] if operational else (step in steps or ALL in steps)
 
 
