@@ -30,7 +30,7 @@ def patterned_frames(seed: int, num_frames: int = 10, height: int = 48, width: i
 
 
 def make_clip_table(folder: Path, num_clips: int, manifest_text: dict[int, str] | None = None) -> Path:
-    """Tiny mp4 clips and their clip table (id, url, path, num_frames, text_manifest)."""
+    """Tiny mp4 clips and their clip table (id, url, path, num_frames, width, height, text_manifest)."""
     rows = []
     for i in range(num_clips):
         path = folder / f"clip{i}.mp4"
@@ -43,6 +43,8 @@ def make_clip_table(folder: Path, num_clips: int, manifest_text: dict[int, str] 
                 "url": f"file://{path}",
                 "path": str(path),
                 "num_frames": len(frames),
+                "width": frames.shape[2],
+                "height": frames.shape[1],
                 "text_manifest": text,
             }
         )

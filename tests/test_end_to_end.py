@@ -87,7 +87,8 @@ def another_value(path: str, value, schema: dict):
             return 0.0
         if "resources." in path or path.startswith("cluster."):
             return 1
-        return NON_NULL.get(path, {"space_scale": 0.5, "grad_checkpointing": True, "finetune": "full"}.get(leaf))
+        return NON_NULL.get(path, {"space_scale": 0.5, "grad_checkpointing": True, "finetune": "full",
+                                   "buckets": [[1, 32, 32], [1, 32, 64]]}.get(leaf))
     if isinstance(value, bool):
         return not value
     enum = schema.get("enum")

@@ -11,18 +11,19 @@ from soraflow.models.diffusion import IDDPM
 from soraflow.training.dataset import StepBatches, TrainingSamples, step_rows
 
 SEED, BATCH = 7, 4
+ONE_BUCKET = [list(range(NUM_CLIPS))]
 
 
 def test_each_step_draws_the_rows_it_drew_before_the_dataloader():
     # the trainer's draw before samples had their own generators: rows first, from (seed, step)
     for step in (0, 1, 57):
         g = torch.Generator().manual_seed(SEED * 1_000_003 + step)
-        assert step_rows(SEED, step, NUM_CLIPS, BATCH) == torch.randint(NUM_CLIPS, (BATCH,), generator=g).tolist()
+        assert step_rows(SEED, step, ONE_BUCKET, BATCH) == torch.randint(NUM_CLIPS, (BATCH,), generator=g).tolist()
 
 
 def batches(index, world: int, rank: int, start: int, stop: int, workers: int) -> list[dict]:
     samples = TrainingSamples(LatentDataset(index), SEED, IDDPM(1000).draw_timestep, uncond_prob=0.5)
-    steps = StepBatches(NUM_CLIPS, SEED, BATCH, rank, world, start, stop)
+    steps = StepBatches(ONE_BUCKET, SEED, BATCH, rank, world, start, stop)
     return list(DataLoader(samples, batch_sampler=steps, num_workers=workers, prefetch_factor=2 if workers else None))
 
 
@@ -31,7 +32,7 @@ def test_ranks_draw_their_own_share_of_the_same_global_batch(latent_index):  # n
     two = [batches(latent_index, world=2, rank=r, start=0, stop=3, workers=0) for r in (0, 1)]
     assert len(one) == 3
     for step, whole in enumerate(one):
-        assert whole["row"].tolist() == step_rows(SEED, step, NUM_CLIPS, BATCH)
+        assert whole["row"].tolist() == step_rows(SEED, step, ONE_BUCKET, BATCH)
         for key, value in whole.items():
             halves = torch.cat([two[0][step][key], two[1][step][key]])
             assert torch.equal(value, halves), (step, key)

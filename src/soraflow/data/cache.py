@@ -8,10 +8,12 @@ Open-Sora 1.0 ran the VAE and T5 on every training step; caching them once makes
 training steps several times cheaper (their #393). A shard's cache is
 
     {name}.json        the index (the encode rule's output): the cache key (settings), and
-                       for every clip its id, per-clip key, chunk file and row
+                       for every clip its id, per-clip key, chunk file and row (and, for
+                       latents, its bucket: soraflow.data.buckets)
     {name}/*.safetensors  chunk files of whole batches, written once they hold CHUNK_BYTES
 
-so an encode job holds one chunk in memory, never the shard. Each chunk names its
+so an encode job holds one chunk in memory, never the shard. A chunk's rows are of one shape
+(a stage's buckets give latents of several: a chunk ends where the shape changes). Each chunk names its
 settings key, clip ids and per-clip keys in its metadata. A per-clip key is the hash of
 the settings and of what the clip's row is made from (its frames, or its caption): a
 job reuses every row of an earlier chunk whose key it still wants and encodes only the
@@ -115,6 +117,12 @@ def chunk_key(path: str | Path) -> dict:
     return chunk_metadata(path)["cache_key"]
 
 
+def clip_values(path: str | Path, column: str) -> dict:
+    """clip id -> its value of a per-clip column of an index (ChunkStore.finish's `columns`)."""
+    index = read_index(path)
+    return dict(zip(index["ids"], index[column]))
+
+
 def locate(path: str | Path) -> dict[str, tuple[str, int]]:
     """clip id -> (chunk file, row) of every clip an index holds."""
     index = read_index(path)
@@ -128,7 +136,8 @@ class ChunkStore:
         store = ChunkStore(index_path, settings)
         missing = store.missing(clip_keys)        # the keys no chunk of these settings holds
         store.add(ids, clip_keys, {"latents": ...})  # as batches are encoded
-        store.finish(ids, clip_keys)              # write the index; remove other settings' chunks
+        store.finish(ids, clip_keys, bucket=[...])  # write the index (with per-clip columns);
+                                                    # remove other settings' chunks
     """
 
     def __init__(self, index_path: str | Path, settings: dict):
@@ -152,7 +161,11 @@ class ChunkStore:
         return [i for i, key in enumerate(clip_keys) if key not in self.found]
 
     def add(self, ids: list[str], clip_keys: list[str], tensors: dict[str, torch.Tensor]) -> None:
-        """Rows of a batch (tensors [n, ...], on the CPU); a chunk is written whenever enough are held."""
+        """Rows of a batch (tensors [n, ...], on the CPU); a chunk is written whenever enough are held,
+        and before rows of another shape."""
+        if self.pending and any(t.shape[1:] != self.pending[-1][2][n].shape[1:] for n, t in tensors.items()):
+            self._write()
+            self.rows_per_chunk = None
         if self.rows_per_chunk is None:
             row_bytes = sum(t[0].numel() * t.element_size() for t in tensors.values())
             self.rows_per_chunk = max(1, CHUNK_BYTES // max(row_bytes, 1))
@@ -171,8 +184,9 @@ class ChunkStore:
         write_cache(tensors, ids, self.settings, self.folder / name, clip_keys=keys)
         self.found.update({key: (name, row) for row, key in enumerate(keys)})
 
-    def finish(self, ids: list[str], clip_keys: list[str]) -> None:
-        """Write the last chunk and the index over `ids` (each must have been added or found)."""
+    def finish(self, ids: list[str], clip_keys: list[str], **columns: list) -> None:
+        """Write the last chunk and the index over `ids` (each must have been added or found), with
+        `columns`: more values per clip, in the order of `ids`."""
         if self.pending_rows:
             self._write()
         absent = [i for i, key in zip(ids, clip_keys) if key not in self.found]
@@ -180,7 +194,7 @@ class ChunkStore:
             raise RuntimeError(f"{self.index_path}: clips never encoded: {absent[:5]}")
         where = [self.found[key] for key in clip_keys]
         index = {"cache_key": self.settings, "ids": list(ids), "clip_keys": list(clip_keys),
-                 "chunks": [chunk for chunk, _ in where], "rows": [row for _, row in where]}
+                 "chunks": [chunk for chunk, _ in where], "rows": [row for _, row in where], **columns}
         with atomic_path(self.index_path) as tmp:
             tmp.write_text(json.dumps(index))
         for stale in self.folder.glob("*.safetensors"):
@@ -212,14 +226,24 @@ class CachedRows:
 class LatentDataset(Dataset):
     """(latents [C,T,h,w], text features [L,C], text mask [L] bool) for each row of a stage index
     (a clip table whose rows point at their latent and text feature rows in the shard caches),
-    as float32 whatever the cache stores."""
+    as float32 whatever the cache stores. Rows of one bucket have latents of one shape."""
 
     def __init__(self, index_path):
         self.index = table.read(index_path)
         self.rows = CachedRows()
+        # each row's bucket; an index without the column (built by hand, of one size) has one bucket
+        self.buckets = self.index["bucket"].fillna(0).astype(int).tolist()
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def bucket_rows(self) -> list[list[int]]:
+        """The rows of each bucket that holds any, in bucket order (the first: the stage's first
+        bucket with clips)."""
+        rows: dict[int, list[int]] = {}
+        for row, bucket in enumerate(self.buckets):
+            rows.setdefault(bucket, []).append(row)
+        return [rows[bucket] for bucket in sorted(rows)]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         row = self.index.iloc[i]

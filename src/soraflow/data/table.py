@@ -54,6 +54,7 @@ CLIP_SCHEMA = pa.schema(
         # pre-encoded training inputs (a stage's training index)
         pa.field("latent_path", pa.string()),
         pa.field("latent_index", pa.int64()),
+        pa.field("bucket", pa.int64()),  # the position of its bucket in the stage's (soraflow.data.buckets)
         pa.field("text_emb_path", pa.string()),
         pa.field("text_emb_index", pa.int64()),
     ]

@@ -73,15 +73,17 @@ def evenly_spaced(num_available: int, num_wanted: int, stride: int = 1) -> list[
     return [start + k * stride for k in range(num_wanted)]
 
 
-def resize_center_crop(frames: torch.Tensor, size: int) -> torch.Tensor:
-    """[T,H,W,3] uint8 -> [T,3,size,size] float in [-1, 1]: shorter side to `size`, centre crop."""
+def resize_center_crop(frames: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """[T,H,W,3] uint8 -> [T,3,height,width] float in [-1, 1] (size: (height, width), or one side of a
+    square): resized to cover that size, keeping the aspect ratio, then centre-cropped to it."""
+    height, width = (size, size) if isinstance(size, int) else size
     x = frames.permute(0, 3, 1, 2).float() / 127.5 - 1.0
     _, _, h, w = x.shape
-    scale = size / min(h, w)
-    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    scale = max(height / h, width / w)
+    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
     x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    return x[:, :, top : top + size, left : left + size].clamp(-1, 1)
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    return x[:, :, top : top + height, left : left + width].clamp(-1, 1)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,8 @@ so a frame's sides are multiples of 16 pixels.
 
 from __future__ import annotations
 
+from soraflow.data import buckets
+
 VAE_TIME, VAE_SPACE, LATENT_CHANNELS = 4, 8, 16
 PATCH = (1, 2, 2)
 SIDE_MULTIPLE = VAE_SPACE * PATCH[1]  # 16 pixels
@@ -26,15 +28,21 @@ HUB_IDS = {f"Wan-AI/{name}-Diffusers": name for name in TRANSFORMERS}
 
 
 def check_stage(name: str, stage: dict) -> None:
-    """A stage the Wan family can train: frames 4k+1, sides multiples of 16; the error names the key."""
-    frames, resolution = stage["num_frames"], stage["resolution"]
-    if (frames - 1) % VAE_TIME:
-        raise ValueError(f"stages.{name}.num_frames: {frames}; the Wan family needs 4k+1 frames (its VAE keeps the "
-                         f"first frame and packs each 4 after it), e.g. {(frames - 1) // VAE_TIME * VAE_TIME + 1} "
-                         f"or {((frames - 1) // VAE_TIME + 1) * VAE_TIME + 1}")
-    if resolution % SIDE_MULTIPLE:
-        raise ValueError(f"stages.{name}.resolution: {resolution}; the Wan family needs a multiple of "
-                         f"{SIDE_MULTIPLE} pixels (VAE 8x, patch 2x2)")
+    """A stage the Wan family can train: frames 4k+1, sides multiples of 16 (of each bucket, when
+    the stage lists buckets); the error names the key."""
+    for position, (frames, height, width) in enumerate(buckets.stage_buckets(stage)):
+        key = buckets.bucket_key(name, stage, position)
+        if stage.get("buckets"):  # the error names the bucket: [frames, height, width]
+            frames_at = sides_at = f"{key}: {[frames, height, width]}"
+        else:
+            frames_at, sides_at = f"{key}.num_frames: {frames}", f"{key}.resolution: {height}"
+        if (frames - 1) % VAE_TIME:
+            raise ValueError(f"{frames_at}; the Wan family needs 4k+1 frames (its VAE keeps the first frame and "
+                             f"packs each 4 after it), e.g. {(frames - 1) // VAE_TIME * VAE_TIME + 1} "
+                             f"or {((frames - 1) // VAE_TIME + 1) * VAE_TIME + 1}")
+        if height % SIDE_MULTIPLE or width % SIDE_MULTIPLE:
+            raise ValueError(f"{sides_at}; the Wan family needs each side a multiple of {SIDE_MULTIPLE} pixels "
+                             f"(VAE 8x, patch 2x2)")
 
 
 def latent_size(num_frames: int, height: int, width: int) -> tuple[int, int, int]:

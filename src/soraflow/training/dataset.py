@@ -9,7 +9,8 @@ validation (`held_out`: a hash of the clip id alone) go to the stage's validatio
 instead, encoded like its training clips; no stage ever trains on them.
 
 Training reads through a DataLoader: `StepBatches` yields, step by step, this rank's
-share of the step's global batch, and `TrainingSamples` reads each sample and draws its
+share of the step's global batch, all of one bucket (soraflow.data.buckets: the step's
+bucket is drawn from (seed, step), weighted by the clips each holds, then its rows), and `TrainingSamples` reads each sample and draws its
 noise, timestep and caption drop from a generator seeded by (seed, step, position in the
 global batch). The step number is thus the whole data position: a resumed run, or a run
 on another number of processes, sees exactly the same samples, and each rank draws only
@@ -72,6 +73,7 @@ def build_stage_index(captioned_tables, scored_tables, latent_files, text_files,
                                  f"(first: {absent[:3]}); it was built from other clips or filters: re-run its encode step")
             kept[path_column] = kept["id"].map(lambda i: where[i][0])
             kept[row_column] = kept["id"].map(lambda i: where[i][1])
+        kept["bucket"] = kept["id"].map(cache.clip_values(latent_path, "bucket"))
         kept_frames.append(kept)
     kept = pd.concat(kept_frames, ignore_index=True) if kept_frames else table.empty()
     validation = kept["id"].map(lambda clip_id: held_out(clip_id, validation_fraction)).astype(bool)
@@ -84,18 +86,26 @@ def build_stage_index(captioned_tables, scored_tables, latent_files, text_files,
     table.write_rejects(rejects, rejects_path)
 
 
-def step_rows(seed: int, step: int, num_rows: int, batch_size: int) -> list[int]:
-    """The rows of step `step`'s global batch, drawn uniformly from a generator seeded by (seed, step)."""
+def step_rows(seed: int, step: int, bucket_rows: list[list[int]], batch_size: int) -> list[int]:
+    """The rows of step `step`'s global batch, all from one bucket (`bucket_rows`: the rows of
+    each): the bucket drawn with probability its share of the rows, from a generator of its own
+    seeded by (seed, step), then the rows uniformly within it from a generator seeded by (seed,
+    step) (so a stage of one bucket draws the rows it drew before buckets)."""
+    digest = hashlib.sha256(f"bucket/{seed}/{step}".encode()).digest()
+    sizes = torch.tensor([len(rows) for rows in bucket_rows], dtype=torch.float64)
+    g_bucket = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    rows = bucket_rows[int(torch.multinomial(sizes, 1, generator=g_bucket))]
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    return torch.randint(num_rows, (batch_size,), generator=g).tolist()
+    return [rows[i] for i in torch.randint(len(rows), (batch_size,), generator=g).tolist()]
 
 
 class StepBatches(Sampler):
     """For each step in [start, stop): this rank's share of the step's global batch, as
     (step, position in the global batch, row) triples (a DataLoader batch_sampler)."""
 
-    def __init__(self, num_rows: int, seed: int, batch_size: int, rank: int, world: int, start: int, stop: int):
-        self.num_rows, self.seed, self.batch_size = num_rows, seed, batch_size
+    def __init__(self, bucket_rows: list[list[int]], seed: int, batch_size: int, rank: int, world: int, start: int,
+                 stop: int):
+        self.bucket_rows, self.seed, self.batch_size = bucket_rows, seed, batch_size
         per_rank = batch_size // world
         self.mine = range(rank * per_rank, (rank + 1) * per_rank)
         self.start, self.stop = start, stop
@@ -105,7 +115,7 @@ class StepBatches(Sampler):
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         for step in range(self.start, self.stop):
-            rows = step_rows(self.seed, step, self.num_rows, self.batch_size)
+            rows = step_rows(self.seed, step, self.bucket_rows, self.batch_size)
             yield [(step, position, rows[position]) for position in self.mine]
 
 

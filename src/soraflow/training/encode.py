@@ -1,8 +1,8 @@
 """The encode jobs: a shard's clips through the frame autoencoder, its captions through the
 text encoder, streamed into the chunked cache (soraflow.data.cache).
 
-A latent job encodes only the clips its stage's filters keep, and of those only the ones
-no chunk of the same settings holds yet (matched by per-clip key), so a filter change
+A latent job encodes only the clips its stage's filters keep, each at the size of its bucket
+(soraflow.data.buckets), and of those only the ones no chunk of the same settings holds yet (matched by per-clip key), so a filter change
 or a retried job encodes just what is missing; with nothing missing no model is loaded.
 Frames of several clips go through the autoencoder together (`vae.micro_batch` frames),
 decoded on a background thread while the previous batch encodes. Memory holds a few
@@ -19,7 +19,7 @@ import torch
 
 from soraflow.core.background import prefetch
 from soraflow.core.progress import progress
-from soraflow.data import table, video
+from soraflow.data import buckets, table, video
 from soraflow.data.cache import DTYPES, ChunkStore, digest, text_tensors
 from soraflow.models.encoders import TextEncoder, load_autoencoder
 from soraflow.scoring.filters import apply_filters, without_caption_filters
@@ -34,12 +34,6 @@ def clip_frame_indices(num_frames_in_clip: int, stage: dict) -> list[int]:
     return video.evenly_spaced(num_frames_in_clip, stage["num_frames"], stage["frame_interval"])
 
 
-def frame_span(stage: dict) -> int:
-    """The source frames a stage's sample spans; a shorter clip cannot give one without
-    squeezing its frames closer in time (playing faster than it was filmed)."""
-    return (stage["num_frames"] - 1) * stage["frame_interval"] + 1
-
-
 def _reject(row, reason: str) -> dict:
     return {"id": row.id, "url": row.url, "stage": "encode_video", "reason": reason}
 
@@ -52,38 +46,51 @@ def video_clip_key(settings_digest: str, row) -> str:
                    stat.st_size, stat.st_mtime_ns])
 
 
-def decoded_batches(clips: pd.DataFrame, stage: dict, clips_per_batch: int):
-    """(ids, pixels [n, T, 3, H, W] in [-1, 1], rejects) for every `clips_per_batch` clips, in
-    order; a clip whose file does not decode is a reject row instead (n may be 0)."""
-    for start in range(0, len(clips), clips_per_batch):
-        ids, pixels, rejects = [], [], []
-        for row in clips.iloc[start : start + clips_per_batch].itertuples():
-            try:
-                frames = video.read_frames(row.path, clip_frame_indices(int(row.num_frames), stage))
-            except (ValueError, av.FFmpegError) as error:
-                if not video.is_video_fault(error):
-                    raise  # the machine's fault (a clip file gone, an I/O error): fail, reject nothing
-                rejects.append(_reject(row, f"cannot decode frames: {error}"))
-                continue
-            ids.append(row.id)
-            pixels.append(video.resize_center_crop(frames, stage["resolution"]))
-        yield ids, torch.stack(pixels) if pixels else None, rejects
+def decoded_batches(clips: pd.DataFrame, stage: dict, micro_batch: int):
+    """(ids, pixels [n, T, 3, H, W] in [-1, 1], rejects) for every batch of clips of one bucket (the
+    `bucket` column, a position in the stage's buckets): as many clips as hold `micro_batch` frames,
+    bucket by bucket, in order; a clip whose file does not decode is a reject row instead (n may be 0)."""
+    sizes = buckets.stage_buckets(stage)
+    for bucket, group in clips.groupby("bucket", sort=True):
+        frames, height, width = sizes[bucket]
+        clips_per_batch = max(1, micro_batch // frames)
+        for start in range(0, len(group), clips_per_batch):
+            ids, pixels, rejects = [], [], []
+            for row in group.iloc[start : start + clips_per_batch].itertuples():
+                try:
+                    indices = clip_frame_indices(int(row.num_frames), {**stage, "num_frames": frames})
+                    decoded = video.read_frames(row.path, indices)
+                except (ValueError, av.FFmpegError) as error:
+                    if not video.is_video_fault(error):
+                        raise  # the machine's fault (a clip file gone, an I/O error): fail, reject nothing
+                    rejects.append(_reject(row, f"cannot decode frames: {error}"))
+                    continue
+                ids.append(row.id)
+                pixels.append(video.resize_center_crop(decoded, (height, width)))
+            yield ids, torch.stack(pixels) if pixels else None, rejects
 
 
 def encode_video_shard(table_path, out_path, vae_params: dict, stage: dict, rejects_path=None) -> None:
-    """Latents [C, T, h, w] of every clip of a shard that passes stage["filters"], at the
-    stage's frames and size; `out_path` is the cache index. A clip shorter than the stage's
-    frame span, or whose file does not decode, has none: it goes to the rejects table (with
-    rejects_path; without one it is an error)."""
+    """Latents [C, T, h, w] of every clip of a shard that passes stage["filters"], at the frames
+    and size of its bucket; `out_path` is the cache index, which records each clip's bucket. A clip
+    shorter than every bucket's frame span, or whose file does not decode, has none: it goes to the
+    rejects table (with rejects_path; without one it is an error)."""
     clips = table.read(table_path)
     kept, _ = apply_filters(clips, without_caption_filters(stage["filters"]))
-    span = frame_span(stage)
-    short = kept["num_frames"] < span
-    rejects = [_reject(row, f"{row.num_frames} frames, fewer than the {span} that {stage['num_frames']} frames "
+    sizes = buckets.stage_buckets(stage)
+    kept = kept.assign(bucket=[buckets.assign(int(row.num_frames), int(row.height), int(row.width), sizes,
+                                              stage["frame_interval"]) for row in kept.itertuples()])  # fmt: skip
+    short = kept["bucket"].isna()
+    fewest = min(frames for frames, _, _ in sizes)
+    span = buckets.frame_span(fewest, stage["frame_interval"])
+    rejects = [_reject(row, f"{row.num_frames} frames, fewer than the {span} that {fewest} frames "
                             f"{stage['frame_interval']} apart span") for row in kept[short].itertuples()]  # fmt: skip
-    kept = kept[~short].reset_index(drop=True)
+    # bucket by bucket, so that a batch of clips (and a cache chunk) holds one size
+    kept = kept[~short].astype({"bucket": int}).sort_values("bucket", kind="stable").reset_index(drop=True)
     settings = {"vae": {k: v for k, v in vae_params.items() if k not in OPERATIONAL},
                 "frames": {k: stage[k] for k in FRAME_KEYS}}
+    if stage.get("buckets"):  # without, the settings (so the clip keys) are those of caches made before buckets
+        settings["buckets"] = [list(bucket) for bucket in sizes]
     store = ChunkStore(out_path, settings)
     settings_digest = digest(settings)
     keys = [video_clip_key(settings_digest, row) for row in kept.itertuples()]
@@ -93,8 +100,7 @@ def encode_video_shard(table_path, out_path, vae_params: dict, stage: dict, reje
         autoencoder = load_autoencoder(vae_params)
         todo = kept.iloc[missing]
         key_of = dict(zip(kept["id"], keys))
-        clips_per_batch = max(1, vae_params["micro_batch"] // stage["num_frames"])
-        batches = prefetch(decoded_batches(todo, stage, clips_per_batch), depth=2)
+        batches = prefetch(decoded_batches(todo, stage, vae_params["micro_batch"]), depth=2)
         with progress(total=len(todo), desc="encode video") as bar:
             for ids, pixels, unreadable in batches:
                 rejects += unreadable
@@ -108,7 +114,8 @@ def encode_video_shard(table_path, out_path, vae_params: dict, stage: dict, reje
     if rejects and rejects_path is None:
         raise ValueError(f"{table_path}: clips without latents: {rejects[:3]}")
     encoded = ~kept["id"].isin([reject["id"] for reject in rejects])
-    store.finish(kept["id"][encoded].tolist(), [key for key, keep in zip(keys, encoded) if keep])
+    store.finish(kept["id"][encoded].tolist(), [key for key, keep in zip(keys, encoded) if keep],
+                 bucket=kept["bucket"][encoded].tolist())
     if rejects_path is not None:
         table.write_rejects(rejects, rejects_path)
 

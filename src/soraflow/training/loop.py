@@ -122,7 +122,9 @@ class Trainer:
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
         self.data = LatentDataset(index_path)
-        latents, y, _ = self.data[0]
+        self.bucket_rows = self.data.bucket_rows()
+        # the model's size (and the one it samples at): its first bucket's (one with clips)
+        latents, y, _ = self.data[self.bucket_rows[0][0]]
         channels, frames, height, width = latents.shape
         # the model family (model.family: stdit, wan) decides the model, its initial weights and objective
         self.family = load_family(params.get("model", {}).get("family"))
@@ -300,7 +302,7 @@ class Trainer:
     # --- one step ----------------------------------------------------------------------
     def batches(self, stop: int):
         """This rank's batches of steps [self.step, stop), read and drawn by DataLoader workers."""
-        steps = StepBatches(len(self.data), self.opts["seed"], self.stage["batch_size"], self.dp_rank, self.dp_size,
+        steps = StepBatches(self.bucket_rows, self.opts["seed"], self.stage["batch_size"], self.dp_rank, self.dp_size,
                             self.step, stop)
         workers = self.opts["data_workers"]
         return iter(DataLoader(self.samples, batch_sampler=steps, num_workers=workers, worker_init_fn=leave_stops_to_trainer,

@@ -6,15 +6,17 @@ same `timesteps` steps, evenly spread over the schedule, with noise drawn from a
 its own (seeded by the run's seed, the clip id and the timestep), and no caption is dropped.
 So the same weights always give the same loss, and an exact resume logs the numbers an
 uninterrupted run does. The items are shared out over the data-parallel ranks (the ranks of a
-sequence-parallel group evaluate the same items, each its share of the tokens); every rank runs
-the same number of batches (padding items weigh nothing), since a sharded model's forward is a
-collective, and one all-reduce sums the losses.
+sequence-parallel group evaluate the same items, each its share of the tokens); a batch holds
+items of one bucket (one latent shape), and every rank runs the same number of batches (padding
+items weigh nothing), since a sharded model's forward is a collective, and one all-reduce sums
+the losses.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import math
 from pathlib import Path
 
@@ -47,22 +49,21 @@ class ValidationSet:
         timesteps = fixed_timesteps(objective, settings["timesteps"])
         items = [(row, t) for row in range(clips) for t in timesteps]
         per_rank = math.ceil(len(items) / dp_size)
-        mine = items[dp_rank * per_rank : (dp_rank + 1) * per_rank]
-        weights = [1.0] * len(mine)
-        # every rank runs the same batches: pad with a weightless copy of the first item
-        padded = per_rank + (-per_rank % batch_size)
-        mine, weights = mine + [items[0]] * (padded - len(mine)), weights + [0.0] * (padded - len(mine))
+        shares = [rank_batches(items[rank * per_rank : (rank + 1) * per_rank], data.buckets, batch_size)
+                  for rank in range(dp_size)]  # fmt: skip
+        # every rank runs the same number of batches: pad with weightless copies of the first item
+        mine = shares[dp_rank] + [[(items[0], 0.0)] * batch_size] * (max(map(len, shares)) - len(shares[dp_rank]))
         self.batches = []
-        for start in range(0, len(mine), batch_size):
+        for batch in mine:
             x, y, mask, noise = [], [], [], []
-            for row, t in mine[start : start + batch_size]:
+            for (row, t), _ in batch:
                 latents, features, caption_mask = data[row]
                 x.append(latents), y.append(features), mask.append(caption_mask)
                 noise.append(item_noise(seed, str(data.index["id"].iloc[row]), t, latents.shape))
             self.batches.append({
                 "x": torch.stack(x), "y": torch.stack(y), "mask": torch.stack(mask), "noise": torch.stack(noise),
-                "t": torch.tensor([t for _, t in mine[start : start + batch_size]]),
-                "weight": torch.tensor(weights[start : start + batch_size], dtype=torch.float64),
+                "t": torch.tensor([t for (_, t), _ in batch]),
+                "weight": torch.tensor([weight for _, weight in batch], dtype=torch.float64),
             })  # fmt: skip
         self.size = len(items)
 
@@ -79,6 +80,17 @@ class ValidationSet:
                 sums[0] += (losses["loss"].double() * b["weight"]).sum()
                 sums[1] += b["weight"].sum()
         return sums
+
+
+def rank_batches(items: list[tuple[int, object]], bucket: list[int], batch_size: int) -> list[list[tuple]]:
+    """A rank's items (row, timestep) as batches of (item, weight), each of one bucket's rows: the
+    items of each bucket in order, the last batch of each padded with weightless copies of its first."""
+    batches = []
+    for _, group in itertools.groupby(sorted(items, key=lambda item: bucket[item[0]]), key=lambda item: bucket[item[0]]):
+        group = list(group)
+        weighted = [(item, 1.0) for item in group] + [(group[0], 0.0)] * (-len(group) % batch_size)
+        batches += [weighted[start : start + batch_size] for start in range(0, len(weighted), batch_size)]
+    return batches
 
 
 def append_row(path: Path, step: int, loss: float, ema_loss: float | None, seconds: float) -> None:

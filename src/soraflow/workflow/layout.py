@@ -14,6 +14,7 @@ import sys
 from functools import cached_property
 from pathlib import Path
 
+from soraflow.data import buckets
 from soraflow.data.manifest import num_shards, shard_digests, shard_ids
 from soraflow.models import wan_config
 from soraflow.workflow import resources, settings
@@ -54,6 +55,7 @@ class Layout:
             if init in self.stages[position:]:
                 raise ValueError(f"stages.{stage}.init: {init!r} is not an earlier stage (stages run in the "
                                  f"order listed: {', '.join(self.stages)})")
+            buckets.check(stage, config["stages"][stage])
             if self.family == "wan":
                 wan_config.check_stage(stage, config["stages"][stage])
 

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from soraflow.core.hub import resolve_model_ref
+from soraflow.data import buckets
 from soraflow.data.manifest import count_rows
 from soraflow.models import wan_config
 from soraflow.models.stdit_config import patch_grid, stdit_kwargs
@@ -149,14 +150,16 @@ def weight_parameters(ref: str) -> int | None:
 
 
 def stage_dims(config: dict, stage: dict) -> tuple[dict, tuple[int, int, int, int]]:
-    """The sizes of the stage's STDiT or Wan transformer (see dims) and its latent (C, T, h, w)."""
+    """The sizes of the stage's STDiT or Wan transformer (see dims) and its latent (C, T, h, w), at its
+    largest bucket (the one that needs the most memory)."""
     if config["model"]["family"] == "wan":
         return wan_dims(config, stage)
     channels, factor = latent_layout(config["vae"])
-    if stage["resolution"] % factor:
-        raise PlanError(f"resolution {stage['resolution']} is not a multiple of the autoencoder's factor {factor}")
-    size = stage["resolution"] // factor
-    latent = (channels, stage["num_frames"], size, size)
+    frames, height, width = buckets.largest(stage)
+    for side in (height, width):
+        if side % factor:
+            raise PlanError(f"size {side} is not a multiple of the autoencoder's factor {factor}")
+    latent = (channels, frames, height // factor, width // factor)
     return dims(stdit_kwargs({**config["stdit"], "in_channels": channels}), latent), latent
 
 
@@ -194,7 +197,7 @@ def wan_dims(config: dict, stage: dict) -> tuple[dict, tuple[int, int, int, int]
     """The dims of a Wan stage: one full attention over all N tokens (no temporal blocks), cross-attention
     to the text encoder's tokens, its FFN; the latent 4x smaller in time and 8x in space."""
     cfg = wan_transformer(config["wan"]["model"])
-    latent = (cfg["in_channels"], *wan_config.latent_size(stage["num_frames"], stage["resolution"], stage["resolution"]))
+    latent = (cfg["in_channels"], *wan_config.latent_size(*buckets.largest(stage)))
     t, h, w = patch_grid(latent[1:], wan_config.PATCH)
     patch = math.prod(wan_config.PATCH)
     finetune = stage.get("finetune") or config["wan"]["finetune"]
@@ -418,7 +421,7 @@ def model_plans(config: dict) -> list[ModelPlan]:
     vae = config["vae"]
     parameters = 0 if vae["kind"] == "pixel_pack" else weight_parameters(vae["model"])
     for name, stage in config["stages"].items():
-        pixels = stage["num_frames"] * stage["resolution"] ** 2
+        pixels = math.prod(buckets.largest(stage))  # an upper bound: clips may sit in smaller buckets
         plans.append(ModelPlan(f"encode_video {name}", vae.get("model") or "pixel_pack", parameters,
                                3600 * a["vae_frames_per_s"] * 256**2 / pixels))
     return plans
