@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -214,6 +215,19 @@ def test_the_tiny_run_holds_out_validates_samples_and_tracks_every_stage(finishe
         history = client.get_metric_history(record.info.run_id, "validation/loss")
         log = pd.read_csv(workdir / layout.validation_log(stage))
         assert sorted(m.step for m in history) == log["step"].tolist()  # each step once, retried or not
+
+
+def test_a_grid_row_sets_videos_of_different_sizes_side_by_side():
+    """A validation clip of another bucket (here taller and narrower) beside a sample: each row as
+    tall as its tallest frame, the smaller frames top-aligned on white."""
+    from soraflow.inference.grid import grid_image
+
+    sample, clip = torch.full((5, 3, 8, 8), -1.0), torch.full((3, 3, 16, 4), 1.0)
+    image = torch.from_numpy(np.array(grid_image([[sample, clip], [sample]])))
+    assert image.shape == (16 + 8, 4 * 8 + 3 * 4, 3)
+    assert (image[:8, :32] == 0).all() and (image[8:16, :32] == 255).all()  # the sample, then white below it
+    assert (image[:16, 32:] == 255).all()  # the clip, white
+    assert (image[16:, :32] == 0).all() and (image[16:, 32:] == 255).all()  # the second row: the sample alone
 
 
 def wandb_records(path: Path) -> list:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from soraflow.core.atomic import atomic_path
@@ -19,7 +20,8 @@ from soraflow.inference.sample import Sampler
 
 def grid_image(rows: list[list[torch.Tensor]], frames: int = 4) -> Image.Image:
     """One image: a row per entry, each entry's videos ([T, 3, H, W] in [-1, 1]) side by side,
-    `frames` evenly spaced frames of each."""
+    `frames` evenly spaced frames of each (top-aligned on white: a validation clip of another
+    bucket than the one the model samples at has another size)."""
     strips = []
     for videos in rows:
         shown = []
@@ -27,7 +29,9 @@ def grid_image(rows: list[list[torch.Tensor]], frames: int = 4) -> Image.Image:
             count = min(frames, pixels.shape[0])
             picks = [round(k * (pixels.shape[0] - 1) / max(count - 1, 1)) for k in range(count)]
             shown += list(video.to_uint8(pixels[picks]))
-        strips.append(torch.cat(shown, dim=1))
+        height = max(frame.shape[0] for frame in shown)
+        strips.append(torch.cat([F.pad(frame, (0, 0, 0, 0, 0, height - frame.shape[0]), value=255) for frame in shown],
+                                dim=1))
     width = max(s.shape[1] for s in strips)
     canvas = torch.full((sum(s.shape[0] for s in strips), width, 3), 255, dtype=torch.uint8)
     top = 0
