@@ -1,6 +1,7 @@
 """The whole DAG with the Wan family (demo/wan.yaml's settings), on a copy of the session's finished
 STDiT run: switching the family keeps the curation (ingest, split, scores, captions) and runs the
-encode, training, sampling and report steps again with Wan's parts; the trained LoRA loads into
+encode, training, sampling and report steps again with Wan's parts, here on two buckets (the
+demo's square clips and its 2.35:1 ones, each at its own aspect); the trained LoRA loads into
 diffusers' WanPipeline with the trained model's outputs."""
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import torch
 import yaml
 from workflow_run import REPO, copy_run, planned_jobs, run_snakemake
 
+from soraflow.data import table
+from soraflow.data.cache import LatentDataset
 from soraflow.models import wan
 from soraflow.models.checkpoint import checkpoint_metadata
 from soraflow.workflow.layout import Layout
@@ -18,9 +21,11 @@ CURATION = {"demo_videos", "shard", "ingest", "split", "score", "match", "captio
 
 
 def wan_config(config: dict) -> dict:
-    """The finished run's config with demo/wan.yaml's family, encoders and one tiny LoRA stage."""
+    """The finished run's config with demo/wan.yaml's family, encoders and one tiny LoRA stage on
+    two buckets: square, and 1:2 for the bikes clips (226 x 96 after the split)."""
     overlay = yaml.safe_load((REPO / "demo" / "wan.yaml").read_text())
-    stage = {**overlay["stages"]["stage1"], "num_frames": 5, "frame_interval": 2, "steps": 3, "batch_size": 2}
+    stage = {**overlay["stages"]["stage1"], "num_frames": 5, "frame_interval": 2, "steps": 3, "batch_size": 2,
+             "buckets": [[5, 32, 32], [5, 32, 64]]}
     return {**config, "model": overlay["model"], "wan": overlay["wan"], "vae": overlay["vae"],
             "text_encoder": {**config["text_encoder"], **overlay["text_encoder"]}, "stages": {"stage1": stage},
             "diffusion": {**config["diffusion"], "sample_steps": 2},
@@ -29,7 +34,7 @@ def wan_config(config: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_wan_family_trains_and_samples_on_a_finished_runs_curation(finished_run, tmp_path):
+def test_wan_family_trains_and_samples_on_a_finished_runs_curation(finished_run, tmp_path, monkeypatch):
     workdir = copy_run(finished_run.workdir, tmp_path / "wan")
     config = wan_config(yaml.safe_load((workdir / "config.yaml").read_text()))
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
@@ -45,7 +50,16 @@ def test_wan_family_trains_and_samples_on_a_finished_runs_curation(finished_run,
     checkpoint = workdir / layout.checkpoint("stage1")
     metadata = checkpoint_metadata(checkpoint)
     assert metadata["family"] == "wan" and metadata["model_config"]["lora"]["alpha"] == 8
-    assert metadata["input_size"] == [2, 4, 4]  # 5 frames of 32 px: (5 - 1) / 4 + 1 latent frames, 8x smaller
+    assert metadata["input_size"] == [2, 4, 4]  # the first bucket's 5 frames of 32 px: (5 - 1) / 4 + 1, 8x smaller
+    # each clip in the bucket of its aspect, cached at its size: the wide bikes clips at 32 x 64
+    monkeypatch.chdir(workdir)  # the index names its cache files from the run's folder
+    data = LatentDataset(layout.stage_index("stage1"))
+    for position, clip_id in enumerate(data.index["id"]):
+        wide = clip_id.startswith("bikes")
+        assert data.buckets[position] == int(wide) and data[position][0].shape == (16, 2, 4, 8 if wide else 4)
+    assert len(data.bucket_rows()) == 2
+    held_out = table.read(workdir / layout.validation_index("stage1"))
+    assert set(held_out["bucket"]) == {0}  # the square cuts_a clips
 
     # the stage's LoRA, exported as diffusers' file, in a WanPipeline of the same base
     from diffusers import WanPipeline

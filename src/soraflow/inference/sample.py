@@ -131,7 +131,9 @@ def sample_training_captions(checkpoint, index_path, out_paths: list, comparison
     closest to (its own when the stage has learned to tell its captions apart)."""
     sampler = Sampler(checkpoint, params)
     data = LatentDataset(index_path)
-    picked = pick_training_clips(data.index, len(out_paths), index_path)
+    # clips of the size the model samples at: its stage's first bucket with clips (soraflow.data.buckets)
+    same_size = data.bucket_rows()[0]
+    picked = [same_size[i] for i in pick_training_clips(data.index.iloc[same_size], len(out_paths), index_path)]
     rows = data.index.iloc[picked]
     clips, samples = [], []
     for k, (position, caption, out_path) in enumerate(zip(picked, rows["text"], out_paths)):
