@@ -18,7 +18,7 @@ from soraflow.scoring.filters import apply_filters, failed_filters, without_capt
 from soraflow.scoring.match import MatchScorer
 from soraflow.scoring.phash import clip_phash, mean_distance
 from soraflow.scoring.shard import match_shard, score_shard
-from soraflow.scoring.text_area import text_area
+from soraflow.scoring.text_area import _engine, frame_text_area, text_area
 
 SIZE = (192, 128)  # width, height: OCR at the frame's own size
 FONT_SIZE = 20
@@ -72,6 +72,23 @@ def test_text_area_is_the_burned_in_text_and_zero_without_text(text_videos):
     # OCR's boxes fit the text lines to within their padding (0.7-1.35x over sizes and fonts)
     assert measured == pytest.approx(expected, rel=0.35)
     assert text_area(paths["plain"], text_videos["num_frames"], frames=2) == 0.0
+
+
+def test_only_boxes_read_with_a_letter_or_digit_count_as_text():
+    """The recogniser reads drawn signs confidently ("###" at ~0.98, as it read a bus-roof vent in
+    the demo's footage as "■"); the text area is the line of letters and digits alone."""
+    signs, letters = ((16, 20), "###"), ((16, 84), "Hi 42")
+    font = ImageFont.load_default(size=FONT_SIZE)
+    ascent, descent = font.getmetrics()
+    image = Image.fromarray(gradient_frames(1)[0])
+    draw = ImageDraw.Draw(image)
+    for position, text in (signs, letters):
+        draw.text(position, text, fill=(255, 255, 255), font=font)
+    frame = np.asarray(image)
+    readings = [reading for _box, reading, _score in _engine(0.5)(np.ascontiguousarray(frame[..., ::-1]))[0]]
+    assert len(readings) == 2 and any(set(reading) == {"#"} for reading in readings)  # both lines are read
+    left, _, right, _ = draw.textbbox(*letters, font=font)
+    assert frame_text_area(frame) == pytest.approx((right - left) * (ascent + descent) / (SIZE[0] * SIZE[1]), rel=0.35)
 
 
 def test_score_step_fills_text_area_and_phash_and_the_filter_drops_the_text_clip(text_videos, tmp_path):
