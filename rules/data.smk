@@ -156,6 +156,8 @@ rule export:
         # each shard's rejects tables come from the jobs that made its captioned table, so
         # they are not inputs of their own (3 fewer DAG edges per shard)
         tables=L.shard_files("captioned"),
+        # the near-duplicates, which every stage leaves out
+        dedup=L.dedup_rejects(),
     output:
         **L.exports(),
     log:
@@ -170,4 +172,5 @@ rule export:
     shell:
         "soraflow export --shards-dir {params.shards_dir} --num-shards {params.num_shards}"
         " --out {output.table} --opensora-v1.0-csv {output.opensora_v1_0_csv}"
-        " --opensora-v1.1-csv {output.opensora_v1_1_csv} --rejects {output.rejects} > {log} 2>&1"
+        " --opensora-v1.1-csv {output.opensora_v1_1_csv} --rejects {output.rejects}"
+        " --dedup-rejects {input.dedup} > {log} 2>&1"

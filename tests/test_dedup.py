@@ -180,15 +180,24 @@ def test_dedup_corpus_writes_the_dropped_clips_of_every_shard_as_rejects(tmp_pat
 
 def test_the_tiny_run_searched_its_clips_and_a_loose_threshold_keeps_only_the_longest(finished_run, tmp_path):
     """The shared run's dedup step ran over its shards and dropped nothing (its clips are different
-    shots); the same command over the run's scored tables at 64 bits (every clip alike) keeps one."""
+    shots); the same command over the run's scored tables at 64 bits (every clip alike) keeps one,
+    and the export lists the dropped clips after the shards' rejects."""
     workdir, layout = finished_run.workdir, finished_run.layout
     assert table.read(workdir / layout.dedup_rejects()).empty
     scored = table.concat([workdir / path for path in layout.shard_files("scored")])
     assert scored["phash"].notna().all() and len(scored) > 3
     out = tmp_path / "rejects.parquet"
-    main(["dedup", "--shards-dir", str(workdir / layout.root / "shards"), "--num-shards", str(len(layout.shards)),
-          "--out", str(out), "--params", json.dumps({"max_distance": 64})])  # fmt: skip
+    shards = ["--shards-dir", str(workdir / layout.root / "shards"), "--num-shards", str(len(layout.shards))]
+    main(["dedup", *shards, "--out", str(out), "--params", json.dumps({"max_distance": 64})])
     longest = scored.sort_values(["duration_s", "aes", "id"], ascending=[False, False, True])["id"].iat[0]
     dropped = table.read(out)
     assert sorted(dropped["id"]) == sorted(set(scored["id"]) - {longest})
     assert dropped["reason"].str.startswith(f"near-duplicate of {longest} ").all()
+
+    main(["export", *shards, "--out", str(tmp_path / "clips.parquet"), "--opensora-v1.0-csv", str(tmp_path / "1.0.csv"),
+          "--opensora-v1.1-csv", str(tmp_path / "1.1.csv"), "--rejects", str(tmp_path / "all.parquet"),
+          "--dedup-rejects", str(out)])  # fmt: skip
+    run_rejects = table.read(workdir / layout.exports()["rejects"])  # the run's: its dedup dropped none
+    assert "broken" in set(run_rejects["id"]) and "dedup" not in set(run_rejects["stage"])
+    exported = table.read(tmp_path / "all.parquet")
+    assert exported.to_dict("records") == [*run_rejects.to_dict("records"), *dropped.to_dict("records")]

@@ -39,7 +39,8 @@ def cmd_shard(args) -> None:
 def cmd_export(args) -> None:
     from soraflow.data.export import export_shards
 
-    counts = export_shards(args.shards_dir, args.num_shards, args.out, args.csv_v1_0, args.csv_v1_1, args.rejects)
+    counts = export_shards(args.shards_dir, args.num_shards, args.out, args.csv_v1_0, args.csv_v1_1, args.rejects,
+                           args.dedup_rejects)
     print(f"export: {counts}")
 
 
@@ -336,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opensora-v1.1-csv", dest="csv_v1_1", required=True,
                    help="Open-Sora 1.1+'s CSV: a header, path,text,num_frames,width,height,aspect_ratio,fps,resolution")
     p.add_argument("--rejects", required=True, help="rejects table (parquet)")
+    p.add_argument("--dedup-rejects", help="the dedup step's rejects (near-duplicates), listed after the shards'")
 
     p = with_params(command("ingest", cmd_ingest, "download and probe the videos of a shard table"))
     p.add_argument("table")

@@ -6,16 +6,16 @@ for the version that reads it: `clips_opensora-v1.0.csv` is Open-Sora 1.0's head
 `path,text,num_frames` (its DatasetFromCSV reads every line, a header too, as a clip), and
 `clips_opensora-v1.1.csv` has a header and the columns of Open-Sora 1.1+'s VideoTextDataset
 (path,text,num_frames,width,height,aspect_ratio,fps,resolution). `results/rejects.parquet`
-collects what ingest, split and captioning rejected, with the stage and the reason, so
-nothing is lost silently.
+collects what ingest, split and captioning rejected, and the near-duplicates the dedup step
+drops from every stage, with the stage and the reason, so nothing is lost silently.
 
 Shards are streamed one at a time (a 10-million-video run never sits in memory at once),
 and each output is written under a temp name and renamed, so a present file is complete.
 Shard tables are found from the shard folder and the shard count rather than a list of
 paths on the command line, which would pass the kernel's argument limit at 10k shards.
-The rule's inputs are the captioned tables only: each shard's rejects tables come from the
-jobs that made its captioned table, so they exist whenever it does, and leaving them out
-keeps 3 DAG edges per shard out of Snakemake's dry run.
+The rule's inputs are the captioned tables and the dedup table: each shard's rejects tables
+come from the jobs that made its captioned table, so they exist whenever it does, and leaving
+them out keeps 3 DAG edges per shard out of Snakemake's dry run.
 """
 
 from __future__ import annotations
@@ -99,13 +99,24 @@ def export_tables(
     return counts
 
 
-def export_shards(shards_dir: str | Path, num_shards: int, out_parquet, out_csv_v1_0, out_csv_v1_1, out_rejects) -> dict:
+def export_shards(
+    shards_dir: str | Path,
+    num_shards: int,
+    out_parquet,
+    out_csv_v1_0,
+    out_csv_v1_1,
+    out_rejects,
+    dedup_rejects: str | Path | None = None,
+) -> dict:
     """export_tables over a workflow's shard folder: captioned tables, then the rejects of
-    every stage (ingest, split, caption), shard by shard."""
+    every stage (ingest, split, caption), shard by shard, then the dedup step's near-duplicates
+    (`dedup_rejects`, the whole corpus's) when given."""
     clip_tables = shard_table_paths(shards_dir, num_shards, "captioned")
     reject_tables = [
         path
         for shard in shard_ids(num_shards)
         for path in (Path(shards_dir) / shard / f"rejects_{stage}.parquet" for stage in REJECT_STAGES)
     ]
+    if dedup_rejects is not None:
+        reject_tables.append(Path(dedup_rejects))
     return export_tables(clip_tables, reject_tables, out_parquet, out_csv_v1_0, out_csv_v1_1, out_rejects)
