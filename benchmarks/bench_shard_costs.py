@@ -3,11 +3,12 @@
     .venv/bin/python benchmarks/bench_shard_costs.py [--seconds 60] [--skip-aesthetic]
 
 - split: a 1280x720, 30 fps H.264 video of `--seconds` seconds (scenes of 4 s from ffmpeg's
-  test sources) through `split_shard` with the Open-Sora 1.0 preset's split settings (content
-  detector, 5 s pieces, shorter side 512) and one worker (`split.threads` 1): wall and CPU
-  seconds per second of source video, and the peak RSS of the job and of its largest ffmpeg.
-- score: the clips that split made, through `score_shard` without an aesthetic model (the
-  preset's): wall seconds per clip (decoding and optical flow).
+  test sources) through `split_shard` with the Open-Sora 1.0 preset's split settings (5 s
+  pieces, shorter side 512), by its detector (TransNetV2) and by Open-Sora 1.0's (content), one
+  worker (`split.threads` 1): wall and CPU seconds per second of source video, and the peak RSS
+  of the job and of its largest ffmpeg.
+- score: the clips that split made, through `score_shard` with the preset's score settings
+  (motion, OCR on 3 frames, pHash; no aesthetic model): wall seconds per clip.
 - aesthetic: Open-Sora's aesthetic scorer at full size (CLIP ViT-L/14 at 224 px and the LAION
   MLP head, random weights, built by soraflow.demo.models' builder) on one clip: wall seconds per
   clip for its 3 frames, torch on one thread (a score job's one core).
@@ -76,26 +77,29 @@ def bench_split(work: Path, config: dict, seconds: int) -> tuple[list, Path]:
     table.write(pd.DataFrame({"id": ["hd"], "video_id": ["hd"], "url": [str(source)]}), work / "manifest.parquet")
     ingest_shard(work / "manifest.parquet", work / "raw", work / "videos.parquet", work / "rejects_ingest.parquet",
                  config["ingest"])
-    params = {**config["split"], "threads": 1}
-    wall, cpu = time.perf_counter(), cpu_seconds()
-    split_shard(work / "videos.parquet", work / "clips", work / "clips.parquet", work / "rejects.parquet", params)
-    wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
-    clips = len(table.read(work / "clips.parquet"))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    ffmpeg_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    row = ("split (1 worker)", f"{seconds} s of 1280x720 30 fps, {clips} clips", f"{wall:.1f}", f"{cpu:.1f}",
-           f"**{wall / seconds:.3f} s per video-second** ({cpu / seconds:.3f} CPU s)",
-           f"job {peak:.0f}, largest ffmpeg {ffmpeg_peak:.0f}")
-    return [row], work / "clips.parquet"
+    rows = []
+    # the preset's detector, then Open-Sora 1.0's; the score bench takes the preset's clips
+    for detector, threshold, out in (("transnetv2", 0.5, "clips"), ("content", 27.0, "clips_content")):
+        params = {**config["split"], "detector": detector, "threshold": threshold, "threads": 1}
+        wall, cpu = time.perf_counter(), cpu_seconds()
+        split_shard(work / "videos.parquet", work / out, work / f"{out}.parquet", work / f"rejects_{out}.parquet", params)
+        wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
+        clips = len(table.read(work / f"{out}.parquet"))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        ffmpeg_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        rows.append((f"split, {detector} (1 worker)", f"{seconds} s of 1280x720 30 fps, {clips} clips", f"{wall:.1f}",
+                     f"{cpu:.1f}", f"**{wall / seconds:.3f} s per video-second** ({cpu / seconds:.3f} CPU s)",
+                     f"job {peak:.0f}, largest ffmpeg {ffmpeg_peak:.0f}"))  # fmt: skip
+    return rows, work / "clips.parquet"
 
 
-def bench_score(work: Path, clips_table: Path) -> list:
+def bench_score(work: Path, config: dict, clips_table: Path) -> list:
     clips = len(table.read(clips_table))
     wall, cpu = time.perf_counter(), cpu_seconds()
-    score_shard(clips_table, work / "scored.parquet", {"aesthetic_model": None})
+    score_shard(clips_table, work / "scored.parquet", {**config["score"], "aesthetic_model": None})
     wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
-    return [("score, motion only (the preset's)", f"{clips} clips of <= 5 s at 512 px", f"{wall:.1f}", f"{cpu:.1f}",
-             f"**{wall / clips:.3f} s per clip**", "")]
+    return [("score, the preset's (motion, OCR, pHash)", f"{clips} clips of <= 5 s at 512 px", f"{wall:.1f}",
+             f"{cpu:.1f}", f"**{wall / clips:.3f} s per clip** ({cpu / clips:.3f} CPU s)", "")]
 
 
 def bench_aesthetic(work: Path, clips_table: Path) -> list:
@@ -149,7 +153,7 @@ def main() -> None:
         work = Path(tmp)
         rows = bench_parts(work)
         split_rows, clips = bench_split(work, config, args.seconds)
-        rows += split_rows + bench_score(work, clips)
+        rows += split_rows + bench_score(work, config, clips)
         if not args.skip_aesthetic:
             rows += bench_aesthetic(work, clips)
     print(f"load average {os.getloadavg()[0]:.1f}, {os.cpu_count()} cores")

@@ -50,7 +50,8 @@ def test_split_takes_the_workflow_config_as_snakemake_does(synthetic_cut_video, 
     video's clips come out at the file's frame rate and size, and its raw file is a copy (the
     default hard-links it)."""
     override = tmp_path / "override.yaml"
-    override.write_text("split: {fps: 12.0, shorter_side: 64}\ningest: {local_sources: in_place}\n")
+    override.write_text("split: {fps: 12.0, shorter_side: 64, detector: content, threshold: 27.0}\n"
+                        "ingest: {local_sources: in_place}\n")
     result = soraflow("split", str(synthetic_cut_video["path"]), "--out-dir", str(tmp_path / "out"),
                       "--configfile", str(override), "--config", "ingest={local_sources: copy}")
     assert result.returncode == 0, result.stderr

@@ -42,6 +42,7 @@ def test_raw_files_go_once_split_and_come_back_only_for_a_new_split(tmp_path, sy
     config["data"].update(manifest=str(tmp_path / "manifest.csv"), shard_size=2)
     config["demo"]["videos"] = []
     config["ingest"].update(keep_raw=False, local_sources="copy")
+    config["split"].update(detector="content", threshold=27.0)  # the cheaper detector: no torch in the split job
 
     snakemake(tmp_path, config)
     clips = table.read(tmp_path / CLIPS)

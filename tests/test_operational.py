@@ -215,7 +215,9 @@ def run_ingest(video_server, bad_videos, tmp_path_factory):
         params = given(values, "ingest")
         ingest_shard(shard, work / "raw", work / "videos.parquet", work / "ingest_rejects.parquet", section("ingest", **params))
         split_shard(work / "videos.parquet", work / "clips", work / "clips.parquet", work / "split_rejects.parquet",
-                    section("split", **given(values, "split")), drop_raw_in=None if params["keep_raw"] else work / "raw")
+                    # the content detector: TransNetV2 would add seconds to each of these runs (run_split has it)
+                    section("split", detector="content", threshold=27.0, **given(values, "split")),
+                    drop_raw_in=None if params["keep_raw"] else work / "raw")
         return folder_outputs(work, leave_out=("raw",))
 
     return run
@@ -223,7 +225,8 @@ def run_ingest(video_server, bad_videos, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run_split(synthetic_cut_video, vfr_video, rotated_video, tmp_path_factory):
-    """Three videos split at once (4 threads) or one at a time."""
+    """Three videos split at once (4 threads) or one at a time, by the default config's detector
+    (TransNetV2, whose network runs on each worker's share of the threads)."""
     inputs = tmp_path_factory.mktemp("split_inputs")
     sources = {"cuts": synthetic_cut_video, "vfr": vfr_video, "phone": rotated_video}
     table.write(pd.DataFrame({"id": list(sources), "video_id": list(sources),

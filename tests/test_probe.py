@@ -115,6 +115,6 @@ def test_a_split_stopped_early_after_probing_does_not_hang(bad_videos, synthetic
         probe(bad_videos["truncated"])
     probe(synthetic_cut_video["path"])
     assert av.logging.get_level() is None
-    monkeypatch.setattr(soraflow.data.split, "_detector", lambda params: Broken())
+    monkeypatch.setattr(soraflow.data.split, "_detector", lambda params, threads: Broken())
     with pytest.raises(RuntimeError, match="detector broke"):
         soraflow.data.split.detect_scenes(synthetic_cut_video["path"], {})

@@ -88,7 +88,7 @@ def shard(tmp_path_factory, synthetic_cut_video) -> Path:
     ingest_shard(root / "manifest.parquet", root / "raw", root / "videos.parquet", root / "rejects_ingest.parquet",
                  section("ingest"))
     split_shard(root / "videos.parquet", root / "clips", root / "clips.parquet", root / "rejects_split.parquet",
-                section("split", threads=1))
+                section("split", threads=1, detector="content", threshold=27.0))  # the cheaper detector
     assert len(table.read(root / "clips.parquet")) == 9
     return root
 
@@ -111,7 +111,7 @@ def test_split_resumes(shard, tmp_path):
     shutil.copy(shard / "videos.parquet", tmp_path)
     out = [tmp_path / "clips.parquet", tmp_path / "rejects.parquet", tmp_path / "clips"]
     argv = ["split", "videos.parquet", "--clip-dir", str(out[2]), "--out", str(out[0]), "--rejects", str(out[1]),
-            "--threads", "1", *params(section("split"))]
+            "--threads", "1", *params(section("split", detector="content", threshold=27.0))]
     files = assert_resumes(argv, tmp_path, out, [], PARTS, total=3, done=1)
     assert sum(name.endswith(".mp4") for name in files) == 9  # every clip, the killed job's and the retry's
 

@@ -211,7 +211,7 @@ def test_a_detector_error_stops_the_decoding_thread(synthetic_cut_video, monkeyp
         def process_frame(self, *args):
             raise RuntimeError("detector broke")
 
-    monkeypatch.setattr(soraflow.data.split, "_detector", lambda params: Broken())
+    monkeypatch.setattr(soraflow.data.split, "_detector", lambda params, threads: Broken())
     before = threading.active_count()
     with pytest.raises(RuntimeError, match="detector broke"):
         detect_scenes(synthetic_cut_video["path"], PARAMS)
@@ -268,13 +268,17 @@ def test_drop_raw_deletes_raw_files_once_split_never_a_source(tmp_path, syntheti
 
 
 def test_transnetv2_cuts_at_the_frames_the_videos_were_cut_at(synthetic_cut_video, vfr_video):
+    import torch
+
     params = {**PARAMS, "detector": "transnetv2", "threshold": 0.5}
     scenes, _ = detect_scenes(synthetic_cut_video["path"], params)
     n = synthetic_cut_video["num_frames"]
     bounds = [0, *synthetic_cut_video["cut_frames"], n]
     assert scenes == list(zip(bounds[:-1], bounds[1:]))
-    scenes, _ = detect_scenes(vfr_video["path"], params)  # by frame index, whatever the timestamps
+    torch_threads = torch.get_num_threads()
+    scenes, _ = detect_scenes(vfr_video["path"], params, threads=1)  # by frame index, whatever the timestamps
     assert scenes == [(0, 24), (24, 48)]
+    assert torch.get_num_threads() == torch_threads  # the network ran on one thread, the caller's count is back
     with pytest.raises(ValueError, match="transition probability"):
         detect_scenes(synthetic_cut_video["path"], {**params, "threshold": 27.0})
 

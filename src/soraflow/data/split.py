@@ -94,15 +94,16 @@ def transnet_cuts(probabilities: np.ndarray, threshold: float, min_scene_frames:
 
 class TransNetV2Cuts:
     """The PySceneDetect detector interface over TransNetV2: it sees the whole video (frames of
-    TRANSNET_SIZE, RGB, about 4 kB each) and gives its cuts at the end."""
+    TRANSNET_SIZE, RGB, about 4 kB each) and gives its cuts at the end, computed on `threads`
+    torch threads (0: torch's default, one per core)."""
 
     frame_size, frame_format = TRANSNET_SIZE, "rgb24"
 
-    def __init__(self, threshold: float, min_scene_frames: int):
+    def __init__(self, threshold: float, min_scene_frames: int, threads: int = 0):
         if not 0 < threshold < 1:
             raise ValueError(f"split.threshold {threshold:g} with split.detector transnetv2: a transition "
                              "probability in (0, 1) is needed (0.5 is TransNetV2's own)")  # fmt: skip
-        self.threshold, self.min_scene_frames = threshold, min_scene_frames
+        self.threshold, self.min_scene_frames, self.threads = threshold, min_scene_frames, threads
         self.frames: list[np.ndarray] = []
 
     def process_frame(self, timecode: FrameTimecode, image: np.ndarray) -> list[FrameTimecode]:
@@ -112,20 +113,29 @@ class TransNetV2Cuts:
     def post_process(self, timecode: FrameTimecode) -> list[FrameTimecode]:
         import torch
 
-        with torch.no_grad():
-            probabilities, _ = _transnetv2_model().predict_frames(torch.from_numpy(np.stack(self.frames)), quiet=True)
+        # torch's thread count is the calling thread's own (OpenMP's setting): each split worker
+        # runs on its share of the job's cores, where torch's default would give every worker all
+        # of them (16 workers x 16 threads on the preset's 16 cores)
+        default = torch.get_num_threads()
+        torch.set_num_threads(self.threads or default)
+        try:
+            with torch.no_grad():
+                frames = torch.from_numpy(np.stack(self.frames))
+                probabilities, _ = _transnetv2_model().predict_frames(frames, quiet=True)
+        finally:
+            torch.set_num_threads(default)
         cuts = transnet_cuts(probabilities.numpy(), self.threshold, self.min_scene_frames)
         return [FrameTimecode(cut, timecode) for cut in cuts]
 
 
-def _detector(params: dict):
+def _detector(params: dict, threads: int = 0):
     min_len = int(params["min_scene_frames"])
     if params["detector"] == "content":
         return ContentDetector(threshold=float(params["threshold"]), min_scene_len=min_len)
     if params["detector"] == "adaptive":
         return AdaptiveDetector(adaptive_threshold=float(params["threshold"]), min_scene_len=min_len)
     if params["detector"] == "transnetv2":
-        return TransNetV2Cuts(float(params["threshold"]), min_len)
+        return TransNetV2Cuts(float(params["threshold"]), min_len, threads)
     raise ValueError(f"split.detector must be 'content', 'adaptive' or 'transnetv2', got {params['detector']!r}")
 
 
@@ -160,8 +170,8 @@ def _decode_for_detection(
 
 def detect_scenes(path: str | Path, params: dict, threads: int = 0) -> tuple[list[tuple[int, int]], list[float]]:
     """Scenes as [start, end) decode-order frame indices, and every frame's timestamp in seconds.
-    The decoder uses `threads` threads (0: one per core)."""
-    detector = _detector(params)
+    The decoder (and TransNetV2) use `threads` threads (0: one per core)."""
+    detector = _detector(params, threads)
     cuts: list[FrameTimecode] = []
     timestamps: list[float] = []
     frames: queue.Queue = queue.Queue(maxsize=64)
