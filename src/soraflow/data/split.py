@@ -57,6 +57,9 @@ class SplitError(Exception):
 
 
 TRANSNET_SIZE = (48, 27)  # the frames TransNetV2 was trained on (RGB, squeezed to this whatever the aspect)
+# one split worker loads the model while the others wait: two loads at once would each give back
+# the random state the other's draws had reached, not the one before
+TRANSNET_LOADING = threading.Lock()
 
 
 @cache
@@ -120,8 +123,9 @@ class TransNetV2Cuts:
         torch.set_num_threads(self.threads or default)
         try:
             with torch.no_grad():
-                frames = torch.from_numpy(np.stack(self.frames))
-                probabilities, _ = _transnetv2_model().predict_frames(frames, quiet=True)
+                with TRANSNET_LOADING:
+                    model = _transnetv2_model()
+                probabilities, _ = model.predict_frames(torch.from_numpy(np.stack(self.frames)), quiet=True)
         finally:
             torch.set_num_threads(default)
         cuts = transnet_cuts(probabilities.numpy(), self.threshold, self.min_scene_frames)
