@@ -6,6 +6,7 @@ after a restart and on any number of processes."""
 from __future__ import annotations
 
 import subprocess
+from contextlib import nullcontext
 
 import numpy as np
 import pandas as pd
@@ -23,9 +24,11 @@ from soraflow.models import wan_config
 from soraflow.models.checkpoint import checkpoint_metadata
 from soraflow.models.diffusion import IDDPM
 from soraflow.models.encoders import PixelPackAutoencoder
+from soraflow.models.wan import FlowMatching
 from soraflow.training import encode
 from soraflow.training.dataset import StepBatches, TrainingSamples, build_stage_index, step_rows
 from soraflow.training.loop import train
+from soraflow.training.validation import ValidationSet
 from soraflow.workflow import plan
 from soraflow.workflow.settings import with_defaults
 
@@ -158,3 +161,22 @@ def test_the_plan_sizes_a_stage_at_its_largest_bucket():
     stage = {**config["stages"]["stage1"], "buckets": [[4, 32, 64], [8, 64, 32], [2, 64, 64]]}
     _, latent = plan.stage_dims(config, stage)
     assert latent == (channels, 8, 64 // factor, 32 // factor)  # 8 x 64 x 32 pixels, twice the others'
+
+
+def test_validation_batches_hold_one_bucket_and_two_ranks_sum_to_one(encoded):
+    data = LatentDataset(encoded / "index.parquet")
+    objective, settings = FlowMatching(shift=3.0), {"max_clips": 5, "timesteps": 3}
+
+    def zero_velocity(x, t, **_):
+        return torch.zeros_like(x)
+
+    def sums(rank: int, world: int) -> tuple[torch.Tensor, list]:
+        held_out = ValidationSet(data, settings, seed=1, objective=objective, batch_size=2, dp_rank=rank, dp_size=world)
+        return held_out.loss_sums(zero_velocity, objective, torch.device("cpu"), nullcontext()), held_out.batches
+
+    whole, batches = sums(0, 1)
+    halves = [sums(rank, 2) for rank in (0, 1)]
+    assert whole[1] == 5 * 3 and len(halves[0][1]) == len(halves[1][1])  # every item once; equal batch counts
+    assert torch.allclose(whole, halves[0][0] + halves[1][0])
+    # a batch stacks one bucket's latents (torch.stack would refuse two sizes)
+    assert len(batches) == sum(-(-len(rows) * 3 // 2) for rows in data.bucket_rows())
