@@ -20,7 +20,7 @@ from workflow_run import REPO
 
 from soraflow.data import buckets, cache, table
 from soraflow.data.cache import LatentDataset
-from soraflow.models import wan_config
+from soraflow.models import stdit_config, wan_config
 from soraflow.models.checkpoint import checkpoint_metadata
 from soraflow.models.diffusion import IDDPM
 from soraflow.models.encoders import PixelPackAutoencoder
@@ -153,6 +153,10 @@ def test_bucket_sizes_a_family_cannot_take_are_errors_naming_the_bucket():
         wan_config.check_stage("s1", {**stage, "buckets": [[5, 40, 32]]})
     with pytest.raises(ValueError, match=r"stages\.s1\.buckets\[2\]: \[5, 32, 32\] is listed twice"):
         buckets.check("s1", {**stage, "buckets": [[5, 32, 32], [9, 32, 32], [5, 32, 32]]})
+    # the STDiT: each latent side a whole number of its 2x2 patches (autoencoder 4x: sides of 8 pixels)
+    stdit_config.check_buckets("s1", {**stage, "buckets": [[4, 16, 32]]}, {"preset": "STDiT-tiny"}, vae_factor=4)
+    with pytest.raises(ValueError, match=r"stages\.s1\.buckets\[1\]: \[4, 16, 28\]; .*multiples of 8 x 8 pixels"):
+        stdit_config.check_buckets("s1", {**stage, "buckets": [[4, 16, 32], [4, 16, 28]]}, {"preset": "STDiT-tiny"}, 4)
 
 
 def test_the_plan_sizes_a_stage_at_its_largest_bucket():

@@ -7,6 +7,8 @@ imports no torch.
 
 from __future__ import annotations
 
+from soraflow.data import buckets
+
 PRESETS: dict[str, dict] = {
     # Open-Sora 1.0's model: 724M parameters (PixArt-XL/2 plus temporal attention).
     "STDiT-XL/2": dict(depth=28, hidden_size=1152, num_heads=16),
@@ -58,3 +60,16 @@ def patch_grid(size: tuple[int, int, int], patch_size: tuple[int, int, int]) -> 
         if n % p:
             raise ValueError(f"latent size {tuple(size)} is not divisible by patch {tuple(patch_size)}")
     return tuple(n // p for n, p in zip(size, patch_size))
+
+
+def check_buckets(name: str, stage: dict, stdit: dict, vae_factor: int) -> None:
+    """A stage's listed buckets the STDiT can train: frames a whole number of the patch's, sides of the
+    autoencoder's factor times the patch's (each latent side a whole number of patches); the error
+    names the bucket."""
+    patch = stdit_kwargs(stdit)["patch_size"]
+    sides = (vae_factor * patch[1], vae_factor * patch[2])
+    for position, (frames, height, width) in enumerate(buckets.stage_buckets(stage)):
+        if frames % patch[0] or height % sides[0] or width % sides[1]:
+            raise ValueError(f"stages.{name}.buckets[{position}]: {[frames, height, width]}; the STDiT needs frames a "
+                             f"multiple of {patch[0]} and sides multiples of {sides[0]} x {sides[1]} pixels "
+                             f"(autoencoder {vae_factor}x, patch {list(patch)})")

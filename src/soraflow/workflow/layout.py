@@ -16,8 +16,8 @@ from pathlib import Path
 
 from soraflow.data import buckets
 from soraflow.data.manifest import num_shards, shard_digests, shard_ids
-from soraflow.models import wan_config
-from soraflow.workflow import resources, settings
+from soraflow.models import stdit_config, wan_config
+from soraflow.workflow import plan, resources, settings
 
 
 def use_running_environment() -> None:
@@ -58,6 +58,9 @@ class Layout:
             buckets.check(stage, config["stages"][stage])
             if self.family == "wan":
                 wan_config.check_stage(stage, config["stages"][stage])
+            elif config["stages"][stage].get("buckets"):  # an STDiT stage's own sizes (without: as before)
+                stdit_config.check_buckets(stage, config["stages"][stage], config["stdit"],
+                                           plan.latent_layout(config["vae"])[1])
 
     @property
     def family(self) -> str:
