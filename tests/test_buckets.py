@@ -15,6 +15,7 @@ import torch
 import yaml
 from conftest import bare_section
 from test_train import train_params
+from test_workflow import override, snakemake
 from torch.utils.data import DataLoader
 from workflow_run import REPO
 
@@ -184,3 +185,13 @@ def test_validation_batches_hold_one_bucket_and_two_ranks_sum_to_one(encoded):
     assert torch.allclose(whole, halves[0][0] + halves[1][0])
     # a batch stacks one bucket's latents (torch.stack would refuse two sizes)
     assert len(batches) == sum(-(-len(rows) * 3 // 2) for rows in data.bucket_rows())
+
+
+def test_a_bucket_the_family_cannot_take_stops_the_workflow_before_any_job(tmp_path):
+    stage = {"init": None, "num_frames": 1, "frame_interval": 1, "resolution": 16, "steps": 3, "batch_size": 2,
+             "lr": 1.0e-3, "filters": {}, "buckets": [[1, 16, 16], [1, 16, 26]]}
+    result = snakemake("-n", "--cores", "1", "--configfile", override(tmp_path, stages={"stage1": stage}))
+    message = result.stdout + result.stderr
+    assert result.returncode != 0 and "Job stats" not in message
+    # the default config's pixel_pack (2x) and STDiT-demo's 2x2 patches: sides of 4 pixels
+    assert "stages.stage1.buckets[1]: [1, 16, 26]; the STDiT needs" in message
