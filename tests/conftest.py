@@ -27,7 +27,8 @@ SLOW_TIMEOUT = 1800  # s: a slow test may build a whole tiny run or a Slurm clus
 @pytest.hookimpl(tryfirst=True)  # the groups must be there when xdist reads them
 def pytest_collection_modifyitems(items):
     """A hang fails with a stack (pytest-timeout) after the suite's timeout (pyproject.toml), or
-    SLOW_TIMEOUT for the end-to-end tests marked slow, unless a test names its own.
+    SLOW_TIMEOUT for the end-to-end tests marked slow and every test of the finished run (the
+    first of them builds it), unless a test names its own.
 
     `make test` runs the suite on three workers for two cores (pytest-xdist, --dist loadgroup), a
     module's tests on one worker (its module fixtures are built once) and every test that reads
@@ -36,7 +37,8 @@ def pytest_collection_modifyitems(items):
     the Slurm test, most of its minutes waiting on Slurm, and the finished run's tests; a worker
     takes more only when its own are nearly done, so the third fills in the rest beside them."""
     for item in items:
-        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+        slow = item.get_closest_marker("slow") or group(item) == "finished_run"
+        if slow and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))
         item.add_marker(pytest.mark.xdist_group(group(item)))
     items.sort(key=lambda item: {"test_slurm": 0, "finished_run": 1}.get(group(item), 2))  # stable

@@ -48,6 +48,8 @@ def shards(tmp_path):
                             folder / "rejects_ingest.parquet")
         table.write_rejects([{"id": f"v{shard}_scene-009", "url": "x", "stage": "split", "reason": "scene 0.2 s shorter than min_seconds 0.5"}] * (shard == 1),
                             folder / "rejects_split.parquet")  # fmt: skip
+        table.write_rejects([{"id": f"v{shard}_scene-008", "url": "x", "stage": "score", "reason": "unreadable clip"}] * (shard == 2),
+                            folder / "rejects_score.parquet")  # fmt: skip
         table.write_rejects([], folder / "rejects_caption.parquet")
     return shards_dir
 
@@ -55,7 +57,7 @@ def shards(tmp_path):
 def test_export_concatenates_shards_and_writes_opensora_csv(tmp_path, shards):
     out = tmp_path / "results"
     counts = export_shards(shards, 3, *(out / name for name in OUTPUTS))
-    assert counts == {"clips": 5, "rejects": 4, "rejects_by_stage": {"ingest": 3, "split": 1}}
+    assert counts == {"clips": 5, "rejects": 5, "rejects_by_stage": {"ingest": 3, "split": 1, "score": 1}}
 
     clips = table.read(out / "clips.parquet")
     expected = pd.concat([clip_rows(0, 2), clip_rows(2, 3)], ignore_index=True)
@@ -82,7 +84,7 @@ def test_export_concatenates_shards_and_writes_opensora_csv(tmp_path, shards):
 
     rejects = table.read(out / "rejects.parquet")
     assert list(rejects.columns) == table.REJECT_SCHEMA.names
-    assert rejects["id"].tolist() == ["bad0", "bad1", "v1_scene-009", "bad2"]
+    assert rejects["id"].tolist() == ["bad0", "bad1", "v1_scene-009", "bad2", "v2_scene-008"]
     assert not list(out.glob("*.tmp"))
 
 
@@ -91,7 +93,7 @@ def test_export_cli_matches_the_function(tmp_path, shards):
     main(["export", "--shards-dir", str(shards), "--num-shards", "3", "--out", str(out / "c.parquet"),
           "--opensora-v1.0-csv", str(out / "c1.0.csv"), "--opensora-v1.1-csv", str(out / "c1.1.csv"),
           "--rejects", str(out / "r.parquet")])  # fmt: skip
-    assert len(table.read(out / "c.parquet")) == 5 and len(table.read(out / "r.parquet")) == 4
+    assert len(table.read(out / "c.parquet")) == 5 and len(table.read(out / "r.parquet")) == 5
     with open(out / "c1.0.csv") as f:
         assert len(pd.read_csv(out / "c1.1.csv")) == 5 and len(list(csv.reader(f))) == 5
 

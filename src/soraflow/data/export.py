@@ -6,7 +6,7 @@ for the version that reads it: `clips_opensora-v1.0.csv` is Open-Sora 1.0's head
 `path,text,num_frames` (its DatasetFromCSV reads every line, a header too, as a clip), and
 `clips_opensora-v1.1.csv` has a header and the columns of Open-Sora 1.1+'s VideoTextDataset
 (path,text,num_frames,width,height,aspect_ratio,fps,resolution). `results/rejects.parquet`
-collects what ingest, split and captioning rejected, and the near-duplicates the dedup step
+collects what ingest, split, scoring and captioning rejected, and the near-duplicates the dedup step
 drops from every stage, with the stage and the reason, so nothing is lost silently.
 
 Shards are streamed one at a time (a 10-million-video run never sits in memory at once),
@@ -14,8 +14,9 @@ and each output is written under a temp name and renamed, so a present file is c
 Shard tables are found from the shard folder and the shard count rather than a list of
 paths on the command line, which would pass the kernel's argument limit at 10k shards.
 The rule's inputs are the captioned tables and the dedup table: each shard's rejects tables
-come from the jobs that made its captioned table, so they exist whenever it does, and leaving
-them out keeps 3 DAG edges per shard out of Snakemake's dry run.
+come from the jobs that made its captioned table or the scored tables the dedup step read, so
+they exist whenever those do, and leaving them out keeps 4 DAG edges per shard out of
+Snakemake's dry run.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from soraflow.data.manifest import shard_ids, shard_table_paths
 # Open-Sora 1.1+ (VideoTextDataset, header line); Open-Sora 1.0 (DatasetFromCSV, no header)
 OPENSORA_COLUMNS = ["path", "text", "num_frames", "width", "height", "aspect_ratio", "fps", "resolution"]
 OPENSORA_V1_0_COLUMNS = ["path", "text", "num_frames"]
-REJECT_STAGES = ("ingest", "split", "caption")
+REJECT_STAGES = ("ingest", "split", "score", "caption")
 
 
 def _read(path: Path, schema: pa.Schema) -> pa.Table:
@@ -109,7 +110,7 @@ def export_shards(
     dedup_rejects: str | Path | None = None,
 ) -> dict:
     """export_tables over a workflow's shard folder: captioned tables, then the rejects of
-    every stage (ingest, split, caption), shard by shard, then the dedup step's near-duplicates
+    every stage (ingest, split, score, caption), shard by shard, then the dedup step's near-duplicates
     (`dedup_rejects`, the whole corpus's) when given."""
     clip_tables = shard_table_paths(shards_dir, num_shards, "captioned")
     reject_tables = [
