@@ -185,12 +185,26 @@ def preset_config(**wan) -> dict:
     return with_defaults(config)
 
 
+def test_the_wan_preset_trains_at_the_sizes_wan_generates():
+    """WanPipeline's default size first (the one the stage samples at), then its portrait: Wan 2.1's
+    generate.py offers the 1.3B model '832*480' and '480*832' (width*height), nothing else."""
+    import inspect
+
+    from diffusers import WanPipeline
+
+    frames, height, width = (inspect.signature(WanPipeline.__call__).parameters[key].default
+                             for key in ("num_frames", "height", "width"))
+    stage, = preset_config()["stages"].values()
+    assert stage["buckets"] == [[frames, height, width], [frames, width, height]]
+
+
 def test_the_wan_presets_plan_counts_wans_tokens_and_a_loras_trained_weights():
     from soraflow.workflow import plan
 
     lora, = plan.make_plan(preset_config())[0]
     full, = plan.make_plan(preset_config(finetune="full"))[0]
-    assert lora.latent == (16, 21, 78, 78) and lora.tokens == 21 * 39 * 39  # 81 frames: 4x in time, 8x and 2x2 in space
+    # 81 frames of 480x832: 1 + 80 / 4 latent frames, 480 / 8 x 832 / 8 latent pixels, 2x2 of them a token
+    assert lora.latent == full.latent == (16, 21, 60, 104) and lora.tokens == 21 * 30 * 52
     assert lora.parameters == full.parameters == wan_config.parameter_count(wan_config.TRANSFORMERS["Wan2.1-T2V-1.3B"])
     # AdamW's two fp32 moments of what trains: the LoRA's 23.6M weights, or all of them
     assert lora.memory["optimizer"] == 8 * wan_config.lora_parameter_count(wan_config.TRANSFORMERS["Wan2.1-T2V-1.3B"], 32)
@@ -198,6 +212,25 @@ def test_the_wan_presets_plan_counts_wans_tokens_and_a_loras_trained_weights():
     assert lora.step_flops < full.step_flops  # no weight gradients for the frozen base
     with pytest.raises(plan.PlanError, match="lora_480: needs"):  # 14B in fp32 beside its bf16 copy, per GPU
         plan.check(preset_config(model="Wan-AI/Wan2.1-T2V-14B-Diffusers"))
+
+
+def test_readme_wan_plan_table_holds_the_plans_figures():
+    """The README's table of the preset's plan, row by row, against the plan of the config each row
+    names (model, fine-tune, engine): a change to the preset or to the plan shows here."""
+    from soraflow.workflow import plan
+
+    table = (REPO / "README.md").read_text().split("<!-- wan-plan:start -->")[1].split("<!-- wan-plan:end -->")[0]
+    rows = [[cell.strip() for cell in line.strip("| ").split(" | ")] for line in table.strip().splitlines()[2:]]
+    assert len(rows) == 4
+    for model, finetune, engine, params, *figures in rows:
+        config = preset_config(model=f"Wan-AI/Wan2.1-T2V-{model}-Diffusers",
+                               finetune="lora" if finetune.startswith("LoRA") else "full")
+        config["train"]["engine"] = engine
+        stage, = plan.make_plan(config)[0]
+        memory = [plan.gib(stage.memory[part]) for part in ("weights", "gradients", "optimizer", "ema", "activations")]
+        assert params.startswith(f"{stage.parameters / 1e6:,.1f}M")
+        assert figures == [plan.flop(stage.step_flops), *memory, f"**{plan.gib(stage.total)}**",
+                           plan.count(stage.gpu_hours)], (model, finetune, engine)
 
 
 @pytest.fixture(scope="module")
