@@ -11,13 +11,16 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 from test_distributed import finish, launch, rank_digests
 from test_sequence_parallel import assert_same_training, result
 from test_train import split_settings, train_params
 from test_wan import tiny_wan, wan_index  # noqa: F401  (the fixtures are shared)
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from soraflow.models import wan_config
-from soraflow.training.loop import train
+from soraflow.training.loop import WRITE_BYTES_PER_S, Trainer, train
 
 STEPS = 4
 GLOBAL_BATCH = 4  # wan_index's 4 clips: 2 per rank
@@ -35,11 +38,14 @@ def wan_params(tiny_wan, engine: str, steps: int = STEPS) -> dict:  # noqa: F811
             "wan": {"model": str(tiny_wan), "flow_shift": 3.0, "finetune": "lora", "lora": lora}}
 
 
-def one_process(root, index, params) -> tuple:
-    """As the train rule runs it: the run's identity is its output-changing settings."""
+def as_the_rule_passes(params: dict) -> tuple[dict, dict]:
+    """(all settings, the output-changing ones: the run's identity), as the train rule passes them."""
     outputs, operational = split_settings(params)
-    merged = {section: {**values, **operational.get(section, {})} for section, values in outputs.items()}
-    train(index, root / "out.safetensors", root / "run", merged, outputs, validation_index=index)
+    return {section: {**values, **operational.get(section, {})} for section, values in outputs.items()}, outputs
+
+
+def one_process(root, index, params) -> tuple:
+    train(index, root / "out.safetensors", root / "run", *as_the_rule_passes(params), validation_index=index)
     return result(root)
 
 
@@ -87,3 +93,18 @@ def test_a_two_process_fsdp_wan_checkpoint_resumes_in_one_process(two_processes,
     assert "from step 2," in capsys.readouterr().out
     assert resumed[2]["step"].tolist() == [2, 4]
     assert_same_training(resumed, single_process, steps=list(range(1, STEPS + 1)))
+
+
+def test_a_wan_loras_first_checkpoint_write_is_estimated_with_its_frozen_base(two_processes, tiny_wan,  # noqa: F811
+                                                                             wan_index, tmp_path):  # noqa: F811
+    """Before its first checkpoint a run estimates the write's seconds from the states' bytes (the
+    job's end must leave time for it): a LoRA's checkpoint holds the frozen base beside the LoRA,
+    its EMA and moments. The reference: the tensors torch.distributed.checkpoint recorded in the
+    fsdp run's checkpoint (its .metadata)."""
+    root, _ = two_processes("fsdp")
+    recorded = FileSystemReader(str(root / "run" / "step-0000004")).read_metadata().state_dict_metadata.values()
+    written = sum(torch.Size(m.size).numel() * m.properties.dtype.itemsize
+                  for m in recorded if isinstance(m, TensorStorageMetadata))
+    trainer = Trainer(wan_index, tmp_path / "out.safetensors", tmp_path / "run",
+                      *as_the_rule_passes(wan_params(tiny_wan, "ddp")))
+    assert trainer.write_seconds * WRITE_BYTES_PER_S == pytest.approx(written, rel=0.01)  # AdamW's step counts

@@ -169,8 +169,11 @@ class Trainer:
         self.stop_requested = False
         self.last_check = time.monotonic()  # of the stop flag: the time between two is a step's
         # seconds a checkpoint takes to write: measured by each save (and kept in the checkpoint for
-        # the next job); until then estimated from this rank's share of the states
-        states_bytes = 4 * sum(t.numel() * t.element_size() for t in self.ema.values())  # model, EMA, 2 moments
+        # the next job); until then estimated from the states' bytes: the weights (a LoRA's frozen
+        # base too, which the EMA and optimizer leave out), the EMA and AdamW's two moments
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        states_bytes = sum(t.numel() * t.element_size()
+                           for t in [*self.engine.weights(self.model).values(), *self.ema.values(), *trained, *trained])
         self.write_seconds = self.position["write_seconds"] if self.position else states_bytes / WRITE_BYTES_PER_S
         self.pending_save = None  # (Future or None, step, its folders, start) of the checkpoint being written
         self.writer = None

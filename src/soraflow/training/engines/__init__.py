@@ -2,7 +2,7 @@
 
     single      one process: the module itself (base.Engine, the base of the others)
     ddp         DistributedDataParallel: a full replica per rank, gradients all-reduced
-    fsdp        FSDP2: `fully_shard` on every STDiT block, then on the root; parameters,
+    fsdp        FSDP2: `fully_shard` on every transformer block, then on the root; parameters,
                 gradients and optimizer state are sharded (DTensor) over the ranks
     colossalai  ColossalAI's LowLevelZeroPlugin (ZeRO-1/2, Open-Sora 1.0's engine), in an
                 environment of its own

@@ -9,7 +9,8 @@ from soraflow.training.engines.base import Engine
 
 
 class FSDPEngine(Engine):
-    """FSDP2: each STDiT block is one shard unit (all-gathered for its forward), then the root."""
+    """FSDP2: each transformer block (the model's `blocks`: STDiT's, Wan's) is one shard unit (all-gathered
+    for its forward), then the root."""
 
     name = "fsdp"
     background_saves = True  # each rank copies only its shards to host memory
