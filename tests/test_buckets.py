@@ -38,7 +38,7 @@ VAE = bare_section("vae", kind="pixel_pack", factor=2, cache_dtype="fp32")
 # 16:9-ish, 9:16-ish, two squares (4 and 2 frames); sides multiples of 4: the pixel_pack factor times
 # the STDiT's 2x2 patch
 BUCKETS = [[4, 16, 28], [4, 28, 16], [4, 24, 24], [2, 24, 24]]
-STAGE = {"num_frames": 4, "frame_interval": 2, "resolution": 24, "buckets": BUCKETS, "filters": {}}
+STAGE = {"frame_interval": 2, "buckets": BUCKETS, "filters": {}}
 # id: (width, height, frames), and the bucket each belongs in, worked out by hand from the rule:
 # 4:3 (aspect 1.33) is nearer 28/16 = 1.75 (|log 1.31| = 0.27) than 1 (|log 1.33| = 0.29); a square of
 # 8 frames ties in aspect with both squares and takes the longer; 4 frames span only 2 frames 2 apart
@@ -147,13 +147,16 @@ def test_an_stdit_stage_trains_on_every_bucket_and_samples_at_the_first(encoded,
 
 
 def test_bucket_sizes_a_family_cannot_take_are_errors_naming_the_bucket():
-    stage = {"num_frames": 5, "resolution": 32, "buckets": [[5, 32, 32], [8, 32, 48]]}
+    stage = {"buckets": [[5, 32, 32], [8, 32, 48]]}
     with pytest.raises(ValueError, match=r"stages\.s1\.buckets\[1\]: \[8, 32, 48\]; .*4k\+1"):
         wan_config.check_stage("s1", stage)
     with pytest.raises(ValueError, match=r"stages\.s1\.buckets\[0\]: \[5, 40, 32\]; .*multiple of 16"):
         wan_config.check_stage("s1", {**stage, "buckets": [[5, 40, 32]]})
     with pytest.raises(ValueError, match=r"stages\.s1\.buckets\[2\]: \[5, 32, 32\] is listed twice"):
         buckets.check("s1", {**stage, "buckets": [[5, 32, 32], [9, 32, 32], [5, 32, 32]]})
+    # the buckets set the sizes: a num_frames or resolution beside them would set nothing
+    with pytest.raises(ValueError, match=r"stages\.s1\.resolution: the stage lists buckets.*leave out resolution"):
+        buckets.check("s1", {**stage, "resolution": 32})
     # the STDiT: each latent side a whole number of its 2x2 patches (autoencoder 4x: sides of 8 pixels)
     stdit_config.check_buckets("s1", {**stage, "buckets": [[4, 16, 32]]}, {"preset": "STDiT-tiny"}, vae_factor=4)
     with pytest.raises(ValueError, match=r"stages\.s1\.buckets\[1\]: \[4, 16, 28\]; .*multiples of 8 x 8 pixels"):
@@ -163,7 +166,8 @@ def test_bucket_sizes_a_family_cannot_take_are_errors_naming_the_bucket():
 def test_the_plan_sizes_a_stage_at_its_largest_bucket():
     config = with_defaults(yaml.safe_load((REPO / "workflow_config.yaml").read_text()))
     channels, factor = plan.latent_layout(config["vae"])
-    stage = {**config["stages"]["stage1"], "buckets": [[4, 32, 64], [8, 64, 32], [2, 64, 64]]}
+    stage = {**config["stages"]["stage1"], "num_frames": None, "resolution": None,
+             "buckets": [[4, 32, 64], [8, 64, 32], [2, 64, 64]]}
     _, latent = plan.stage_dims(config, stage)
     assert latent == (channels, 8, 64 // factor, 32 // factor)  # 8 x 64 x 32 pixels, twice the others'
 
@@ -188,7 +192,7 @@ def test_validation_batches_hold_one_bucket_and_two_ranks_sum_to_one(encoded):
 
 
 def test_a_bucket_the_family_cannot_take_stops_the_workflow_before_any_job(tmp_path):
-    stage = {"init": None, "num_frames": 1, "frame_interval": 1, "resolution": 16, "steps": 3, "batch_size": 2,
+    stage = {"init": None, "frame_interval": 1, "steps": 3, "batch_size": 2,
              "lr": 1.0e-3, "filters": {}, "buckets": [[1, 16, 16], [1, 16, 26]]}
     result = snakemake("-n", "--cores", "1", "--configfile", override(tmp_path, stages={"stage1": stage}))
     message = result.stdout + result.stderr

@@ -145,6 +145,8 @@ def test_every_config_key_re_runs_exactly_what_it_declares(finished_run):
             config.setdefault("train", {})["nproc_per_node"] = node[leaf]
             for stage in config["stages"].values():
                 stage.setdefault("resources", {})["gpus_per_node"] = node[leaf]
+        if leaf == "buckets":  # which then set the stage's sizes in place of these
+            del node["num_frames"], node["resolution"]
         if leaf == "init" and value is None:  # a first stage starts from a PixArt-style .pth instead
             node[leaf] = str(workdir / "pixart.pth")
             (workdir / "pixart.pth").touch()

@@ -24,8 +24,8 @@ def wan_config(config: dict) -> dict:
     """The finished run's config with demo/wan.yaml's family, encoders and one tiny LoRA stage on
     two buckets: square, and 1:2 for the bikes clips (226 x 96 after the split)."""
     overlay = yaml.safe_load((REPO / "demo" / "wan.yaml").read_text())
-    stage = {**overlay["stages"]["stage1"], "num_frames": 5, "frame_interval": 2, "steps": 3, "batch_size": 2,
-             "buckets": [[5, 32, 32], [5, 32, 64]]}
+    stage = {**{k: v for k, v in overlay["stages"]["stage1"].items() if k not in ("num_frames", "resolution")},
+             "frame_interval": 2, "steps": 3, "batch_size": 2, "buckets": [[5, 32, 32], [5, 32, 64]]}
     return {**config, "model": overlay["model"], "wan": overlay["wan"], "vae": overlay["vae"],
             "text_encoder": {**config["text_encoder"], **overlay["text_encoder"]}, "stages": {"stage1": stage},
             "diffusion": {**config["diffusion"], "sample_steps": 2},

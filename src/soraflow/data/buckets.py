@@ -31,7 +31,12 @@ def bucket_key(stage_name: str, stage: dict, position: int) -> str:
 
 
 def check(stage_name: str, stage: dict) -> None:
-    """Buckets the family-agnostic way: each listed once (a clip's bucket must be one size)."""
+    """Buckets the family-agnostic way: each listed once (a clip's bucket must be one size), and
+    no num_frames or resolution beside them (they would set nothing, yet re-encode when changed)."""
+    beside = [key for key in ("num_frames", "resolution") if stage.get("buckets") and stage.get(key) is not None]
+    if beside:
+        raise ValueError(f"stages.{stage_name}.{beside[0]}: the stage lists buckets, which set its sizes; "
+                         f"leave out {' and '.join(beside)}")
     listed = stage_buckets(stage)
     for position, bucket in enumerate(listed):
         if bucket in listed[:position]:

@@ -30,7 +30,7 @@ FRAME_KEYS = ("num_frames", "frame_interval", "resolution")
 
 
 def clip_frame_indices(num_frames_in_clip: int, stage: dict) -> list[int]:
-    """The stage's frames of a clip: num_frames, frame_interval apart, from its middle."""
+    """The stage's frames of a clip (or its bucket's): num_frames, frame_interval apart, from its middle."""
     return video.evenly_spaced(num_frames_in_clip, stage["num_frames"], stage["frame_interval"])
 
 
@@ -88,7 +88,7 @@ def encode_video_shard(table_path, out_path, vae_params: dict, stage: dict, reje
     # bucket by bucket, so that a batch of clips (and a cache chunk) holds one size
     kept = kept[~short].astype({"bucket": int}).sort_values("bucket", kind="stable").reset_index(drop=True)
     settings = {"vae": {k: v for k, v in vae_params.items() if k not in OPERATIONAL},
-                "frames": {k: stage[k] for k in FRAME_KEYS}}
+                "frames": {k: stage.get(k) for k in FRAME_KEYS}}
     if stage.get("buckets"):  # without, the settings (so the clip keys) are those of caches made before buckets
         settings["buckets"] = [list(bucket) for bucket in sizes]
     store = ChunkStore(out_path, settings)
