@@ -159,7 +159,6 @@ class Trainer:
         self.samples = TrainingSamples(self.data, self.opts["seed"], self.diffusion.draw_timestep,
                                        self.family.uncond_prob(self.model, self.diffusion))
         self.validation_index = validation_index
-        self.grid = None  # the sample grid drawing in the background: (process, its weights file, its PNG, start)
         self.held_out = LatentDataset(validation_index) if self.checks and validation_index else None
         self.validation = self.held_out and len(self.held_out) and ValidationSet(
             self.held_out, self.checks, self.opts["seed"], self.diffusion, self.stage["batch_size"] // self.dp_size,
@@ -426,18 +425,15 @@ class Trainer:
     def sample_grid(self) -> None:
         """A grid of samples of the weights sample.use_ema names (soraflow.inference.grid, in a
         process of its own: the loop imports no text encoder or autoencoder), written by rank 0
-        to samples/step-N.png while training goes on (most of a grid's seconds are its process
-        starting: in the demo, 30 grids held stage 1 up for 3 of its 7 minutes). One at a time:
-        the next grid, or the run's end, waits for it. Gathering the weights is a collective; the
-        other ranks go on and wait for rank 0 at the next one."""
+        to samples/step-N.png. Gathering the weights is a collective; the other ranks go on and
+        wait for rank 0 at the next one."""
         use_ema = self.sampling["sample"]["use_ema"]
         weights = self._ema_to_save() if use_ema else {}
         if not use_ema or any(not p.requires_grad for p in self.model.parameters()):
             # the raw weights, or under the EMA (which follows only what trains) a LoRA's frozen base
             weights = {**self.engine.model_state(self.model), **weights}
-        if self.rank != 0 or self.stop_requested:  # a stopping run draws none (its signal ends a grid too)
+        if self.rank != 0:
             return
-        self.finish_grid()
         started = time.perf_counter()
         path = self.run_dir / "samples" / f"step-{self.step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -449,26 +445,11 @@ class Trainer:
                    "--captions", str(self.checks["sample_captions"])]
         if self.held_out is not None:
             command += ["--validation-index", str(self.validation_index)]
-        self.grid = (subprocess.Popen(command), held, path, started)
-
-    def finish_grid(self, stop: bool = False) -> None:
-        """Wait for the grid drawing in the background (a failed one fails the run, as a failed
-        step does); `stop`: the run is ending on an error or a stop signal, so end it instead."""
-        if self.grid is None:
-            return
-        process, held, path, started = self.grid
-        self.grid = None
         try:
-            if stop:
-                process.kill()
-            process.wait()
+            subprocess.run(command, check=True)
         finally:
             held.unlink(missing_ok=True)
-        if not stop and process.returncode:
-            raise subprocess.CalledProcessError(process.returncode, process.args)
-        if not stop:
-            weights = "EMA" if self.sampling["sample"]["use_ema"] else "raw"
-            print(f"{path}: {weights} weights in {time.perf_counter() - started:.1f} s", flush=True)
+        print(f"{path}: {'EMA' if use_ema else 'raw'} weights in {time.perf_counter() - started:.1f} s", flush=True)
 
     # --- the loop ----------------------------------------------------------------------
     def request_stop(self, signum, _frame) -> None:
@@ -561,7 +542,6 @@ class Trainer:
             # (its traceback holds this frame) would keep it to the exit, which joins the workers,
             # and they ignore the SIGTERM meant for the trainer: the process never ends
             del batches
-            self.finish_grid(stop=sys.exc_info()[1] is not None)
         self.finish_save(wait=True)
         if self.world > 1:
             self.check_replicas()
