@@ -156,7 +156,7 @@ def test_every_config_key_re_runs_exactly_what_it_declares(finished_run):
         (workdir / "config_key.yaml").write_text(yaml.safe_dump(config))
         planned = set(planned_jobs(workdir, "config_key.yaml"))
         dag = planned_jobs(workdir, "config_key.yaml", forceall=True) if path in RESHAPES_DAG else base_dag
-        steps = declared_steps(path, config.get("model", {}).get("family", "stdit")) or []
+        steps = declared_steps(path, with_defaults(config)) or []
         stage = path.split(".")[1] if path.startswith("stages.") else None
         declared = {job for job in dag if (ALL in steps or step_of(job)[0] in steps)
                     and (stage is None or step_of(job)[1] == stage)}  # fmt: skip

@@ -125,11 +125,16 @@ def dry_run(tmp_path: Path, *args: str) -> str:
 
 
 def test_preset_dry_runs_the_whole_dag(tmp_path):
-    counts = job_counts(dry_run(tmp_path, "--cores", "1"))
+    plan = dry_run(tmp_path, "--cores", "1", "--printshellcmds")
+    counts = job_counts(plan)
     assert counts["ingest"] == counts["caption"] == 3  # 25,000 videos in shards of 10,000
     assert counts["encode_video"] == 9 and counts["train_hq_512"] == 1
     assert "demo_videos" not in counts and "models" not in counts  # real weights only, nothing tiny
     assert not any(rule.endswith(("stage1", "stage2", "stage3")) for rule in counts)  # the demo's stages are gone
+    # the encode and sample jobs get SD-VAE's settings, not the default config's pixel_pack block
+    # size: under autoencoder_kl no step reads vae.factor, so changing it must re-run nothing
+    commands = [line for line in plan.splitlines() if "soraflow encode-video" in line or "soraflow sample" in line]
+    assert commands and all('"kind": "autoencoder_kl"' in line and '"factor"' not in line for line in commands)
 
 
 def planned_resources(plan: str) -> dict[str, dict]:

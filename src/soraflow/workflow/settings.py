@@ -95,20 +95,29 @@ def stages_as_listed(config: dict, configfiles, overrides: Mapping = MappingProx
         config["stages"] = merged(config["stages"], overrides["stages"])
 
 
-def declared_steps(path: str, family: str | None = None) -> list[str] | None:
+def declared_steps(path: str, config: dict | None = None) -> list[str] | None:
     """The steps a config key (dotted path, stages as `stages.<name>`) changes: its own entry or
-    its nearest declared ancestor's. None for a key only another model family reads (`family`
-    None: under any family). A key nothing declares is an error (the table is complete)."""
+    its nearest declared ancestor's. None where the entry's `when` does not hold in `config` (no
+    step reads the key there; `config` None: wherever it holds). A key nothing declares is an
+    error (the table is complete)."""
     parts = path.split(".")
     if parts[0] == "stages" and len(parts) > 1:
         parts[1] = "*"
     for end in range(len(parts), 0, -1):
         entry = affects().get(".".join(parts[:end]))
         if isinstance(entry, dict):
-            return entry["steps"] if family in (None, entry["family"]) else None
+            holds = config is None or all(value_at(config, key) == value for key, value in entry["when"].items())
+            return entry["steps"] if holds else None
         if entry is not None:
             return entry
     raise KeyError(f"{path}: no entry in schemas/affects.yaml says which steps it changes")
+
+
+def value_at(config: dict, path: str):
+    """The config's value at a dotted path (None where it has none)."""
+    for part in path.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
 
 
 def model_family(config: dict) -> str:
@@ -132,14 +141,14 @@ def _split(config: dict, step: str, stage: str | None, operational: bool) -> dic
     names = STEP_SECTIONS[step]
     if operational and stage is None:
         names = [name for name in names if not name.startswith("stage")]
-    out, family = {}, model_family(config)
+    out = {}
     for name in names:
         path, values = _section(config, name, stage)
         out[name.split(".")[0]] = {
             key: value
             for key, value in values.items()
             # a job's resources reach it as Slurm resources (soraflow.workflow.resources)
-            if key != "resources" and _wanted(declared_steps(f"{path}.{key}", family), step, operational)
+            if key != "resources" and _wanted(declared_steps(f"{path}.{key}", config), step, operational)
         }
     if len(STEP_SECTIONS[step]) == 1:
         return next(iter(out.values()), {})
@@ -147,7 +156,7 @@ def _split(config: dict, step: str, stage: str | None, operational: bool) -> dic
 
 
 def _wanted(steps: list[str] | None, step: str, operational: bool) -> bool:
-    if steps is None:  # another family's key
+    if steps is None:  # a key no step reads under this config
         return False
     return steps == [] if operational else (step in steps or ALL in steps)
 
