@@ -153,8 +153,8 @@ rule dedup:
 # After captioning: all shards as one table, Open-Sora 1.0's and 1.1+'s CSVs beside it, every reject in one place.
 rule export:
     input:
-        # each shard's rejects tables come from the jobs that made its captioned table, so
-        # they are not inputs of their own (3 fewer DAG edges per shard)
+        # each shard's rejects tables come from the jobs that made its captioned table or the
+        # scored tables dedup read, so they are not inputs of their own (4 fewer DAG edges per shard)
         tables=L.shard_files("captioned"),
         # the near-duplicates, which every stage leaves out
         dedup=L.dedup_rejects(),

@@ -90,8 +90,8 @@ class MlflowTracker:
         self.run_id = remembered(memo_path, key)
         if self.run_id:
             self.client.update_run(self.run_id, status="RUNNING")
-            for key in self.client.get_run(self.run_id).data.metrics:
-                self.logged.update((key, m.step) for m in self.client.get_metric_history(self.run_id, key))
+            for metric in self.client.get_run(self.run_id).data.metrics:
+                self.logged.update((metric, m.step) for m in self.client.get_metric_history(self.run_id, metric))
             return
         experiment = self.client.get_experiment_by_name(settings["experiment"])
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(settings["experiment"])
