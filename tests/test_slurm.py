@@ -41,6 +41,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -406,8 +407,11 @@ def test_loss_equals_one_process_on_the_same_global_batch_at_every_step(runs):
     two_nodes = pd.read_csv(workdir / layout.run_dir("stage1") / "loss.csv")
     reference = runs["reference"]
     assert reference["step"].tolist() == two_nodes["step"].tolist()
-    assert (two_nodes["loss"] - reference["loss"]).abs().max() < 1e-5, (two_nodes, reference)
-    assert (two_nodes["grad_norm"] - reference["grad_norm"]).abs().max() < 1e-4
+    # Two nodes sum four gradients in another order than one process sums its batch of four, and
+    # the rounding difference compounds with the steps: under 1e-6 for 220 steps of a CI run, then
+    # 1.3e-5 at step 223 (loss 0.11, a relative 1.2e-4), so the bound is relative, 10 times that.
+    np.testing.assert_allclose(two_nodes["loss"], reference["loss"], rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(two_nodes["grad_norm"], reference["grad_norm"], rtol=1e-3, atol=1e-5)
 
 
 def test_forcerun_caption_plans_caption_and_downstream_only(runs):
