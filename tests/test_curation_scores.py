@@ -9,16 +9,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import encode_source, ffmpeg, section
+import yaml
+from conftest import REPO, encode_source, ffmpeg, section
 from conftest_caption import tiny_models  # noqa: F401  (session fixture)
 from PIL import Image, ImageDraw, ImageFont
 
 from soraflow.data import table, video
-from soraflow.scoring.filters import apply_filters, failed_filters, without_caption_filters
+from soraflow.scoring.filters import apply_filters, failed_filters
 from soraflow.scoring.match import MatchScorer
 from soraflow.scoring.phash import clip_phash, mean_distance
 from soraflow.scoring.shard import match_shard, score_shard
 from soraflow.scoring.text_area import _engine, frame_text_area, text_area
+from soraflow.workflow import settings
+from soraflow.workflow.settings import with_defaults
 
 SIZE = (192, 128)  # width, height: OCR at the frame's own size
 FONT_SIZE = 20
@@ -170,8 +173,12 @@ def test_match_step_scores_every_captioned_clip_and_min_match_filters(tiny_clip,
     bar = float(matched["match"].max())
     kept, rejects = apply_filters(captioned.assign(match=matched["match"]), {"min_match": bar})
     assert kept["id"].tolist() == [matched.loc[matched["match"].idxmax(), "id"]] and len(rejects) == 1
-    # the latent cache's jobs do not wait for captions: they leave min_match to the stage index
-    assert without_caption_filters({"min_match": bar, "max_text_area": 0.1}) == {"max_text_area": 0.1}
+    # the latent cache's jobs do not wait for captions: they are not given min_match, the stage index is
+    config = with_defaults(yaml.safe_load((REPO / "workflow_config.yaml").read_text()))
+    config["stages"]["stage3"]["filters"].update(min_match=bar, max_text_area=0.1)
+    encode = settings.merged(settings.params(config, "encode_video", "stage3"), settings.operational(config, "encode_video", "stage3"))
+    assert "min_match" not in encode["stage"]["filters"] and encode["stage"]["filters"]["max_text_area"] == 0.1
+    assert settings.params(config, "dataset", "stage3")["stage"]["min_match"] == bar
     # without a model the column is empty, and min_match on it is an error naming the key
     match_shard(tmp_path / "captioned.parquet", tmp_path / "none.parquet", {"match": {"model": None, "frames": 2}})
     empty = captioned.assign(match=table.read(tmp_path / "none.parquet")["match"])

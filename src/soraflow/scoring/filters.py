@@ -24,9 +24,6 @@ FILTERS = {
     "max_text_area": ("text_area", "<="),
     "min_match": ("match", ">="),
 }
-# filters on scores of the caption: the latent cache does not wait for captions, so its jobs
-# keep the clips every other filter keeps, and the stage's index applies these too
-CAPTION_FILTERS = {"min_match"}
 
 
 def apply_filters(df: pd.DataFrame, thresholds: dict) -> tuple[pd.DataFrame, list[dict]]:
@@ -59,11 +56,6 @@ def apply_filters(df: pd.DataFrame, thresholds: dict) -> tuple[pd.DataFrame, lis
         for index, row in df[failed].iterrows()
     ]
     return df[~failed].reset_index(drop=True), rejects
-
-
-def without_caption_filters(thresholds: dict) -> dict:
-    """The thresholds that need no caption (what the latent cache's jobs apply)."""
-    return {key: value for key, value in thresholds.items() if key not in CAPTION_FILTERS}
 
 
 def failed_filters(reason: str) -> list[str]:

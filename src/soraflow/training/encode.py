@@ -22,7 +22,7 @@ from soraflow.core.progress import progress
 from soraflow.data import buckets, table, video
 from soraflow.data.cache import DTYPES, ChunkStore, digest, text_tensors
 from soraflow.models.encoders import TextEncoder, load_autoencoder
-from soraflow.scoring.filters import apply_filters, without_caption_filters
+from soraflow.scoring.filters import apply_filters
 
 OPERATIONAL = ("micro_batch",)  # encoder settings that never change a cached value (schemas/affects.yaml)
 TEXT_BATCH = 64  # captions per text-encoder forward
@@ -76,7 +76,7 @@ def encode_video_shard(table_path, out_path, vae_params: dict, stage: dict, reje
     shorter than every bucket's frame span, or whose file does not decode, has none: it goes to the
     rejects table (with rejects_path; without one it is an error)."""
     clips = table.read(table_path)
-    kept, _ = apply_filters(clips, without_caption_filters(stage["filters"]))
+    kept, _ = apply_filters(clips, stage["filters"])
     sizes = buckets.stage_buckets(stage)
     kept = kept.assign(bucket=[buckets.assign(int(row.num_frames), int(row.height), int(row.width), sizes,
                                               stage["frame_interval"]) for row in kept.itertuples()])  # fmt: skip

@@ -95,14 +95,20 @@ def stages_as_listed(config: dict, configfiles, overrides: Mapping = MappingProx
         config["stages"] = merged(config["stages"], overrides["stages"])
 
 
+def _declared_path(path: str) -> list[str]:
+    """A config key's dotted path as affects.yaml names it (`stages.*` for every stage)."""
+    parts = path.split(".")
+    if parts[0] == "stages" and len(parts) > 1:
+        parts[1] = "*"
+    return parts
+
+
 def declared_steps(path: str, config: dict | None = None) -> list[str] | None:
     """The steps a config key (dotted path, stages as `stages.<name>`) changes: its own entry or
     its nearest declared ancestor's. None where the entry's `when` does not hold in `config` (no
     step reads the key there; `config` None: wherever it holds). A key nothing declares is an
     error (the table is complete)."""
-    parts = path.split(".")
-    if parts[0] == "stages" and len(parts) > 1:
-        parts[1] = "*"
+    parts = _declared_path(path)
     for end in range(len(parts), 0, -1):
         entry = affects().get(".".join(parts[:end]))
         if isinstance(entry, dict):
@@ -144,15 +150,31 @@ def _split(config: dict, step: str, stage: str | None, operational: bool) -> dic
     out = {}
     for name in names:
         path, values = _section(config, name, stage)
-        out[name.split(".")[0]] = {
-            key: value
-            for key, value in values.items()
-            # a job's resources reach it as Slurm resources (soraflow.workflow.resources)
-            if key != "resources" and _wanted(declared_steps(f"{path}.{key}", config), step, operational)
-        }
+        # a job's resources reach it as Slurm resources (soraflow.workflow.resources)
+        values = {key: value for key, value in values.items() if key != "resources"}
+        out[name.split(".")[0]] = _selected(config, path, values, step, operational)
     if len(STEP_SECTIONS[step]) == 1:
         return next(iter(out.values()), {})
     return {name: values for name, values in out.items() if values or not operational}
+
+
+def _selected(config: dict, path: str, values: dict, step: str, operational: bool) -> dict:
+    """The keys of `values` (the config's at `path`) that `step` is given, entering a mapping where
+    affects.yaml declares keys inside it (a stage's filters: min_match reaches the dataset only)."""
+    out = {}
+    for key, value in values.items():
+        child = f"{path}.{key}"
+        if isinstance(value, dict) and _declared_inside(child):
+            if inner := _selected(config, child, value, step, operational):
+                out[key] = inner
+        elif _wanted(declared_steps(child, config), step, operational):
+            out[key] = value
+    return out
+
+
+def _declared_inside(path: str) -> bool:
+    prefix = ".".join(_declared_path(path)) + "."
+    return any(key.startswith(prefix) for key in affects())
 
 
 def _wanted(steps: list[str] | None, step: str, operational: bool) -> bool:
