@@ -408,10 +408,11 @@ def test_loss_equals_one_process_on_the_same_global_batch_at_every_step(runs):
     reference = runs["reference"]
     assert reference["step"].tolist() == two_nodes["step"].tolist()
     # Two nodes sum four gradients in another order than one process sums its batch of four, and
-    # the rounding difference compounds with the steps: under 1e-6 for 220 steps of a CI run, then
-    # 1.3e-5 at step 223 (loss 0.11, a relative 1.2e-4), so the bound is relative, 10 times that.
-    np.testing.assert_allclose(two_nodes["loss"], reference["loss"], rtol=1e-3, atol=1e-6)
-    np.testing.assert_allclose(two_nodes["grad_norm"], reference["grad_norm"], rtol=1e-3, atol=1e-5)
+    # the rounding difference compounds with the steps (the count follows the machine's speed): CI
+    # saw 1.2e-4 relative at step 223; four processes on one machine stay under 1.3e-4 for 300
+    # steps and reach 2.8e-3 at 391. Another batch or noise (train.seed 43) differs by a median 21%.
+    np.testing.assert_allclose(two_nodes["loss"], reference["loss"], rtol=1e-2, atol=1e-6)
+    np.testing.assert_allclose(two_nodes["grad_norm"], reference["grad_norm"], rtol=1e-2, atol=1e-6)
 
 
 def test_forcerun_caption_plans_caption_and_downstream_only(runs):
