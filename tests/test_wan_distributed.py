@@ -95,16 +95,19 @@ def test_a_two_process_fsdp_wan_checkpoint_resumes_in_one_process(two_processes,
     assert_same_training(resumed, single_process, steps=list(range(1, STEPS + 1)))
 
 
-def test_a_wan_loras_first_checkpoint_write_is_estimated_with_its_frozen_base(two_processes, tiny_wan,  # noqa: F811
-                                                                             wan_index, tmp_path):  # noqa: F811
-    """Before its first checkpoint a run estimates the write's seconds from the states' bytes (the
-    job's end must leave time for it): a LoRA's checkpoint holds the frozen base beside the LoRA,
-    its EMA and moments. The reference: the tensors torch.distributed.checkpoint recorded in the
-    fsdp run's checkpoint (its .metadata)."""
+def test_a_wan_loras_checkpoint_holds_what_trains_and_its_write_is_estimated(two_processes, tiny_wan,  # noqa: F811
+                                                                            wan_index, tmp_path):  # noqa: F811
+    """A LoRA's resumable checkpoint holds the LoRA, its EMA and moments, not the frozen base (a
+    resumed run reads the base from wan.model again: the resume tests above). Before its first
+    checkpoint a run estimates the write's seconds from those bytes (the job's end must leave time
+    for it). The reference: the tensors torch.distributed.checkpoint recorded in the fsdp run's
+    checkpoint (its .metadata), and peft's names for a LoRA's weights (lora_A, lora_B)."""
     root, _ = two_processes("fsdp")
-    recorded = FileSystemReader(str(root / "run" / "step-0000004")).read_metadata().state_dict_metadata.values()
+    recorded = FileSystemReader(str(root / "run" / "step-0000004")).read_metadata().state_dict_metadata
+    weights = [name for name, m in recorded.items() if name.startswith("model.") and isinstance(m, TensorStorageMetadata)]
+    assert weights and all(".lora_A." in name or ".lora_B." in name for name in weights), weights
     written = sum(torch.Size(m.size).numel() * m.properties.dtype.itemsize
-                  for m in recorded if isinstance(m, TensorStorageMetadata))
+                  for m in recorded.values() if isinstance(m, TensorStorageMetadata))
     trainer = Trainer(wan_index, tmp_path / "out.safetensors", tmp_path / "run",
                       *as_the_rule_passes(wan_params(tiny_wan, "ddp")))
     assert trainer.write_seconds * WRITE_BYTES_PER_S == pytest.approx(written, rel=0.01)  # AdamW's step counts

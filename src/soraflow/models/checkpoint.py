@@ -81,9 +81,10 @@ def initialise_from_state(model: torch.nn.Module, state: dict[str, torch.Tensor]
     check_fit(model.load_state_dict(state, strict=False), source)
 
 
-def check_fit(result, source) -> None:
-    """A strict=False load result may leave out only the recomputed position embeddings."""
-    missing = [k for k in result.missing_keys if saved(k)]
+def check_fit(result, source, left_out: frozenset[str] = frozenset()) -> None:
+    """A strict=False load result may leave out only the recomputed position embeddings (and the
+    weights in `left_out`: a resumable checkpoint holds no frozen weights)."""
+    missing = [k for k in result.missing_keys if saved(k) and k not in left_out]
     if missing or result.unexpected_keys:
         raise ValueError(f"{source}: does not fit this model (missing {missing}, unexpected {result.unexpected_keys})")
 

@@ -5,6 +5,9 @@
     wan    Wan 2.1's WanTransformer3DModel (diffusers) with flow matching, fine-tuned in full or as
            a LoRA from a diffusers pipeline's transformer (`wan.model`) or a previous stage
 
+A resumable checkpoint holds only the parameters that train, so a family's `build` for a resumed
+run (`initial` False) still reads the weights it keeps frozen (a LoRA's base).
+
 The trainer and the sampler reach a family only through `Family`'s methods; the autoencoder and
 the text encoder are the config's `vae` and `text_encoder` (soraflow.models.encoders), which the
 encode jobs cache and the sampler decodes with. The Wan family's module is imported by name, only

@@ -202,9 +202,10 @@ class WanFamily:
 
     def build(self, model_config: dict, input_size, init_path: str | None, initial: bool):
         """The base weights are wan.model's transformer, or a previous stage's (its LoRA fused in);
-        the stage's LoRA, if any, goes on top of them."""
+        the stage's LoRA, if any, goes on top of them. A resumed LoRA run reads its base too: its
+        checkpoints hold only what trains (the run's identity holds the base's digest)."""
         base, report = None, {}
-        if initial:
+        if initial or model_config["lora"]:
             if init_path:
                 state, metadata = load_checkpoint_file(init_path, "model")
                 base, report = fused_base_state(metadata["model_config"], state), {"base": str(init_path)}

@@ -54,7 +54,7 @@ from soraflow.models.family import load_family
 from soraflow.training import failure
 from soraflow.training.dataset import StepBatches, TrainingSamples
 from soraflow.training.engines import load_engine
-from soraflow.training.engines.base import compute_dtype
+from soraflow.training.engines.base import compute_dtype, frozen_names
 from soraflow.training.identity import digest, identity_parts, what_changed
 from soraflow.training.launch import job_end_time
 from soraflow.training.tracking import Trackers
@@ -139,7 +139,8 @@ class Trainer:
             lambda: self.find_start(output_settings, index_path, init_path))
         self.identity = digest(self.identity_parts)
         torch.manual_seed(self.opts["seed"])  # same initial weights on every rank
-        # a resumed run reads its checkpoint instead: the initial weights are not read at all
+        # a resumed run reads its checkpoint instead: the initial weights are not read (but for a
+        # LoRA's frozen base, which checkpoints leave out)
         self.model, self.init_report = self.family.build(self.model_config, self.input_size, init_path,
                                                          initial=self.checkpoint is None)
         if self.checkpoint:
@@ -152,7 +153,7 @@ class Trainer:
                                                          weight_decay=self.opts["weight_decay"])
         )
         # the EMA follows what trains (a LoRA: its own weights, not the frozen base) and the buffers
-        frozen = {name for name, p in self.model.named_parameters() if not p.requires_grad}
+        frozen = frozen_names(self.model)
         self.ema = {k: v.detach().clone().float() for k, v in self.engine.weights(self.model).items() if k not in frozen}
         self.ema_update = get_ema_multi_avg_fn(self.opts["ema_decay"])  # foreach lerp over all tensors
         self.diffusion = self.family.objective(params, self.model_config)
@@ -169,11 +170,11 @@ class Trainer:
         self.stop_requested = False
         self.last_check = time.monotonic()  # of the stop flag: the time between two is a step's
         # seconds a checkpoint takes to write: measured by each save (and kept in the checkpoint for
-        # the next job); until then estimated from the states' bytes: the weights (a LoRA's frozen
-        # base too, which the EMA and optimizer leave out), the EMA and AdamW's two moments
+        # the next job); until then estimated from the states' bytes: the weights that train (no
+        # LoRA's frozen base) with the buffers, the EMA of both and AdamW's two moments
         trained = [p for p in self.model.parameters() if p.requires_grad]
-        states_bytes = sum(t.numel() * t.element_size()
-                           for t in [*self.engine.weights(self.model).values(), *self.ema.values(), *trained, *trained])
+        weights = [v for k, v in self.engine.weights(self.model).items() if k not in frozen]
+        states_bytes = sum(t.numel() * t.element_size() for t in [*weights, *self.ema.values(), *trained, *trained])
         self.write_seconds = self.position["write_seconds"] if self.position else states_bytes / WRITE_BYTES_PER_S
         self.pending_save = None  # (Future or None, step, its folders, start) of the checkpoint being written
         self.writer = None
@@ -429,7 +430,7 @@ class Trainer:
         wait for rank 0 at the next one."""
         use_ema = self.sampling["sample"]["use_ema"]
         weights = self._ema_to_save() if use_ema else {}
-        if not use_ema or any(not p.requires_grad for p in self.model.parameters()):
+        if not use_ema or frozen_names(self.model):
             # the raw weights, or under the EMA (which follows only what trains) a LoRA's frozen base
             weights = {**self.engine.model_state(self.model), **weights}
         if self.rank != 0:

@@ -15,7 +15,8 @@ replica per rank, so it writes in the foreground). The folder stores global tens
 parameter name: `model`, `ema` and the optimizer's `state` (exp_avg, exp_avg_sq, step per
 parameter; its param_groups come from the settings), so it loads at any world size and under
 any engine (torch 2.13's folders load in the colossalai environment's torch 2.5.1 and the
-reverse: tests/test_colossalai.py). Its `.metadata` is torch's pickle: a run reads only the
+reverse: tests/test_colossalai.py). `model` holds what trains: a LoRA run reads its frozen base
+from its source again on resume (Wan 14B with a rank-32 LoRA writes 1.7 GB of states, not 59). Its `.metadata` is torch's pickle: a run reads only the
 folders it wrote itself. For a plain module, DDP and FSDP the states come from torch's
 `torch.distributed.checkpoint.state_dict` API. The engines (ddp, fsdp, colossalai_zero) build
 on this module, which imports none of them.
@@ -54,6 +55,11 @@ def one_process_quietly():
         if not dist.is_initialized():
             warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
         yield
+
+
+def frozen_names(model: torch.nn.Module) -> frozenset[str]:
+    """The parameters that do not train (a LoRA's base), by state-dict name."""
+    return frozenset(name for name, p in model.named_parameters() if not p.requires_grad)
 
 
 def compute_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
@@ -120,15 +126,16 @@ class Engine:
         state, param_groups = self.checkpoint_state(model, optimizer, ema)
         with one_process_quietly():
             dcp.load(state, checkpoint_id=path)  # into the tensors themselves
-        check_fit(set_model_state_dict(model, state["model"], options=PLACED), path)
+        check_fit(set_model_state_dict(model, state["model"], options=PLACED), path, frozen_names(model))
         set_optimizer_state_dict(model, optimizer, {**state["optim"], "param_groups": param_groups})
 
     def checkpoint_state(self, model, optimizer, ema) -> tuple[dict, list]:
         """(the tensors a checkpoint holds, as this rank places them: its own, not copies), the
         optimizer's param_groups). An optimizer that has not stepped yet is given its state first."""
         optim = get_optimizer_state_dict(model, optimizer)
+        frozen = frozen_names(model)
         state = {
-            "model": {k: v for k, v in get_model_state_dict(model).items() if saved(k)},
+            "model": {k: v for k, v in get_model_state_dict(model).items() if saved(k) and k not in frozen},
             "ema": {k: v for k, v in ema.items() if saved(k)},
             "optim": {"state": optim["state"]},
         }
