@@ -4,12 +4,14 @@ scheduler, and a LoRA that loads into WanPipeline."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 from workflow_run import REPO
 
 from soraflow.models import wan, wan_config
@@ -256,11 +258,12 @@ def wan_index(tmp_path_factory) -> Path:
     return root / "index.parquet"
 
 
-def test_a_wan_lora_stage_trains_and_resumes_to_identical_weights(tiny_wan, wan_index, tmp_path):
+def test_a_wan_lora_stage_trains_and_resumes_to_identical_weights(tiny_wan, wan_index, tmp_path, capsys):
     """The trainer with the Wan family: only the LoRA trains (and the EMA follows only it), the
     final checkpoint says its family, and a run stopped at step 2 and resumed ends bit-identical
     to one that ran its 4 steps at once, which also validated and drew a sample grid at its end
-    through WanPipeline (EMA LoRA over the frozen base)."""
+    through WanPipeline (EMA LoRA over the frozen base). Its checkpoints leave the base out, so a
+    base changed in place under a stopped run makes a new run, not a resume over another base."""
     from conftest import bare_section
     from PIL import Image
     from test_train import split_settings, train_params
@@ -268,13 +271,13 @@ def test_a_wan_lora_stage_trains_and_resumes_to_identical_weights(tiny_wan, wan_
     from soraflow.models.checkpoint import load_checkpoint_file
     from soraflow.training.loop import train
 
-    def params(steps: int) -> dict:
+    def params(steps: int, base) -> dict:
         lora = {"rank": 4, "alpha": 8, "target_modules": list(wan_config.LORA_TARGETS)}
         return {**train_params(steps, data_workers=0), "model": {"family": "wan"},
-                "wan": {"model": str(tiny_wan), "flow_shift": 3.0, "finetune": "lora", "lora": lora}}
+                "wan": {"model": str(base), "flow_shift": 3.0, "finetune": "lora", "lora": lora}}
 
-    def run(name: str, steps: int, **checks):
-        outputs, ops = split_settings(params(steps))
+    def run(name: str, steps: int, base=tiny_wan, **checks):
+        outputs, ops = split_settings(params(steps, base))
         merged = {section: {**values, **ops.get(section, {})} for section, values in outputs.items()}
         sampling = {"sample": {"prompts": PROMPTS[:1], "seed": 0, "use_ema": True},
                     "text_encoder": bare_section("text_encoder", model=str(tiny_wan), subfolder="text_encoder",
@@ -303,3 +306,15 @@ def test_a_wan_lora_stage_trains_and_resumes_to_identical_weights(tiny_wan, wan_
     model, _ = load_checkpoint_file(whole, "model")
     frozen = {k.removeprefix("transformer.").replace(".base_layer", ""): v for k, v in model.items() if "lora_" not in k}
     assert all(torch.equal(frozen[k], base[k]) for k in base)  # the base did not move
+
+    moved = shutil.copytree(tiny_wan, tmp_path / "base")
+    run("moved", 2, base=moved)
+    weights = moved / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    state["proj_out.weight"] += 0.01  # the same path, other weights
+    save_file(state, weights, metadata={"format": "pt"})
+    capsys.readouterr()
+    run("moved", 4, base=moved)
+    out = capsys.readouterr().out
+    assert "belong to another run" in out and "the frozen base's files" in out, out
+    assert "from step 0," in out

@@ -6,7 +6,8 @@
            a LoRA from a diffusers pipeline's transformer (`wan.model`) or a previous stage
 
 A resumable checkpoint holds only the parameters that train, so a family's `build` for a resumed
-run (`initial` False) still reads the weights it keeps frozen (a LoRA's base).
+run (`initial` False) still reads the weights it keeps frozen (a LoRA's base), and `frozen_files`
+names their files for the run's identity: a base changed under a run is a new run, not a resume.
 
 The trainer and the sampler reach a family only through `Family`'s methods; the autoencoder and
 the text encoder are the config's `vae` and `text_encoder` (soraflow.models.encoders), which the
@@ -47,6 +48,9 @@ class STDiTFamily:
             else:
                 files.initialise_from_state(model, files.load_checkpoint_file(init_path, "model")[0], init_path)
         return model, report
+
+    def frozen_files(self, model_config: dict, init_path: str | None) -> list[str]:
+        return []  # STDiT trains every weight
 
     def objective(self, params: dict, model_config: dict) -> IDDPM:
         return IDDPM(num_timesteps=params["diffusion"]["num_timesteps"])

@@ -214,6 +214,18 @@ class WanFamily:
                 report = {"base": model_config["base"]}
         return build(model_config, base), report
 
+    def frozen_files(self, model_config: dict, init_path: str | None) -> list[str]:
+        """A LoRA's base, where it comes from wan.model (a previous stage's is the initial weights,
+        in the identity already): the transformer's files, a hub id's as its snapshot holds them."""
+        if not model_config["lora"] or init_path:
+            return []
+        ref = resolve_model_ref(model_config["base"])
+        if not Path(ref).is_dir():
+            from huggingface_hub import snapshot_download
+
+            ref = snapshot_download(ref, allow_patterns=[f"{TRANSFORMER}/*"])
+        return sorted(str(path) for path in (Path(ref) / TRANSFORMER).iterdir() if path.is_file())
+
     def objective(self, params: dict, model_config: dict):
         return FlowMatching(model_config["flow_shift"])
 

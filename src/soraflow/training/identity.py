@@ -5,7 +5,8 @@ A run's identity covers everything its result depends on: its output-changing se
 extends a run), its training index (which clips, in which order), the index of every shard
 cache the training index reads from (the encode job's output: its settings key and, for every
 clip, the key of what its row was made from and the chunk file that holds it, so a VAE or text
-encoder change, or a re-cut clip, changes it), and the digest of its initial weights.
+encoder change, or a re-cut clip, changes it), and the digests of its initial weights and of a
+LoRA's frozen base (which its checkpoints leave out).
 Resources, engine, process count, grad checkpointing and logging or checkpoint pace are not
 settings the run receives in its params, so changing them resumes the run.
 
@@ -64,9 +65,11 @@ def shard_index(chunk: str) -> Path:
     return index if index.exists() and cache.chunk_dir(index) == folder else Path(chunk)
 
 
-def identity_parts(output_settings: dict, index_path, init_path, memo_path: Path | None = None) -> dict:
+def identity_parts(output_settings: dict, index_path, init_path, memo_path: Path | None = None,
+                   frozen_files=()) -> dict:
     """The identity's components, kept in each checkpoint so a mismatch can say what changed.
-    memo_path: where file digests are remembered (see the module's docstring)."""
+    memo_path: where file digests are remembered (see the module's docstring). frozen_files: the
+    files of weights that do not train, which a resumed run reads again (a LoRA's base)."""
     settings = {
         section: {k: v for k, v in values.items() if k not in RESUMABLE.get(section, ())}
         for section, values in output_settings.items()
@@ -74,13 +77,16 @@ def identity_parts(output_settings: dict, index_path, init_path, memo_path: Path
     columns = pq.read_table(index_path, columns=list(CACHE_COLUMNS))
     chunks = {path for name in CACHE_COLUMNS for path in pc.unique(columns[name]).to_pylist()}
     caches = sorted({str(shard_index(chunk)) for chunk in chunks})
-    digests = file_digests([index_path, *caches, *([init_path] if init_path else [])], memo_path)
-    return {
+    digests = file_digests([index_path, *caches, *([init_path] if init_path else []), *frozen_files], memo_path)
+    parts = {
         "settings": settings,
         "index": digests[str(index_path)],
         "caches": {path: digests[path] for path in caches},
         "init": init_path and digests[str(init_path)],
     }
+    if frozen_files:  # only then: the identity of a run without them stays what it was
+        parts["frozen"] = {str(path): digests[str(path)] for path in frozen_files}
+    return parts
 
 
 def digest(parts: dict) -> str:
@@ -104,4 +110,6 @@ def what_changed(old: dict, new: dict) -> list[str]:
         changes.append(f"{len(changed_caches)} cache files ({', '.join(changed_caches[:3])}{', ...' if len(changed_caches) > 3 else ''})")
     if old.get("init") != new["init"]:
         changes.append("the initial weights")
+    if old.get("frozen") != new.get("frozen"):
+        changes.append("the frozen base's files")
     return changes

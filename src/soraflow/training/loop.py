@@ -190,7 +190,8 @@ class Trainer:
     def find_start(self, output_settings: dict, index_path, init_path) -> tuple:
         """(identity parts, the checkpoint to resume or None, its state.json, the job's end time)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        parts = identity_parts(output_settings, index_path, init_path, self.run_dir / "digests.json")
+        parts = identity_parts(output_settings, index_path, init_path, self.run_dir / "digests.json",
+                               self.family.frozen_files(self.model_config, init_path))
         checkpoint = latest_checkpoint(self.run_dir)
         position = json.loads((checkpoint / "state.json").read_text()) if checkpoint else None
         if position and (position.get("run") != digest(parts) or position.get("format") != CHECKPOINT_FORMAT):
