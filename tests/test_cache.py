@@ -44,7 +44,7 @@ def test_pixel_pack_is_exactly_invertible():
 
 
 def test_kl_autoencoder_loads_from_pretrained_and_scales(tmp_path):
-    path = build_tiny_vae(tmp_path / "vae")
+    path = build_tiny_vae(tmp_path / "pipeline" / "vae")
     autoencoder = load_autoencoder(bare_section("vae", kind="autoencoder_kl", model=str(path), scaling_factor=0.18215, micro_batch=2))
     frames = torch.rand(5, 3, 32, 32) * 2 - 1
     latents = autoencoder.encode(frames)
@@ -52,6 +52,10 @@ def test_kl_autoencoder_loads_from_pretrained_and_scales(tmp_path):
     mean = autoencoder.vae.encode(frames).latent_dist.mean
     assert torch.allclose(latents, mean * 0.18215, atol=1e-5)  # micro-batching changes nothing
     assert autoencoder.decode(latents).shape == frames.shape
+    # the VAE of a diffusers pipeline (PixArt-α's, SD's): its folder inside the pipeline's
+    in_pipeline = load_autoencoder(bare_section("vae", kind="autoencoder_kl", model=str(path.parent), subfolder="vae",
+                                                scaling_factor=0.18215, micro_batch=2))
+    assert torch.equal(in_pipeline.encode(frames), latents)
 
 
 def test_unknown_autoencoder_kind_names_the_key():

@@ -3,6 +3,7 @@ re-run test runs its shard jobs)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -224,3 +225,16 @@ def test_config_overrides_reach_the_stages_a_config_file_lists(tmp_path):
                        "--config", f"stages={{early: {{init: {pixart}}}}}", "--", "results/checkpoints/early.safetensors")  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
     assert f"--init {pixart}" in result.stdout and "train_late" not in result.stdout, result.stdout[-3000:]
+
+
+def test_pixel_pack_jobs_get_no_model_or_subfolder():
+    """The demo's pixel_pack has no weights: its encode and sample jobs are not given vae.model or
+    vae.subfolder (which the weighted autoencoders read), so changing them re-runs nothing."""
+    result = snakemake("-n", "-p", "--forceall", "--cores", "1")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    commands = [line for line in result.stdout.splitlines() if "soraflow encode-video" in line or "soraflow sample " in line]
+    assert commands
+    for line in commands:  # the params' vae and the operational settings' vae
+        vae = [json.loads(found) for found in re.findall(r'"vae": (\{[^{}]*\})', line)]
+        assert [v["kind"] for v in vae if "kind" in v] == ["pixel_pack"], line
+        assert all("model" not in v and "subfolder" not in v for v in vae), line

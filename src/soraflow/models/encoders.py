@@ -37,7 +37,8 @@ class KLAutoencoder(FrameAutoencoder):
         from diffusers import AutoencoderKL
 
         self.device, self.dtype = device_and_dtype()
-        self.vae = AutoencoderKL.from_pretrained(resolve_model_ref(params["model"]), torch_dtype=self.dtype)
+        self.vae = AutoencoderKL.from_pretrained(resolve_model_ref(params["model"]), subfolder=params.get("subfolder"),
+                                                 torch_dtype=self.dtype)
         self.vae.to(self.device).eval().requires_grad_(False)
         self.scaling_factor = params["scaling_factor"] or self.vae.config.scaling_factor  # null: the VAE's own
         self.micro_batch = params["micro_batch"]

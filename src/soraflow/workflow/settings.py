@@ -112,7 +112,8 @@ def declared_steps(path: str, config: dict | None = None) -> list[str] | None:
     for end in range(len(parts), 0, -1):
         entry = affects().get(".".join(parts[:end]))
         if isinstance(entry, dict):
-            holds = config is None or all(value_at(config, key) == value for key, value in entry["when"].items())
+            holds = config is None or all(value_at(config, key) in (value if isinstance(value, list) else [value])
+                                          for key, value in entry["when"].items())
             return entry["steps"] if holds else None
         if entry is not None:
             return entry
