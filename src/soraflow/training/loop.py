@@ -133,10 +133,13 @@ class Trainer:
             params, self.stage, channels, y.shape[-1],
             own_checkpointing if own_checkpointing is not None else self.opts["grad_checkpointing"])
         self.input_size = (frames, height, width)
+        # a LoRA's frozen base (a hub id's downloaded here by every rank, as its build would, not
+        # by rank 0 while the others wait on a collective)
+        frozen_files = self.family.frozen_files(self.model_config, init_path)
         # worked out by rank 0 alone and shared: the run's identity (digests of its inputs), the
         # checkpoint it resumes from (another run's moved aside) and when the job must end
         self.identity_parts, self.checkpoint, self.position, self.deadline = self.from_rank_0(
-            lambda: self.find_start(output_settings, index_path, init_path))
+            lambda: self.find_start(output_settings, index_path, init_path, frozen_files))
         self.identity = digest(self.identity_parts)
         torch.manual_seed(self.opts["seed"])  # same initial weights on every rank
         # a resumed run reads its checkpoint instead: the initial weights are not read (but for a
@@ -187,11 +190,10 @@ class Trainer:
             dist.broadcast_object_list(result, src=0, group=self.cpu_group)
         return result[0]
 
-    def find_start(self, output_settings: dict, index_path, init_path) -> tuple:
+    def find_start(self, output_settings: dict, index_path, init_path, frozen_files) -> tuple:
         """(identity parts, the checkpoint to resume or None, its state.json, the job's end time)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        parts = identity_parts(output_settings, index_path, init_path, self.run_dir / "digests.json",
-                               self.family.frozen_files(self.model_config, init_path))
+        parts = identity_parts(output_settings, index_path, init_path, self.run_dir / "digests.json", frozen_files)
         checkpoint = latest_checkpoint(self.run_dir)
         position = json.loads((checkpoint / "state.json").read_text()) if checkpoint else None
         if position and (position.get("run") != digest(parts) or position.get("format") != CHECKPOINT_FORMAT):
