@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from test_workflow import job_counts
+from test_workflow import job_counts, vae_settings
 
 from soraflow.workflow.settings import stages_as_listed, with_defaults
 
@@ -133,8 +133,9 @@ def test_preset_dry_runs_the_whole_dag(tmp_path):
     assert not any(rule.endswith(("stage1", "stage2", "stage3")) for rule in counts)  # the demo's stages are gone
     # the encode and sample jobs get SD-VAE's settings, not the default config's pixel_pack block
     # size: under autoencoder_kl no step reads vae.factor, so changing it must re-run nothing
-    commands = [line for line in plan.splitlines() if "soraflow encode-video" in line or "soraflow sample" in line]
-    assert commands and all('"kind": "autoencoder_kl"' in line and '"factor"' not in line for line in commands)
+    commands = vae_settings(plan)
+    assert commands and all([v["kind"] for v in vae if "kind" in v] == ["autoencoder_kl"] for vae in commands)
+    assert not any("factor" in v for vae in commands for v in vae), commands
 
 
 def planned_resources(plan: str) -> dict[str, dict]:

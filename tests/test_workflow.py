@@ -24,6 +24,13 @@ def default_config() -> dict:
     return yaml.safe_load((REPO / "workflow_config.yaml").read_text())
 
 
+def vae_settings(plan: str) -> list[list[dict]]:
+    """Per encode-video and sample command of a dry run's --printshellcmds output, the `vae`
+    sections it is given (its params', then its operational settings')."""
+    commands = [line for line in plan.splitlines() if "soraflow encode-video" in line or "soraflow sample " in line]
+    return [[json.loads(found) for found in re.findall(r'"vae": (\{[^{}]*\})', line)] for line in commands]
+
+
 def snakemake(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run([*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
@@ -232,9 +239,8 @@ def test_pixel_pack_jobs_get_no_model_or_subfolder():
     vae.subfolder (which the weighted autoencoders read), so changing them re-runs nothing."""
     result = snakemake("-n", "-p", "--forceall", "--cores", "1")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
-    commands = [line for line in result.stdout.splitlines() if "soraflow encode-video" in line or "soraflow sample " in line]
+    commands = vae_settings(result.stdout)
     assert commands
-    for line in commands:  # the params' vae and the operational settings' vae
-        vae = [json.loads(found) for found in re.findall(r'"vae": (\{[^{}]*\})', line)]
-        assert [v["kind"] for v in vae if "kind" in v] == ["pixel_pack"], line
-        assert all("model" not in v and "subfolder" not in v for v in vae), line
+    for vae in commands:
+        assert [v["kind"] for v in vae if "kind" in v] == ["pixel_pack"], vae
+        assert all("model" not in v and "subfolder" not in v for v in vae), vae
