@@ -16,8 +16,8 @@ parameter name: `model`, `ema` and the optimizer's `state` (exp_avg, exp_avg_sq,
 parameter; its param_groups come from the settings), so it loads at any world size and under
 any engine (torch 2.13's folders load in the colossalai environment's torch 2.5.1 and the
 reverse: tests/test_colossalai.py). `model` holds what trains: a LoRA run reads its frozen base
-from its source again on resume (Wan 14B with a rank-32 LoRA writes 1.7 GB of states, not 59). Its `.metadata` is torch's pickle: a run reads only the
-folders it wrote itself. For a plain module, DDP and FSDP the states come from torch's
+from its source again on resume (Wan 14B with a rank-32 LoRA: 1.7 GB of states instead of 59, by
+parameter count). Its `.metadata` is torch's pickle: a run reads only the folders it wrote itself. For a plain module, DDP and FSDP the states come from torch's
 `torch.distributed.checkpoint.state_dict` API. The engines (ddp, fsdp, colossalai_zero) build
 on this module, which imports none of them.
 """
